@@ -1,0 +1,32 @@
+"""``pyflannel``: flanneld's command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import __version__, flags, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and the FLANNELD_* environment, then run the daemon."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        opts = flags.parse(args, os.environ)
+    except flags.HelpRequested:
+        print(flags.usage(), file=sys.stderr)
+        return 0
+    except flags.FlagError as exc:
+        print("pyflannel: %s (see --help)" % exc, file=sys.stderr)
+        return 2
+    if opts.version:
+        print(__version__, file=sys.stderr)
+        return 0
+    log.setup(opts.v, opts.log_format)
+    from .daemon import main as run
+
+    return run(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""net-conf.json: flannel's network configuration (flanneld v0.20.2 ``subnet/config.go``).
+
+Keys are matched case-insensitively and unknown keys are ignored, as Go's ``encoding/json`` does.
+A JSON ``null`` is treated as if the key were absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Any
+
+__all__ = ["SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "load", "parse"]
+
+SUPPORTED_BACKENDS = ("vxlan",)
+
+
+class ConfigError(ValueError):
+    """net-conf.json could not be read, parsed or validated; the message is one line."""
+
+
+@dataclass(frozen=True)
+class VXLANConfig:
+    """The VXLAN backend's keys from ``Backend`` (``MTU`` is HEAD's; 0 = derive from the interface)."""
+
+    vni: int = 1
+    port: int = 0  # 0 = the kernel's default, 8472
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
+    mtu: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A parsed and validated net-conf.json.
+
+    Outside kube mode ``subnet_len``/``subnet_min``/``subnet_max`` (and the IPv6 ones, when the
+    stack is enabled) hold the derived values; in kube mode they are as given (0 / None if absent).
+    """
+
+    network: IPv4Network | None
+    ipv6_network: IPv6Network | None
+    enable_ipv4: bool
+    enable_ipv6: bool
+    subnet_len: int
+    subnet_min: IPv4Address | None
+    subnet_max: IPv4Address | None
+    ipv6_subnet_len: int
+    ipv6_subnet_min: IPv6Address | None
+    ipv6_subnet_max: IPv6Address | None
+    backend_type: str  # lower-cased Backend.Type; "udp" when Backend is absent
+    backend: dict[str, Any] = field(hash=False)  # the raw Backend object
+    vxlan: VXLANConfig | None  # set when backend_type is "vxlan"
+
+
+class _FieldError(Exception):
+    """A value has the wrong type or format; the message is the reason."""
+
+
+def _what(value: Any) -> str:
+    """A JSON value's type, with the value itself for scalars: ``string "x"``, ``number 1.5``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool " + json.dumps(value)
+    if isinstance(value, (int, float)):
+        return "number " + json.dumps(value)
+    if isinstance(value, str):
+        return "string " + json.dumps(value)
+    return "array" if isinstance(value, list) else "object"
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _FieldError("expected true or false, got %s" % _what(value))
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _FieldError("expected an integer, got %s" % _what(value))
+    return value
+
+
+def _uint(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _FieldError("expected a non-negative integer, got %s" % _what(value))
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _FieldError("expected a string, got %s" % _what(value))
+    return value
+
+
+def _cidr(version: int) -> Callable[[Any], IPv4Network | IPv6Network]:
+    """A decoder of a CIDR string of IP ``version`` (Go's ``net.ParseCIDR``: host bits masked)."""
+
+    def decode(value: Any) -> IPv4Network | IPv6Network:
+        text = _string(value)
+        _, slash, bits = text.partition("/")
+        try:
+            if not slash or not (bits.isascii() and bits.isdigit()):
+                raise ValueError(text)
+            net = ip_network(text, strict=False)
+        except ValueError:
+            raise _FieldError("invalid CIDR address: %s" % text) from None
+        if net.version != version:
+            raise _FieldError("not an IPv%d network: %s" % (version, text))
+        return net
+
+    return decode
+
+
+def _address(version: int) -> Callable[[Any], IPv4Address | IPv6Address]:
+    """A decoder of an IP address of IP ``version`` (flannel's ``ParseIP4``/``ParseIP6``)."""
+
+    def decode(value: Any) -> IPv4Address | IPv6Address:
+        try:
+            addr = ip_address(_string(value))
+        except ValueError:
+            addr = None
+        if addr is None or addr.version != version:
+            raise _FieldError("Invalid IP address format")
+        return addr
+
+    return decode
+
+
+# JSON key -> (Config / VXLANConfig field, decoder). Keys are looked up lower-cased.
+_TOP_LEVEL: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    key.lower(): (key, attr, decode) for key, attr, decode in (
+        ("Network", "network", _cidr(4)),
+        ("IPv6Network", "ipv6_network", _cidr(6)),
+        ("EnableIPv4", "enable_ipv4", _bool),
+        ("EnableIPv6", "enable_ipv6", _bool),
+        ("SubnetLen", "subnet_len", _uint),
+        ("SubnetMin", "subnet_min", _address(4)),
+        ("SubnetMax", "subnet_max", _address(4)),
+        ("IPv6SubnetLen", "ipv6_subnet_len", _uint),
+        ("IPv6SubnetMin", "ipv6_subnet_min", _address(6)),
+        ("IPv6SubnetMax", "ipv6_subnet_max", _address(6)),
+    )
+}
+_VXLAN_KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    key.lower(): (key, attr, decode) for key, attr, decode in (
+        ("VNI", "vni", _int),
+        ("Port", "port", _int),
+        ("GBP", "gbp", _bool),
+        ("Learning", "learning", _bool),
+        ("DirectRouting", "direct_routing", _bool),
+        ("MTU", "mtu", _int),
+    )
+}
+
+
+def _decode(obj: dict[str, Any], keys: dict[str, tuple[str, str, Callable[[Any], Any]]]) -> dict[str, Any]:
+    """Go's ``json.Unmarshal`` into a struct: case-insensitive keys, the last one wins.
+
+    Raises ``_FieldError("<Key>: <reason>")``.
+    """
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        # casefold() also folds U+017F and U+212A to s and k, as Go's key matching does.
+        spec = keys.get(key.casefold())
+        if spec is None or value is None:
+            continue
+        name, attr, decode = spec
+        try:
+            out[attr] = decode(value)
+        except _FieldError as exc:
+            raise _FieldError("%s: %s" % (name, exc)) from None
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not valid JSON" % name)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between CheckNetworkConfig's IPv4 and IPv6 halves."""
+
+    network_key: str
+    min_key: str
+    max_key: str
+    max_subnet_len: int
+    default_subnet_len: int
+    too_small: str
+
+
+_V4 = _Family("Network", "SubnetMin", "SubnetMax", 30, 24,
+              "network is too small. Minimum useful network prefix is /28")
+_V6 = _Family("IPv6Network", "IPv6SubnetMin", "IPv6SubnetMax", 126, 64,
+              "IPv6Network is too small. Minimum useful network prefix is /124")
+
+
+def _derive(fam: _Family, net: IPv4Network | IPv6Network, subnet_len: int,
+            lo: IPv4Address | IPv6Address | None,
+            hi: IPv4Address | IPv6Address | None) -> tuple[int, Any, Any]:
+    """CheckNetworkConfig for one family: the subnet length, SubnetMin and SubnetMax to use."""
+    if subnet_len > 0:
+        if subnet_len > fam.max_subnet_len:
+            raise _FieldError("SubnetLen must be less than /%d" % (fam.max_subnet_len + 1))
+        if subnet_len < net.prefixlen + 2:
+            raise _FieldError("network must be able to accommodate at least four subnets")
+    elif net.prefixlen > fam.max_subnet_len - 2:
+        raise _FieldError(fam.too_small)
+    elif net.prefixlen <= fam.default_subnet_len - 2:
+        subnet_len = fam.default_subnet_len
+    else:
+        subnet_len = net.prefixlen + 2
+    size = 1 << (net.max_prefixlen - subnet_len)
+    first = net.network_address
+    if lo is None or int(lo) == 0:
+        lo = first + size  # the first subnet is skipped
+    elif lo not in net:
+        raise _FieldError("%s is not in the range of the %s" % (fam.min_key, fam.network_key))
+    if hi is None or int(hi) == 0:
+        hi = first + (net.num_addresses - size)
+    elif hi not in net:
+        raise _FieldError("%s is not in the range of the %s" % (fam.max_key, fam.network_key))
+    for key, addr in ((fam.min_key, lo), (fam.max_key, hi)):
+        if int(addr) % size:
+            raise _FieldError("%s is not on a SubnetLen boundary: %s" % (key, addr))
+    return subnet_len, lo, hi
+
+
+def _is_empty(net: IPv4Network | IPv6Network | None) -> bool:
+    """flannel's ``IP4Net.Empty``: absent, or ``0.0.0.0/0`` / ``::/0``."""
+    return net is None or (int(net.network_address) == 0 and net.prefixlen == 0)
+
+
+def _build(doc: Any, kube: bool) -> Config:
+    """Decode and validate a parsed JSON document; raises ``_FieldError``."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise _FieldError("expected a JSON object, got %s" % _what(doc))
+    values: dict[str, Any] = {
+        "network": None, "ipv6_network": None, "enable_ipv4": True, "enable_ipv6": False,
+        "subnet_len": 0, "subnet_min": None, "subnet_max": None,
+        "ipv6_subnet_len": 0, "ipv6_subnet_min": None, "ipv6_subnet_max": None,
+    }
+    values.update(_decode(doc, _TOP_LEVEL))
+
+    backend: Any = None
+    for key, value in doc.items():
+        if key.casefold() == "backend" and value is not None:
+            backend = value
+    if backend is None:
+        backend, backend_type = {}, "udp"
+    elif not isinstance(backend, dict):
+        raise _FieldError("error decoding Backend property of config: expected a JSON object, got %s"
+                          % _what(backend))
+    else:
+        try:
+            backend_type = _decode(backend, {"type": ("Type", "type", _string)}).get("type", "").lower()
+        except _FieldError as exc:
+            raise _FieldError("error decoding Backend property of config: %s" % exc) from None
+    vxlan = None
+    if backend_type == "vxlan":
+        try:
+            vxlan = VXLANConfig(**_decode(backend, _VXLAN_KEYS))
+        except _FieldError as exc:
+            raise _FieldError("error decoding VXLAN backend config: %s" % exc) from None
+
+    if values["enable_ipv4"]:
+        if _is_empty(values["network"]):
+            raise _FieldError("please define a correct Network parameter in the flannel config")
+        if not kube:
+            values["subnet_len"], values["subnet_min"], values["subnet_max"] = _derive(
+                _V4, values["network"], values["subnet_len"], values["subnet_min"], values["subnet_max"])
+    if values["enable_ipv6"]:
+        if _is_empty(values["ipv6_network"]):
+            raise _FieldError("please define a correct IPv6Network parameter in the flannel config")
+        if not kube:
+            values["ipv6_subnet_len"], values["ipv6_subnet_min"], values["ipv6_subnet_max"] = _derive(
+                _V6, values["ipv6_network"], values["ipv6_subnet_len"], values["ipv6_subnet_min"],
+                values["ipv6_subnet_max"])
+    if not values["enable_ipv4"] and not values["enable_ipv6"]:
+        raise _FieldError("none defined stack")
+    if backend_type not in SUPPORTED_BACKENDS:
+        raise _FieldError("unknown backend type: %s" % backend_type)
+    if vxlan is not None:
+        if not 0 <= vxlan.vni <= 0xFFFFFF:
+            raise _FieldError("Backend.VNI: %d is out of range 0..16777215" % vxlan.vni)
+        if not 0 <= vxlan.port <= 0xFFFF:
+            raise _FieldError("Backend.Port: %d is out of range 0..65535" % vxlan.port)
+    return Config(backend_type=backend_type, backend=backend, vxlan=vxlan, **values)
+
+
+def _parse(text: str, kube: bool, source: str | None) -> Config:
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        where = source + ": " if source else ""
+        raise ConfigError("error parsing subnet config: %s%s" % (where, exc)) from None
+    try:
+        return _build(doc, kube)
+    except _FieldError as exc:
+        raise ConfigError("error parsing subnet config: %s" % exc) from None
+
+
+def parse(text: str, kube: bool = False) -> Config:
+    """Parse and validate net-conf.json text; raises :class:`ConfigError`.
+
+    ``kube=False`` validates and derives like flanneld's CheckNetworkConfig (etcd mode).
+    ``kube=True`` checks only what the Kubernetes subnet manager uses: the networks of the enabled
+    stacks, that a stack is enabled, the backend type and the VXLAN VNI/Port ranges.
+    """
+    return _parse(text, kube, None)
+
+
+def load(path: str, kube: bool = False) -> Config:
+    """Read ``path`` and :func:`parse` it; raises :class:`ConfigError` with flanneld's texts."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        op = "read" if isinstance(exc, IsADirectoryError) else "open"
+        reason = exc.strerror or str(exc)  # Go spells errno texts in lower case
+        raise ConfigError("failed to read net conf: %s %s: %s"
+                          % (op, path, reason[:1].lower() + reason[1:])) from None
+    return _parse(data.decode("utf-8", errors="replace"), kube, path)

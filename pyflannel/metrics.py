@@ -1,0 +1,71 @@
+"""Prometheus metrics, served only when ``--metrics-port`` is set.
+
+Until :func:`enable` runs every metric is a no-op, and prometheus_client is not imported, so a
+daemon without metrics pays nothing for them. No metric has a per-node label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PREFIX = "pyflannel"
+
+
+class _Noop:
+    def labels(self, *args: Any, **kwargs: Any) -> "_Noop":
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+_NOOP = _Noop()
+LEASES: Any = _NOOP
+LEASE_EVENTS: Any = _NOOP
+WATCH_RESTARTS: Any = _NOOP
+API_ERRORS: Any = _NOOP
+PROGRAMMING_LATENCY: Any = _NOOP
+RECONCILES: Any = _NOOP
+REPAIRS: Any = _NOOP
+IPTABLES_RESYNCS: Any = _NOOP
+IPTABLES_REPAIRS: Any = _NOOP
+NETLINK_ERRORS: Any = _NOOP
+READY: Any = _NOOP
+REGISTRY: Any = None
+
+
+def enable(version: str) -> Any:
+    """Create the metrics in a registry of their own and return that registry."""
+    global LEASES, LEASE_EVENTS, WATCH_RESTARTS, API_ERRORS, PROGRAMMING_LATENCY, RECONCILES, REPAIRS
+    global IPTABLES_RESYNCS, IPTABLES_REPAIRS, NETLINK_ERRORS, READY, REGISTRY
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+    reg = CollectorRegistry(auto_describe=True)
+    Info(PREFIX + "_build", "pyflannel's version.", registry=reg).info({"version": version})
+    LEASES = Gauge(PREFIX + "_leases", "Leases of other nodes known to this node.", registry=reg)
+    LEASE_EVENTS = Counter(PREFIX + "_lease_events_total", "Lease events by type.", ["type"], registry=reg)
+    WATCH_RESTARTS = Counter(PREFIX + "_watch_restarts_total", "Node watches restarted, by reason.",
+                             ["reason"], registry=reg)
+    API_ERRORS = Counter(PREFIX + "_api_errors_total", "Failed Kubernetes API requests.", registry=reg)
+    PROGRAMMING_LATENCY = Histogram(
+        PREFIX + "_network_programming_duration_seconds",
+        "Time from a node change arriving from the API to the kernel being programmed for it.",
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=reg)
+    RECONCILES = Counter(PREFIX + "_datapath_reconciles_total", "Full reconciles of the kernel's routes, "
+                         "neighbours and FDB entries against the leases.", registry=reg)
+    REPAIRS = Counter(PREFIX + "_datapath_repairs_total", "Kernel entries added, changed or removed by "
+                      "a full reconcile because they had drifted.", registry=reg)
+    IPTABLES_RESYNCS = Counter(PREFIX + "_iptables_resyncs_total", "iptables checks.", registry=reg)
+    IPTABLES_REPAIRS = Counter(PREFIX + "_iptables_repairs_total", "iptables checks that found rules "
+                               "missing and put them back.", registry=reg)
+    NETLINK_ERRORS = Counter(PREFIX + "_netlink_errors_total", "Failed netlink requests.", registry=reg)
+    READY = Gauge(PREFIX + "_ready", "1 once subnet.env is written and the datapath is programmed.",
+                  registry=reg)
+    REGISTRY = reg
+    return reg

@@ -1,0 +1,64 @@
+"""flannel's node annotation keys and their prefix (flanneld v0.20.2 ``subnet/kube/annotations.go``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["AnnotationKeys", "PrefixError", "normalize_prefix"]
+
+# Unanchored at the start, like Go's regexp.MatchString; \Z because Python's $ also matches before "\n".
+_PREFIX_RE = re.compile(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?\Z")
+
+
+class PrefixError(ValueError):
+    """The ``--kube-annotation-prefix`` is not usable; the message is flanneld's."""
+
+
+def normalize_prefix(prefix: str) -> str:
+    """The key prefix for ``--kube-annotation-prefix``, e.g. ``flannel.alpha.coreos.com/``.
+
+    Without a slash one is appended; then ``-`` is appended unless the prefix ends in ``/`` or ``-``
+    (``example.com/flannel`` gives ``example.com/flannel-``). Raises :class:`PrefixError`.
+    """
+    slashes = prefix.count("/")
+    if slashes > 1:
+        raise PrefixError("subnet/kube: prefix can contain at most single slash")
+    if slashes == 0:
+        prefix += "/"
+    if not prefix.endswith(("/", "-")):
+        prefix += "-"
+    if not _PREFIX_RE.search(prefix):
+        raise PrefixError("subnet/kube: prefix must be in a format: fqdn/[0-9a-z-_]*")
+    return prefix
+
+
+@dataclass(frozen=True)
+class AnnotationKeys:
+    """The full annotation keys under one prefix."""
+
+    prefix: str  # normalised, e.g. "flannel.alpha.coreos.com/"
+    subnet_kube_managed: str
+    backend_type: str
+    backend_data: str
+    backend_public_ip: str
+    backend_public_ip_overwrite: str  # read only: set by users
+    backend_v6_data: str
+    backend_public_ipv6: str
+    backend_public_ipv6_overwrite: str  # read only: set by users
+
+    @classmethod
+    def from_prefix(cls, prefix: str) -> AnnotationKeys:
+        """The keys for ``prefix`` (normalised first); raises :class:`PrefixError`."""
+        p = normalize_prefix(prefix)
+        return cls(
+            prefix=p,
+            subnet_kube_managed=p + "kube-subnet-manager",
+            backend_type=p + "backend-type",
+            backend_data=p + "backend-data",
+            backend_public_ip=p + "public-ip",
+            backend_public_ip_overwrite=p + "public-ip-overwrite",
+            backend_v6_data=p + "backend-v6-data",
+            backend_public_ipv6=p + "public-ipv6",
+            backend_public_ipv6_overwrite=p + "public-ipv6-overwrite",
+        )

@@ -1,0 +1,290 @@
+"""flanneld v0.20.2's masquerade and forward rules, kept in place with iptables-save and iptables-restore.
+
+flanneld (``network/iptables.go``) keeps the chain FLANNEL-POSTRTG in nat, jumped to from the first rule
+of POSTROUTING (with ``--ip-masq``), and the chain FLANNEL-FWD in filter, jumped to from the first rule
+of FORWARD (with ``--iptables-forward-rules``). Every rule carries the comment ``flanneld masq`` or
+``flanneld forward``. pyflannel installs the same rules. It checks them with one ``iptables-save -t
+<table>`` per table, and it repairs a table in one ``iptables-restore --noflush`` transaction. That
+transaction also removes the rules that flanneld v0.15 to v0.19 left directly in POSTROUTING and FORWARD.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from .. import metrics
+from ..log import V
+
+log = logging.getLogger(__name__)
+
+MASQ_CHAIN = "FLANNEL-POSTRTG"
+FORWARD_CHAIN = "FLANNEL-FWD"
+MASQ_COMMENT = "flanneld masq"
+FORWARD_COMMENT = "flanneld forward"
+KUBE_PROXY_MARK = "0x4000/0x4000"
+MULTICAST = "224.0.0.0/4"
+RANDOM_FULLY_VERSION = (1, 6, 2)  # go-iptables: --random-fully and iptables-restore --wait from this version
+ANY = IPv4Network("0.0.0.0/0")  # flanneld's previous network and subnet when subnet.env has none
+COMMAND_TIMEOUT = 60.0  # seconds; iptables-restore --wait may wait for the xtables lock
+
+_Body = tuple[tuple[str, ...], tuple[str, ...]]  # (match, target) of a rule, without its comment
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: its table, its chain, and its arguments as given after ``iptables -A <chain>``."""
+
+    table: str
+    chain: str
+    args: tuple[str, ...]
+
+    @property
+    def spec(self) -> str:
+        """The arguments as iptables-save prints them: values with a space in double quotes."""
+        return " ".join('"%s"' % a if " " in a else a for a in self.args)
+
+    @property
+    def text(self) -> str:
+        """The rule's line in iptables-save output. iptables-restore accepts the same line."""
+        return "-A %s %s" % (self.chain, self.spec)
+
+
+def _rule(table: str, chain: str, body: _Body, comment: str | None) -> Rule:
+    match, target = body
+    note = ("-m", "comment", "--comment", comment) if comment else ()
+    return Rule(table, chain, (*match, *note, *target))
+
+
+def _masq_bodies(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[_Body]:
+    n, s = str(network), str(subnet)
+    masquerade = ("-j", "MASQUERADE", "--random-fully") if random_fully else ("-j", "MASQUERADE")
+    return [
+        (("-s", n, "-d", n), ("-j", "RETURN")),  # traffic inside the overlay keeps its source
+        (("-s", n, "!", "-d", MULTICAST), masquerade),  # pods to the outside, but not multicast
+        (("!", "-s", n, "-d", s), ("-j", "RETURN")),  # the outside to this node's pods
+        (("!", "-s", n, "-d", n), masquerade),  # the host to other nodes' pods
+    ]
+
+
+def _forward_bodies(network: IPv4Network) -> list[_Body]:
+    return [(("-s", str(network)), ("-j", "ACCEPT")), (("-d", str(network)), ("-j", "ACCEPT"))]
+
+
+def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
+    """flanneld v0.20.2's masquerade rules: the POSTROUTING jump first, then FLANNEL-POSTRTG's rules in order."""
+    return [
+        _rule("nat", "POSTROUTING", ((), ("-j", MASQ_CHAIN)), MASQ_COMMENT),
+        _rule("nat", MASQ_CHAIN, (("-m", "mark", "--mark", KUBE_PROXY_MARK), ("-j", "RETURN")), MASQ_COMMENT),
+        *(_rule("nat", MASQ_CHAIN, body, MASQ_COMMENT) for body in _masq_bodies(network, subnet, random_fully)),
+    ]
+
+
+def forward_rules(network: IPv4Network) -> list[Rule]:
+    """flanneld v0.20.2's forward rules: the FORWARD jump first, then FLANNEL-FWD's rules in order."""
+    return [
+        _rule("filter", "FORWARD", ((), ("-j", FORWARD_CHAIN)), FORWARD_COMMENT),
+        *(_rule("filter", FORWARD_CHAIN, body, FORWARD_COMMENT) for body in _forward_bodies(network)),
+    ]
+
+
+def legacy_masq_rules(network: IPv4Network, subnet: IPv4Network) -> list[Rule]:
+    """Every masquerade rule that flanneld v0.15.x to v0.19 may have left in nat POSTROUTING."""
+    rules = [
+        _rule("nat", "POSTROUTING", body, comment)
+        for random_fully in (False, True)
+        for comment in (None, MASQ_COMMENT)
+        for body in _masq_bodies(network, subnet, random_fully)
+    ]
+    # v0.16.2 and v0.16.3 spelled this one rule's comment "flannel masq".
+    rules.append(_rule("nat", "POSTROUTING", _masq_bodies(network, subnet, True)[1], "flannel masq"))
+    return rules
+
+
+def legacy_forward_rules(network: IPv4Network) -> list[Rule]:
+    """Every forward rule that flanneld v0.15.x to v0.19 may have left in filter FORWARD."""
+    return [_rule("filter", "FORWARD", body, comment)
+            for comment in (None, FORWARD_COMMENT) for body in _forward_bodies(network)]
+
+
+class _Table:
+    """The desired state of one table: the jump into our chain, our chain's rules, and old rules to remove."""
+
+    def __init__(self, rules: list[Rule], legacy: list[Rule]) -> None:
+        jump, *own = rules
+        self.name = jump.table
+        self._jump = jump
+        self._chain = own[0].chain
+        self._own = [rule.text for rule in own]
+        self._legacy = {rule.text for rule in legacy}
+
+    def repair(self, saved: str) -> str | None:
+        """The iptables-restore input that turns ``saved`` (this table's iptables-save output) into the
+        desired state, or None when it is in that state already."""
+        parent_prefix, own_prefix = "-A %s " % self._jump.chain, "-A %s " % self._chain
+        parent: list[str] = []
+        own: list[str] = []
+        for line in saved.splitlines():
+            if line.startswith(parent_prefix):
+                parent.append(line)
+            elif line.startswith(own_prefix):
+                own.append(line)
+        jumps = parent.count(self._jump.text)
+        stale = [line for line in parent if line in self._legacy]
+        if jumps == 1 and not stale and own == self._own:
+            return None
+        for line in stale:
+            log.info("Deleting iptables rule: %s", line[len(parent_prefix):])
+        # In --noflush mode, declaring a chain creates it or flushes it.
+        lines = ["*" + self.name, ":%s - [0:0]" % self._chain]
+        lines += ["-D %s %s" % (self._jump.chain, self._jump.spec)] * jumps
+        lines += ["-D" + line[2:] for line in stale]
+        lines.append("-I %s 1 %s" % (self._jump.chain, self._jump.spec))
+        lines += self._own
+        lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+
+class _SetupError(Exception):
+    """A binary could not be run at all, or ``iptables --version`` gave no version."""
+
+    def __init__(self, cmd: Sequence[str], err: object) -> None:
+        super().__init__(err)
+        self.binary = os.path.basename(cmd[-1])
+
+
+class _CommandError(Exception):
+    """A binary ran and failed."""
+
+
+class IPTablesManager:
+    """Keeps flanneld v0.20.2's masquerade and/or forward rules in place, as flanneld's iptables goroutines do.
+
+    Each binary is given as an argument-list prefix, so a caller can use the ip6tables binaries or run
+    them elsewhere, e.g. ``("ip", "netns", "exec", "ns1", "iptables")``. The position of a jump rule is
+    not checked (flanneld checks only that it exists). This means other agents that insert rules at
+    the top of POSTROUTING or FORWARD do not make the rules flap.
+    Call ensure() and run() from one thread at a time.
+    """
+
+    def __init__(self, network: IPv4Network, subnet: IPv4Network, prev_network: IPv4Network | None,
+                 prev_subnet: IPv4Network | None, ip_masq: bool, forward_rules: bool, resync_seconds: float,
+                 on_repair: Callable[[], None] | None = None, iptables: Sequence[str] = ("iptables",),
+                 iptables_save: Sequence[str] = ("iptables-save",),
+                 iptables_restore: Sequence[str] = ("iptables-restore",)) -> None:
+        self.network = network
+        self.subnet = subnet
+        self.prev_network = prev_network
+        self.prev_subnet = prev_subnet
+        self.ip_masq = ip_masq
+        self.forward_rules = forward_rules
+        self.resync_seconds = resync_seconds
+        self.on_repair = on_repair
+        self.ready = False
+        self.resyncs = 0
+        self.repairs = 0
+        self._iptables = tuple(iptables)
+        self._iptables_save = tuple(iptables_save)
+        self._iptables_restore = tuple(iptables_restore)
+        self._tables: list[_Table] | None = None  # set once `iptables --version` has run
+        self._restore_flags: tuple[str, ...] = ()  # also known from the version
+        self._gave_up = False  # a binary is missing: flanneld's goroutine returns in that case
+        if ip_masq:
+            prev_n, prev_s = prev_network or ANY, prev_subnet or ANY
+            if prev_n != network and prev_s != subnet:
+                # Our chain is rewritten whole, so the old rule set inside it goes away by itself.
+                log.info("Current network or subnet (%s, %s) is not equal to previous one (%s, %s), "
+                         "trying to recycle old iptables rules", network, subnet, prev_n, prev_s)
+            log.info("Setting up masking rules")
+        if forward_rules:
+            # flanneld's wording; like flanneld, pyflannel adds ACCEPT rules and leaves the policy alone.
+            log.info("Changing default FORWARD chain policy to ACCEPT")
+
+    def ensure(self) -> bool:
+        """Check the rules and rewrite every table that differs; True if iptables-restore ran.
+
+        Errors are logged, not raised. They are retried on the next call, except a missing binary:
+        after that, the manager gives up, as flanneld does.
+        """
+        if self._gave_up:
+            return False
+        try:
+            if self._tables is None:
+                self._tables = self._plan()
+            payloads = [p for p in (t.repair(self._run(self._iptables_save, "-t", t.name)) for t in self._tables)
+                        if p is not None]
+            if payloads and self.ready:
+                log.warning("Some iptables rules are missing; deleting and recreating rules")
+            for payload in payloads:
+                log.log(V(6), "trying to run iptables-restore < %s", payload)
+                self._run(self._iptables_restore, *self._restore_flags, stdin=payload)
+        except _SetupError as exc:
+            log.error("Failed to setup IPTables. %s binary was not found: %s", exc.binary, exc)
+            self._gave_up = True
+            return False
+        except _CommandError as exc:
+            log.error("Failed to ensure iptables rules: %s" if self.ready else "Failed to bootstrap IPTables: %s", exc)
+            return False
+        self.resyncs += 1
+        metrics.IPTABLES_RESYNCS.inc()
+        if not self.ready:
+            self.ready = True
+            log.info("bootstrap done")
+        elif payloads:
+            self.repairs += 1
+            metrics.IPTABLES_REPAIRS.inc()
+            if self.on_repair is not None:
+                self.on_repair()
+        return bool(payloads)
+
+    def run(self, stop: threading.Event) -> None:
+        """ensure() now unless it already succeeded, then every resync_seconds until ``stop`` is set."""
+        if not self.ready:
+            self.ensure()
+        while not self._gave_up and not stop.wait(self.resync_seconds):
+            self.ensure()
+
+    def _plan(self) -> list[_Table]:
+        """Read the iptables version, then build the desired state of each table in use."""
+        out = self._run(self._iptables, "--version")
+        found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+        if found is None:
+            raise _SetupError(self._iptables, "no iptables version found in string: %s" % out.strip())
+        modern = tuple(int(x) for x in found.groups()) >= RANDOM_FULLY_VERSION
+        self._restore_flags = ("--noflush", "--wait") if modern else ("--noflush",)
+        tables = []
+        if self.ip_masq:
+            generations = {(self.network, self.subnet)}
+            if self.prev_network is not None and self.prev_subnet is not None:
+                generations.add((self.prev_network, self.prev_subnet))
+            tables.append(_Table(masq_rules(self.network, self.subnet, modern),
+                                 [r for n, s in generations for r in legacy_masq_rules(n, s)]))
+        if self.forward_rules:
+            networks = {self.network}
+            if self.prev_network is not None:
+                networks.add(self.prev_network)
+            tables.append(_Table(forward_rules(self.network), [r for n in networks for r in legacy_forward_rules(n)]))
+        return tables
+
+    @staticmethod
+    def _run(cmd: Sequence[str], *args: str, stdin: str | None = None) -> str:
+        """Run ``cmd args`` and return its stdout."""
+        argv = [*cmd, *args]
+        try:
+            proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        except OSError as exc:
+            raise _SetupError(cmd, exc) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise _CommandError("%s timed out after %.0fs" % (" ".join(argv), COMMAND_TIMEOUT)) from exc
+        if proc.returncode != 0:
+            name = os.path.basename(cmd[-1])
+            err = "unable to run %s (%s, %s): exit status %d" % (
+                name, proc.stdout.strip(), proc.stderr.strip(), proc.returncode)
+            raise _CommandError("failed to apply partial iptables-restore " + err if stdin is not None else err)
+        return proc.stdout

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# A local cluster in network namespaces: three nodes running pyflannel, a pod on each, pods pinging across nodes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m tools.demo "$@"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what pyflannel's tests and demo need on Debian or Ubuntu (as root), then a virtualenv in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iproute2 iptables iputils-ping containernetworking-plugins procps)
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv python3-pip)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,0 +1,271 @@
+"""End to end: pyflannel processes in network namespaces, pods attached by the real CNI plugins,
+packets crossing VXLAN, and an API server with real state."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Network
+
+import pytest
+
+from tests.conftest import needs_netns
+from tools.netcluster import HUB_IP, Cluster, Node, socket_in_netns
+
+pytestmark = [needs_netns, pytest.mark.netns]
+
+PREFIX = "flannel.alpha.coreos.com/"
+
+
+def ip_json(node: Node, *args: str) -> list[dict]:
+    out = Cluster.ns_run(node.netns, *args).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def datapath(node: Node) -> dict[str, set]:
+    """The node's flannel.1 routes, neighbours and FDB entries."""
+    return {
+        "routes": {(r["dst"], r.get("gateway")) for r in ip_json(node, "ip", "-j", "route", "show", "dev", "flannel.1")},
+        "neigh": {(n["dst"], n.get("lladdr")) for n in ip_json(node, "ip", "-j", "neigh", "show", "dev", "flannel.1")},
+        "fdb": {(f["mac"], f.get("dst")) for f in ip_json(node, "bridge", "-j", "fdb", "show", "dev", "flannel.1")
+                if f.get("dst")},
+    }
+
+
+def expected_entries(cluster: Cluster, node: Node, others: list[Node]) -> dict[str, set]:
+    routes, neigh, fdb = set(), set(), set()
+    for other in others:
+        ann = cluster.api.get_node(other.name)["metadata"]["annotations"]
+        mac = json.loads(ann[PREFIX + "backend-data"])["VtepMAC"]
+        subnet = IPv4Network(cluster.api.get_node(other.name)["spec"]["podCIDR"])
+        routes.add((str(subnet), str(subnet.network_address)))
+        neigh.add((str(subnet.network_address), mac))
+        fdb.add((mac, other.ip))
+    return {"routes": routes, "neigh": neigh, "fdb": fdb}
+
+
+def iptables_save(node: Node) -> str:
+    return Cluster.ns_run(node.netns, "iptables-save").stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        for name in ("k8s01", "k8s02", "k8s03"):
+            c.start(c.add_node(name))
+        for node in c.nodes.values():
+            c.wait_ready(node)
+        for i, node in enumerate(list(c.nodes.values())):
+            c.add_pod(node, "pod%d" % (i + 1))
+        yield c
+    except BaseException:
+        for node in c.nodes.values():
+            print("---- %s ----\n%s" % (node.name, node.log()))
+        raise
+    finally:
+        c.close()
+
+
+def base_nodes(cluster: Cluster) -> list[Node]:
+    return [cluster.nodes[n] for n in ("k8s01", "k8s02", "k8s03")]
+
+
+def wait_datapath(cluster: Cluster, node: Node, others: list[Node], timeout: float = 20) -> None:
+    want = expected_entries(cluster, node, others)
+    cluster.wait_for("%s's datapath to match %s" % (node.name, [o.name for o in others]),
+                     lambda: datapath(node) == want, timeout)
+
+
+def test_startup_writes_flanneld_state(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    env = n1.subnet_file.read_text()
+    assert env == "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    ann = cluster.api.get_node("k8s01")["metadata"]["annotations"]
+    assert ann[PREFIX + "kube-subnet-manager"] == "true"
+    assert ann[PREFIX + "backend-type"] == "vxlan"
+    assert ann[PREFIX + "public-ip"] == n1.ip
+    assert re.fullmatch(r'\{"VNI":1,"VtepMAC":"([0-9a-f]{2}:){5}[0-9a-f]{2}"\}', ann[PREFIX + "backend-data"])
+    conditions = cluster.api.get_node("k8s01")["status"]["conditions"]
+    assert {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"}.items() <= \
+        [c for c in conditions if c["type"] == "NetworkUnavailable"][0].items()
+    link = ip_json(n1, "ip", "-j", "-d", "link", "show", "flannel.1")[0]
+    assert link["mtu"] == 1450
+    info = link["linkinfo"]["info_data"]
+    assert (info["id"], info["local"], info["port"], info.get("learning")) == (1, n1.ip, 8472, False)
+    addrs = ip_json(n1, "ip", "-j", "-4", "addr", "show", "dev", "flannel.1")[0]["addr_info"]
+    assert [(a["local"], a["prefixlen"]) for a in addrs] == [("10.244.1.0", 32)]
+    for node in (n1, n2, n3):
+        wait_datapath(cluster, node, [o for o in (n1, n2, n3) if o is not node])
+    saved = iptables_save(n1)
+    assert '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG' in saved
+    assert '-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment "flanneld masq" -j RETURN' in saved
+    assert '-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT' in saved
+
+
+def test_pods_ping_across_nodes(cluster: Cluster) -> None:
+    pods = [p for n in base_nodes(cluster) for p in n.pods]
+    for src in pods:
+        for dst in pods:
+            if src is not dst:
+                assert cluster.ping(src, dst.ip, count=2), "%s cannot reach %s" % (src.name, dst.name)
+
+
+def test_pod_traffic_to_the_underlay_is_masqueraded(cluster: Cluster) -> None:
+    sock = socket_in_netns(cluster.hub, (HUB_IP, 9999), socket.SOCK_DGRAM)
+    seen: list[str] = []
+
+    def echo() -> None:
+        sock.settimeout(10)
+        data, addr = sock.recvfrom(100)
+        seen.append(addr[0])
+        sock.sendto(addr[0].encode(), addr)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    n1 = base_nodes(cluster)[0]
+    client = ("import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(5);"
+              "s.sendto(b'hi',('%s',9999));print(s.recvfrom(100)[0].decode())" % HUB_IP)
+    out = Cluster.ns_run(n1.pods[0].netns, "python3", "-c", client).stdout.strip()
+    t.join()
+    sock.close()
+    assert seen == [n1.ip] and out == n1.ip
+
+
+def test_node_without_pod_cidr_waits_then_joins(cluster: Cluster) -> None:
+    n4 = cluster.add_node("k8s04", pod_cidr=None)
+    cluster.start(n4)
+    try:
+        cluster.wait_for("the pod CIDR error", lambda: 'failed to acquire lease: node "k8s04" pod cidr not assigned'
+                         in n4.log(), 30)
+        cluster.wait_for("the hint", lambda: "--allocate-node-cidrs=true" in n4.log(), 5)
+        log = n4.log()
+        assert "--cluster-cidr=10.244.0.0/16" in log and "--pod-network-cidr=10.244.0.0/16" in log
+        time.sleep(1)
+        assert n4.proc is not None and n4.proc.poll() is None, "pyflannel must keep waiting, not exit"
+        assert not n4.subnet_file.exists()
+        cluster.api.set_pod_cidr("k8s04", "10.244.4.0/24")
+        cluster.wait_ready(n4, 30)
+        pod = cluster.add_pod(n4, "pod4")
+        for other in base_nodes(cluster):
+            wait_datapath(cluster, other, [o for o in base_nodes(cluster) + [n4] if o is not other])
+            assert cluster.ping(pod, other.pods[0].ip, count=2)
+    finally:
+        cluster.stop(n4)
+
+
+def test_deleted_node_entries_disappear(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    assert "k8s04" in cluster.api.node_names()
+    cluster.api.delete_node("k8s04")
+    for node in (n1, n2, n3):
+        wait_datapath(cluster, node, [o for o in (n1, n2, n3) if o is not node])
+        assert not any(r[0] == "10.244.4.0/24" for r in datapath(node)["routes"])
+
+
+def test_hand_deleted_entries_come_back(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    want = expected_entries(cluster, n1, [n2, n3])
+    mac2 = json.loads(cluster.api.get_node("k8s02")["metadata"]["annotations"][PREFIX + "backend-data"])["VtepMAC"]
+    Cluster.ns_run(n1.netns, "ip", "route", "del", "10.244.2.0/24")
+    Cluster.ns_run(n1.netns, "ip", "neigh", "del", "10.244.2.0", "dev", "flannel.1")
+    Cluster.ns_run(n1.netns, "bridge", "fdb", "del", mac2, "dev", "flannel.1", "dst", n2.ip)
+    Cluster.ns_run(n1.netns, "ip", "route", "add", "10.244.99.0/24", "via", "10.244.99.0", "dev", "flannel.1", "onlink")
+    cluster.wait_for("the datapath to be repaired", lambda: datapath(n1) == want, 15)
+    assert cluster.ping(n1.pods[0], n2.pods[0].ip, count=2)
+
+
+def test_flushed_iptables_rules_come_back(cluster: Cluster) -> None:
+    n1 = base_nodes(cluster)[0]
+    before = iptables_save(n1)
+    Cluster.ns_run(n1.netns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+    Cluster.ns_run(n1.netns, "iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment",
+                   "flanneld forward", "-j", "FLANNEL-FWD")
+    cluster.wait_for("the rules to come back", lambda: _rules(iptables_save(n1)) == _rules(before), 10)
+
+
+def _rules(saved: str) -> list[str]:
+    return sorted(line for line in saved.splitlines() if line.startswith("-A") and "flannel" in line)
+
+
+def test_restart_is_hitless_and_duplicates_nothing(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    rules = _rules(iptables_save(n1))
+    entries = datapath(n1)
+    patches = cluster.api.count("PATCH", "/api/v1/nodes/k8s01")
+    started = time.monotonic()
+    assert cluster.stop(n1, signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+    assert "Exiting cleanly" in n1.log()
+    # SIGTERM leaves the datapath in place: pods keep their network during a rolling update.
+    assert datapath(n1) == entries and _rules(iptables_save(n1)) == rules
+    assert cluster.ping(n1.pods[0], n2.pods[0].ip)
+    cluster.start(n1)
+    cluster.wait_ready(n1)
+    time.sleep(1.5)
+    assert datapath(n1) == entries
+    assert _rules(iptables_save(n1)) == rules
+    assert len(ip_json(n1, "ip", "-j", "route", "show", "dev", "flannel.1")) == 2
+    # Only the NetworkUnavailable condition is written again; the annotations did not change.
+    assert cluster.api.count("PATCH", "/api/v1/nodes/k8s01") == patches + 1
+
+
+def test_nodes_deleted_while_down_are_cleaned_up(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    n5 = cluster.add_node("k8s05")
+    cluster.start(n5)
+    cluster.wait_ready(n5)
+    wait_datapath(cluster, n1, [n2, n3, n5])
+    cluster.stop(n1)
+    cluster.stop(n5)
+    cluster.api.delete_node("k8s05")
+    cluster.start(n1)
+    cluster.wait_ready(n1)
+    wait_datapath(cluster, n1, [n2, n3])
+
+
+def test_watch_drops_410_and_500_lose_nothing(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    api = cluster.api
+    api.drop_watches()
+    api.add_node("ghost1", pod_cidr="10.244.101.0/24", annotations={
+        PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "vxlan", PREFIX + "public-ip": "192.168.56.201",
+        PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"}'})
+    cluster.wait_for("ghost1's route", lambda: ("10.244.101.0/24", "10.244.101.0") in datapath(n1)["routes"], 15)
+    # The history is gone and every watch must resume: the next watch gets 410 Gone and re-lists.
+    api.compact()
+    api.fail_next("GET", r"^/api/v1/nodes", status=500, count=3)
+    api.drop_watches()
+    api.delete_node("ghost1")
+    cluster.wait_for("ghost1's route to go", lambda: all(r[0] != "10.244.101.0/24" for r in datapath(n1)["routes"]), 30)
+    wait_datapath(cluster, n1, [n2, n3])
+    assert "Failed to" in n1.log()
+
+
+def test_garbage_annotations_are_reported_and_skipped(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    api = cluster.api
+    good = {PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "vxlan",
+            PREFIX + "public-ip": "192.168.56.202", PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"0a:00:00:00:00:02"}'}
+    api.add_node("junk1", pod_cidr="10.244.102.0/24", annotations=dict(good, **{PREFIX + "backend-data": "{{{"}))
+    api.add_node("junk2", pod_cidr="10.244.103.0/24", annotations=dict(good, **{PREFIX + "public-ip": "not-an-ip"}))
+    api.add_node("junk3", pod_cidr="10.244.104.0/24", annotations=dict(good, **{PREFIX + "backend-type": "host-gw"}))
+    api.add_node("junk4", pod_cidr="garbage", annotations=good)
+    try:
+        cluster.wait_for("the errors", lambda: all(s in n1.log() for s in (
+            "error decoding subnet lease JSON", 'Error turning node "junk2" to lease: Invalid IP address format',
+            "ignoring non-vxlan v4Subnet(10.244.104.0/24)", 'Error turning node "junk4" to lease')), 15)
+        time.sleep(1)
+        wait_datapath(cluster, n1, [n2, n3])
+        assert cluster.ping(n1.pods[0], n3.pods[0].ip)
+        api.patch_node("junk1", {"metadata": {"annotations": {PREFIX + "backend-data": good[PREFIX + "backend-data"]}}})
+        cluster.wait_for("junk1's route once fixed", lambda: ("10.244.102.0/24", "10.244.102.0") in datapath(n1)["routes"], 15)
+    finally:
+        for name in ("junk1", "junk2", "junk3", "junk4"):
+            api.delete_node(name)
+    wait_datapath(cluster, n1, [n2, n3])

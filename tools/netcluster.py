@@ -1,0 +1,290 @@
+"""A cluster of network namespaces for tests, the demo and benchmarks.
+
+An underlay namespace ``<prefix>-hub`` holds the bridge ``br0`` (192.168.56.1/24) and the in-repo
+API server, listening on 192.168.56.1:6443. Each node is a namespace with an ``eth1`` on that
+bridge, running a real pyflannel process; each pod is a namespace attached to its node by the real
+CNI ``bridge`` and ``host-local`` plugins, configured from the node's subnet.env the way flannel's
+CNI plugin does. Nothing is created outside these namespaces except files under ``workdir``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from tools.kubeapi import FakeKubeAPI
+
+REPO = Path(__file__).resolve().parent.parent
+CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
+HUB_IP = "192.168.56.1"
+API_PORT = 6443
+TOKEN = "pyflannel-test-token"
+CLONE_NEWNET = 0x40000000
+
+
+def run(*cmd: str, check: bool = True, input: str | None = None, env: dict[str, str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command (an argument list, never a shell string)."""
+    res = subprocess.run(list(cmd), input=input, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError("%s failed (%d): %s%s" % (" ".join(cmd), res.returncode, res.stdout, res.stderr))
+    return res
+
+
+def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket bound to ``addr`` inside ``netns``: a short-lived thread enters the namespace to create it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            fd = os.open("/var/run/netns/%s" % netns, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns %s" % netns)
+            finally:
+                os.close(fd)
+            s = socket.socket(socket.AF_INET, kind)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+            result.append(s)
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+@dataclass
+class Pod:
+    name: str
+    netns: str
+    ip: str
+    node: "Node"
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    ip: str
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    pods: list[Pod] = field(default_factory=list)
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.dir / "subnet.env"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "pyflannel.log"
+
+    def log(self) -> str:
+        """The daemon's log so far."""
+        try:
+            return self.log_file.read_text()
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """Namespaces, an API server and pyflannel processes; ``close()`` removes them all."""
+
+    def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
+                 prefix: str | None = None, python: str = sys.executable) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix or "pf" + secrets.token_hex(2)
+        self.network = IPv4Network(network)
+        self.python = python
+        self.nodes: dict[str, Node] = {}
+        self.namespaces: list[str] = []
+        self.api: FakeKubeAPI | None = None
+        self.net_conf = self.workdir / "net-conf.json"
+        self.net_conf.write_text(json.dumps({"Network": network, "Backend": backend or {"Type": "vxlan"}}))
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": "http://%s:%d" % (HUB_IP, API_PORT)}}],
+            "users": [{"name": "test", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+        }))
+        try:
+            self.hub = self._netns("hub")
+            self.ns_run(self.hub, "ip", "link", "add", "br0", "type", "bridge")
+            self.ns_run(self.hub, "ip", "addr", "add", HUB_IP + "/24", "dev", "br0")
+            self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
+            self.api = FakeKubeAPI(token=TOKEN)
+            self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- namespaces --------------------------------------------------------------------------------
+
+    def _netns(self, name: str) -> str:
+        ns = "%s-%s" % (self.prefix, name)
+        run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        self.ns_run(ns, "ip", "link", "set", "lo", "up")
+        return ns
+
+    @staticmethod
+    def ns_run(netns: str, *cmd: str, check: bool = True, input: str | None = None,
+               env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a command inside a namespace."""
+        return run("ip", "netns", "exec", netns, *cmd, check=check, input=input, env=env, timeout=timeout)
+
+    def add_node(self, name: str, pod_cidr: str | None = "auto") -> Node:
+        """A node namespace with eth1 on the underlay, registered with the API server.
+
+        ``pod_cidr="auto"`` gives the n-th node 10.244.<n>.0/24 (within the network); None gives none.
+        """
+        assert self.api is not None
+        i = len(self.nodes) + 1
+        netns = self._netns(name)
+        ip = "192.168.56.%d" % (10 + i)
+        peer = "%sv%d" % (self.prefix, i)
+        run("ip", "link", "add", "eth1", "netns", netns, "type", "veth", "peer", "name", peer, "netns", self.hub)
+        self.ns_run(self.hub, "ip", "link", "set", peer, "master", "br0", "up")
+        self.ns_run(netns, "ip", "addr", "add", ip + "/24", "dev", "eth1")
+        self.ns_run(netns, "ip", "link", "set", "eth1", "up")
+        self.ns_run(netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        if pod_cidr == "auto":
+            pod_cidr = str(list(self.network.subnets(new_prefix=24))[i])
+        d = self.workdir / name
+        d.mkdir(exist_ok=True)
+        node = Node(name, netns, ip, d)
+        self.nodes[name] = node
+        self.api.add_node(name, pod_cidr=pod_cidr, internal_ip=ip)
+        return node
+
+    # -- the daemon ---------------------------------------------------------------------------------
+
+    def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start pyflannel on a node with the kube-flannel command line."""
+        args = [self.python, "-m", "pyflannel", "--ip-masq", "--kube-subnet-mgr", "--iface=eth1",
+                "--kubeconfig-file=%s" % self.kubeconfig, "--net-config-path=%s" % self.net_conf,
+                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1",
+                "--datapath-resync=2", *extra]
+        penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
+        penv.update(env or {})
+        with open(node.log_file, "ab") as out:
+            node.proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=out,
+                                         stderr=subprocess.STDOUT, env=penv, cwd=str(REPO))
+
+    def stop(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Signal the daemon and wait for it; its exit code (None if it had to be killed)."""
+        if node.proc is None:
+            return None
+        proc, node.proc = node.proc, None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                return None
+        return proc.returncode
+
+    def wait_for(self, what: str, cond: object, timeout: float = 30, interval: float = 0.1) -> object:
+        """Poll ``cond()`` until it returns something truthy; raise TimeoutError naming ``what``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = cond()  # type: ignore[operator]
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError("timed out waiting for " + what)
+            time.sleep(interval)
+
+    def wait_ready(self, node: Node, timeout: float = 60) -> None:
+        """Wait until the node's /readyz says ready."""
+        def ready() -> bool:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise RuntimeError("pyflannel on %s exited %s:\n%s" % (node.name, node.proc.returncode, node.log()))
+            res = self.ns_run(node.netns, "python3", "-c",
+                              "import urllib.request,sys\n"
+                              "try:\n urllib.request.urlopen('http://127.0.0.1:8471/readyz', timeout=2)\n"
+                              "except Exception: sys.exit(1)", check=False)
+            return res.returncode == 0
+        self.wait_for("%s to be ready" % node.name, ready, timeout, 0.3)
+
+    # -- pods ---------------------------------------------------------------------------------------
+
+    def subnet_env(self, node: Node) -> dict[str, str]:
+        """The node's subnet.env as the CNI plugin reads it."""
+        values = {}
+        for line in node.subnet_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            values[key] = value
+        return values
+
+    def _cni(self, node: Node, command: str, pod_name: str, netns: str) -> str:
+        env = self.subnet_env(node)
+        conf = {
+            "cniVersion": "0.3.1", "name": "cbr0", "type": "bridge", "hairpinMode": True,
+            "ipMasq": env["FLANNEL_IPMASQ"] != "true", "isGateway": True, "isDefaultGateway": True,
+            "mtu": int(env["FLANNEL_MTU"]),
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))}]],
+                     "routes": [{"dst": env["FLANNEL_NETWORK"]}], "dataDir": str(node.dir / "ipam")},
+        }
+        cni_env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=pod_name, CNI_NETNS="/var/run/netns/" + netns,
+                       CNI_IFNAME="eth0", CNI_PATH=CNI_PATH)
+        res = self.ns_run(node.netns, os.path.join(CNI_PATH, "bridge"), input=json.dumps(conf), env=cni_env)
+        return res.stdout
+
+    def add_pod(self, node: Node, name: str) -> Pod:
+        """A pod namespace attached by the CNI bridge plugin from the node's subnet.env."""
+        netns = self._netns(name)
+        result = json.loads(self._cni(node, "ADD", name, netns))
+        ip = result["ips"][0]["address"].split("/")[0]
+        pod = Pod(name, netns, ip, node)
+        node.pods.append(pod)
+        return pod
+
+    def ping(self, src: Pod, dst_ip: str, count: int = 1, timeout: int = 2) -> bool:
+        """One ping from a pod; True if it was answered."""
+        res = self.ns_run(src.netns, "ping", "-c", str(count), "-W", str(timeout), dst_ip, check=False,
+                          timeout=count * timeout + 5)
+        return res.returncode == 0
+
+    # -- cleanup ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every daemon and the API server, and delete every namespace this cluster made."""
+        for node in self.nodes.values():
+            self.stop(node, signal.SIGKILL, timeout=5)
+        if self.api is not None:
+            self.api.stop()
+        for ns in reversed(self.namespaces):
+            for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            run("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
