@@ -119,7 +119,7 @@ class KubeSubnetManager:
             return node_to_lease(node, self.keys)
         except ValueError as exc:
             if not quiet:
-                log.info("Error turning node %r to lease: %s", node.name, exc)
+                log.info("Error turning node \"%s\" to lease: %s", node.name, exc)
             return None
 
     def _update(self, node: NodeInfo) -> bool:
