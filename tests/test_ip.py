@@ -1,0 +1,95 @@
+"""Interface selection, in a network namespace with real links, addresses and routes."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_netns
+
+pytestmark = [needs_netns, pytest.mark.netns]
+REPO = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import json, sys
+from pyroute2 import IPRoute
+from pyflannel import ip
+args = json.loads(sys.argv[1])
+try:
+    e = ip.select(IPRoute(), args["iface"], args["regex"], args["reach"], args["public"])
+    print(json.dumps({"name": e.name, "mtu": e.mtu, "iface": str(e.iface_addr), "ext": str(e.ext_addr)}))
+except ip.InterfaceError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    ns = "pfip" + secrets.token_hex(2)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (
+            "ip link set lo up",
+            "ip link add eth0 type veth peer name eth0p",
+            "ip link add eth1 mtu 9000 type veth peer name eth1p",
+            "ip addr add 10.0.2.15/24 dev eth0",
+            "ip addr add 169.254.9.9/16 dev eth1",
+            "ip addr add 192.168.56.11/24 dev eth1",
+            "ip addr add 192.168.56.99/24 dev eth1",
+            "ip link set eth0 up", "ip link set eth0p up", "ip link set eth1 up", "ip link set eth1p up",
+            "ip route add default via 10.0.2.2 dev eth0",
+        ):
+            subprocess.run(["ip", "netns", "exec", ns, *cmd.split()], check=True)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
+def select(netns: str, iface: list[str] = [], regex: list[str] = [], reach: str = "", public: str = "") -> dict:
+    args = json.dumps({"iface": iface, "regex": regex, "reach": reach, "public": public})
+    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", PROBE, args], capture_output=True,
+                         text=True, cwd=REPO, check=True)
+    return json.loads(res.stdout)
+
+
+def test_by_name_takes_the_primary_global_address(netns: str) -> None:
+    assert select(netns, iface=["eth1"]) == {"name": "eth1", "mtu": 9000, "iface": "192.168.56.11", "ext": "192.168.56.11"}
+
+
+def test_by_ip_takes_that_address(netns: str) -> None:
+    assert select(netns, iface=["192.168.56.99"])["iface"] == "192.168.56.99"
+
+
+def test_first_matching_iface_wins(netns: str) -> None:
+    assert select(netns, iface=["eth7", "eth0"])["name"] == "eth0"
+
+
+def test_regex_matches_addresses_then_names(netns: str) -> None:
+    assert select(netns, regex=[r"192\.168\.56\.9"])["iface"] == "192.168.56.99"
+    assert select(netns, regex=["^eth0$"])["name"] == "eth0"
+
+
+def test_can_reach_uses_the_route(netns: str) -> None:
+    assert select(netns, reach="192.168.56.200")["name"] == "eth1"
+    assert select(netns, reach="8.8.8.8") == {"name": "eth0", "mtu": 1500, "iface": "10.0.2.15", "ext": "10.0.2.15"}
+
+
+def test_default_route_and_public_ip(netns: str) -> None:
+    assert select(netns)["name"] == "eth0"
+    assert select(netns, iface=["eth1"], public="203.0.113.5")["ext"] == "203.0.113.5"
+    assert select(netns, public="192.168.56.11")["name"] == "eth1"
+
+
+def test_errors_use_flanneld_wording(netns: str) -> None:
+    assert select(netns, iface=["eth9"]) == {
+        "error": "Failed to find interface to use that matches the interfaces and/or regexes provided"}
+    assert select(netns, public="203.0.113.5") == {"error": "Failed to find any valid interface to use: error looking up "
+                                                   "interface 203.0.113.5: No interface with given IP found"}
+    assert select(netns, iface=["eth1p"]) == {"error": "Failed to find any valid interface to use: failed to find IPv4 "
+                                              "address for interface eth1p"}

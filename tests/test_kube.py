@@ -1,0 +1,220 @@
+"""The kube subnet manager against the in-repo API server, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from pyflannel.kubeclient import ApiError, KubeClient
+from pyflannel.lease import Lease, LeaseError
+from pyflannel.subnet import kube
+from pyflannel.subnet.annotations import AnnotationKeys
+from tools.kubeapi import FakeKubeAPI
+
+PREFIX = "flannel.alpha.coreos.com/"
+KEYS = AnnotationKeys.from_prefix(PREFIX)
+NETWORK = IPv4Network("10.244.0.0/16")
+
+
+def flannel_annotations(ip: str, mac: str) -> dict[str, str]:
+    return {PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "vxlan", PREFIX + "public-ip": ip,
+            PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"%s"}' % mac}
+
+
+class Recorder:
+    """Collects the node names the manager reports as changed."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.event = threading.Event()
+
+    def __call__(self, names: set[str]) -> None:
+        self.names |= names
+        self.event.set()
+
+    def wait_for(self, name: str, timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while name not in self.names:
+            assert time.monotonic() < deadline, "no change reported for %s (saw %s)" % (name, self.names)
+            self.event.wait(0.05)
+            self.event.clear()
+        self.names.discard(name)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    server = FakeKubeAPI(token="t0ken")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(api: FakeKubeAPI, tmp_path: Path) -> KubeClient:
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+        "users": [{"name": "u", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    return KubeClient(kubeconfig_file=str(cfg))
+
+
+@pytest.fixture
+def manager(client: KubeClient) -> Iterator[tuple[kube.KubeSubnetManager, Recorder]]:
+    rec = Recorder()
+    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, NETWORK, rec)
+    yield sm, rec
+
+
+def start(sm: kube.KubeSubnetManager, rec: Recorder) -> threading.Event:
+    """Run the manager until the returned event is set; forget the changes of the first list."""
+    stop = threading.Event()
+    threading.Thread(target=sm.run, args=(stop,), daemon=True).start()
+    sm.wait_synced(stop, timeout=5)
+    rec.names.clear()
+    return stop
+
+
+def test_node_to_lease_rules() -> None:
+    node = kube.NodeInfo("a", "10.244.1.0/24", ("10.244.1.0/24",), flannel_annotations("192.168.56.12", "0a:00:00:00:00:01"))
+    assert kube.node_to_lease(node, KEYS) == Lease(IPv4Network("10.244.1.0/24"), IPv4Address("192.168.56.12"), "vxlan",
+                                                   '{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"}')
+    dual = kube.NodeInfo("a", "fd00::/64", ("fd00::/64", "10.244.1.0/24"), node.annotations)
+    assert kube.node_to_lease(dual, KEYS).subnet == IPv4Network("10.244.1.0/24")
+    with pytest.raises(ValueError, match="^Invalid IP address format$"):
+        kube.node_to_lease(kube.NodeInfo("a", "10.244.1.0/24", (), {}), KEYS)
+    with pytest.raises(ValueError, match="pod cidr not assigned"):
+        kube.node_to_lease(kube.NodeInfo("a", "", (), node.annotations), KEYS)
+    with pytest.raises(ValueError, match="missing IPv4 address"):
+        kube.node_to_lease(kube.NodeInfo("a", "", ("fd00::/64",), node.annotations), KEYS)
+
+
+def test_node_info_keeps_only_flannel_fields() -> None:
+    obj = {"metadata": {"name": "n", "annotations": {PREFIX + "public-ip": "1.2.3.4", "other/x": "y"},
+                        "labels": {"a": "b"}},
+           "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}, "status": {"images": [1, 2, 3]}}
+    info = kube.node_info(obj, PREFIX)
+    assert info == kube.NodeInfo("n", "10.244.1.0/24", ("10.244.1.0/24",), {PREFIX + "public-ip": "1.2.3.4"})
+
+
+def test_list_in_pages_and_watch(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    sm, rec = manager
+    monkeypatch.setattr(kube, "LIST_PAGE_SIZE", 2)
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    for i in range(2, 7):
+        api.add_node("k8s%02d" % i, pod_cidr="10.244.%d.0/24" % i,
+                     annotations=flannel_annotations("192.168.56.%d" % (10 + i), "0a:00:00:00:00:%02d" % i))
+    api.add_node("plain", pod_cidr="10.244.50.0/24")  # no flannel annotations: no lease
+    stop = start(sm, rec)
+    try:
+        assert sorted(sm.leases()) == ["k8s02", "k8s03", "k8s04", "k8s05", "k8s06"]
+        assert api.count("GET", "/api/v1/nodes?limit=2") >= 1 and "continue" in " ".join(p for _, p in api.requests)
+        api.patch_node("k8s03", {"metadata": {"annotations": {PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"0a:00:00:00:00:33"}'}}})
+        rec.wait_for("k8s03")
+        assert "0a:00:00:00:00:33" in sm.lease_of("k8s03").backend_data
+        # A change flannel does not look at is not reported.
+        rec.names.clear()
+        api.patch_node("k8s04", {"metadata": {"labels": {"x": "y"}}})
+        api.delete_node("k8s05")
+        rec.wait_for("k8s05")
+        assert "k8s04" not in rec.names
+        assert sm.lease_of("k8s05") is None
+    finally:
+        stop.set()
+
+
+def test_relist_after_410_and_errors(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    sm, rec = manager
+    monkeypatch.setattr(kube, "MAX_BACKOFF", 0.2)
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    api.add_node("k8s02", pod_cidr="10.244.2.0/24", annotations=flannel_annotations("192.168.56.12", "0a:00:00:00:00:02"))
+    stop = start(sm, rec)
+    try:
+        lists = api.count("GET", "/api/v1/nodes?limit")
+        api.fail_next("GET", r"watch=", status=500, count=2)
+        api.drop_watches()
+        # Deleted while the watch is down, then the history is gone: the watch gets 410 and re-lists.
+        api.delete_node("k8s02")
+        api.compact()
+        rec.wait_for("k8s02")
+        assert sm.leases() == {}
+        assert api.count("GET", "/api/v1/nodes?limit") > lists
+        api.add_node("k8s03", pod_cidr="10.244.3.0/24", annotations=flannel_annotations("192.168.56.13", "0a:00:00:00:00:03"))
+        rec.wait_for("k8s03")
+    finally:
+        stop.set()
+
+
+def test_acquire_lease_errors(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, rec = manager
+    api.add_node("k8s02")
+    stop = start(sm, rec)
+    try:
+        with pytest.raises(LeaseError, match='^node "k8s01" not found$'):
+            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+        api.add_node("k8s01")
+        rec.wait_for("k8s01")
+        with pytest.raises(LeaseError, match='^node "k8s01" pod cidr not assigned$'):
+            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+        api.set_pod_cidr("k8s01", "10.10.1.0/24")
+        rec.wait_for("k8s01")
+        with pytest.raises(LeaseError) as exc:
+            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+        assert str(exc.value) == ('subnet "10.244.0.0/16" specified in the flannel net config doesn\'t contain '
+                                  '"10.10.1.0/24" PodCIDR of the "k8s01" node')
+        assert api.count("PATCH", "/") == 0
+    finally:
+        stop.set()
+
+
+def test_acquire_lease_patches_only_what_differs(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, rec = manager
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    stop = start(sm, rec)
+    data = '{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"}'
+    try:
+        lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", data)
+        assert lease == Lease(IPv4Network("10.244.1.0/24"), IPv4Address("192.168.56.11"), "vxlan", data)
+        assert api.get_node("k8s01")["metadata"]["annotations"] == flannel_annotations("192.168.56.11", "0a:00:00:00:00:01")
+        assert [p for m, p in api.requests if m == "PATCH"] == ["/api/v1/nodes/k8s01/status"]
+        rec.wait_for("k8s01")
+        sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", data)
+        assert api.count("PATCH", "/") == 1, "an unchanged lease must not be written again"
+        # A user's public-ip-overwrite wins over the detected address.
+        api.patch_node("k8s01", {"metadata": {"annotations": {PREFIX + "public-ip-overwrite": "203.0.113.7"}}})
+        rec.wait_for("k8s01")
+        assert sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", data).public_ip == IPv4Address("203.0.113.7")
+        assert api.get_node("k8s01")["metadata"]["annotations"][PREFIX + "public-ip"] == "203.0.113.7"
+        sm.complete_lease()
+        cond = [c for c in api.get_node("k8s01")["status"]["conditions"] if c["type"] == "NetworkUnavailable"][0]
+        assert (cond["status"], cond["reason"], cond["message"]) == ("False", "FlannelIsUp", "Flannel is running on this node")
+    finally:
+        stop.set()
+
+
+def test_patch_error_is_reported(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, rec = manager
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    stop = start(sm, rec)
+    try:
+        api.fail_next("PATCH", "k8s01", status=403)
+        with pytest.raises(LeaseError):
+            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+    finally:
+        stop.set()
+
+
+def test_unauthorized_client_gets_api_error(api: FakeKubeAPI) -> None:
+    with pytest.raises(ApiError) as exc:
+        KubeClient(kube_api_url=api.url).list_nodes(10)
+    assert exc.value.status == 401

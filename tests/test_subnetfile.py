@@ -1,0 +1,41 @@
+"""subnet.env: flanneld's exact format, written atomically."""
+
+from __future__ import annotations
+
+import os
+import stat
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from pyflannel import subnetfile
+
+ENV = subnetfile.SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"), 1450, True)
+
+
+def test_render_is_flanneld_format() -> None:
+    assert ENV.render() == ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"
+                            "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    off = subnetfile.SubnetEnv(IPv4Network("10.0.0.0/8"), IPv4Network("10.5.0.0/16"), 8950, False)
+    assert off.render() == "FLANNEL_NETWORK=10.0.0.0/8\nFLANNEL_SUBNET=10.5.0.1/16\nFLANNEL_MTU=8950\nFLANNEL_IPMASQ=false\n"
+
+
+def test_write_is_atomic_and_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "flannel" / "subnet.env"
+    subnetfile.write(str(path), ENV)
+    assert path.read_text() == ENV.render()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    inode = path.stat().st_ino
+    other = subnetfile.SubnetEnv(ENV.network, IPv4Network("10.244.7.0/24"), 1450, True)
+    subnetfile.write(str(path), other)
+    assert path.read_text() == other.render()
+    assert path.stat().st_ino != inode, "the file must be replaced by rename, never rewritten in place"
+    assert os.listdir(path.parent) == ["subnet.env"]
+
+
+def test_read_previous(tmp_path: Path) -> None:
+    path = tmp_path / "subnet.env"
+    assert subnetfile.read_previous(str(path)) == (None, None)
+    subnetfile.write(str(path), ENV)
+    assert subnetfile.read_previous(str(path)) == (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"))
+    path.write_text("FLANNEL_NETWORK=garbage\nFLANNEL_SUBNET=10.244.3.1/24\n")
+    assert subnetfile.read_previous(str(path)) == (None, IPv4Network("10.244.3.0/24"))
