@@ -107,7 +107,9 @@ class Cluster:
     """Namespaces, an API server and pyflannel processes; ``close()`` removes them all."""
 
     def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
-                 prefix: str | None = None, python: str = sys.executable) -> None:
+                 prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True) -> None:
+        """``kubeconfig=False``: the daemons reach the API with ``--kube-api-url`` alone, unauthenticated,
+        the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix or "pf" + secrets.token_hex(2)
@@ -118,19 +120,21 @@ class Cluster:
         self.api: FakeKubeAPI | None = None
         self.net_conf = self.workdir / "net-conf.json"
         self.net_conf.write_text(json.dumps({"Network": network, "Backend": backend or {"Type": "vxlan"}}))
-        self.kubeconfig = self.workdir / "kubeconfig"
-        self.kubeconfig.write_text(json.dumps({
+        self.kubeconfig: Path | None = self.workdir / "kubeconfig" if kubeconfig else None
+        self.api_url = "http://%s:%d" % (HUB_IP, API_PORT)
+        if self.kubeconfig is not None:
+            self.kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": "http://%s:%d" % (HUB_IP, API_PORT)}}],
-            "users": [{"name": "test", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-        }))
+                "clusters": [{"name": "test", "cluster": {"server": self.api_url}}],
+                "users": [{"name": "test", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            }))
         try:
             self.hub = self._netns("hub")
             self.ns_run(self.hub, "ip", "link", "add", "br0", "type", "bridge")
             self.ns_run(self.hub, "ip", "addr", "add", HUB_IP + "/24", "dev", "br0")
             self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
-            self.api = FakeKubeAPI(token=TOKEN)
+            self.api = FakeKubeAPI(token=TOKEN if kubeconfig else None)
             self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
         except BaseException:
             self.close()
@@ -179,8 +183,9 @@ class Cluster:
 
     def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
         """Start pyflannel on a node with the kube-flannel command line."""
-        args = [self.python, "-m", "pyflannel", "--ip-masq", "--kube-subnet-mgr", "--iface=eth1",
-                "--kubeconfig-file=%s" % self.kubeconfig, "--net-config-path=%s" % self.net_conf,
+        api = "--kubeconfig-file=%s" % self.kubeconfig if self.kubeconfig else "--kube-api-url=" + self.api_url
+        args = [self.python, "-m", "pyflannel", "--ip-masq", "--kube-subnet-mgr", "--iface=eth1", api,
+                "--net-config-path=%s" % self.net_conf,
                 "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1",
                 "--datapath-resync=2", *extra]
         penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
