@@ -218,3 +218,35 @@ def test_unauthorized_client_gets_api_error(api: FakeKubeAPI) -> None:
     with pytest.raises(ApiError) as exc:
         KubeClient(kube_api_url=api.url).list_nodes(10)
     assert exc.value.status == 401
+
+
+def test_service_account_token_is_reread_when_rotated(tmp_path: Path) -> None:
+    from pyflannel.kubeclient import _TokenFile
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    read = _TokenFile(str(token))
+    assert read() == "Bearer first"
+    rotated = tmp_path / "token.new"
+    rotated.write_text("second")
+    rotated.rename(token)  # the kubelet swaps a symlinked directory: a new inode
+    assert read() == "Bearer second"
+
+
+def test_in_cluster_config_needs_the_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ApiError, match="fail to create kubernetes config: unable to load in-cluster configuration"):
+        KubeClient()
+
+
+def test_api_url_overrides_the_kubeconfig_server(api: FakeKubeAPI, tmp_path: Path) -> None:
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://192.0.2.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    api.add_node("n1")
+    page = KubeClient(kube_api_url=api.url, kubeconfig_file=str(cfg)).list_nodes(10)
+    assert [n["metadata"]["name"] for n in page["items"]] == ["n1"]
