@@ -16,6 +16,7 @@ from .backend.vxlan import DeviceError, VXLANBackend, backend_data
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError
+from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, normalize_prefix
 from .subnet.kube import KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
@@ -166,14 +167,12 @@ class Daemon:
         log.info("Created subnet manager: %s", sm.name)
         log.info("Found network config - Backend type: %s", cfg.backend_type)
 
-        from pyroute2 import IPRoute
-
-        ipr = IPRoute()
+        nl = Netlink()
         try:
-            ext = ip.select(ipr, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
+            ext = ip.select(nl, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
         except ip.InterfaceError as exc:
             raise Fatal(str(exc)) from exc
-        backend = VXLANBackend(ipr, cfg.vxlan, ext, cfg.network)
+        backend = VXLANBackend(nl, cfg.vxlan, ext, cfg.network)
         self.backend = backend
         own = sm.own_node()
         try:
@@ -239,11 +238,12 @@ class Daemon:
             if self.stop.is_set():
                 break
             dirty = self._take_dirty()
-            for name, since in dirty.items():
-                if name == sm.node_name:
-                    self._own_node_changed()
-                elif backend.update(name, sm.lease_of(name)):
-                    metrics.PROGRAMMING_LATENCY.observe(time.monotonic() - since)
+            if dirty.pop(sm.node_name, None) is not None:
+                self._own_node_changed()
+            changed = backend.sync({name: sm.lease_of(name) for name in dirty})
+            now = time.monotonic()
+            for name in changed:
+                metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
             if time.monotonic() >= next_full:
                 backend.reconcile(sm.leases())
                 next_full = time.monotonic() + interval

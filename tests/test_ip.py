@@ -18,11 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import json, sys
-from pyroute2 import IPRoute
 from pyflannel import ip
+from pyflannel.netlink import Netlink
 args = json.loads(sys.argv[1])
 try:
-    e = ip.select(IPRoute(), args["iface"], args["regex"], args["reach"], args["public"])
+    e = ip.select(Netlink(), args["iface"], args["regex"], args["reach"], args["public"])
     print(json.dumps({"name": e.name, "mtu": e.mtu, "iface": str(e.iface_addr), "ext": str(e.ext_addr)}))
 except ip.InterfaceError as exc:
     print(json.dumps({"error": str(exc)}))

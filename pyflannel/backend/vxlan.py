@@ -8,6 +8,7 @@ periodic full reconcile compares the whole kernel state with the leases and repa
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,9 @@ from ..config import VXLANConfig
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
+from ..netlink import (CREATE, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
+                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, Netlink, Request, request)
+from .._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,8 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 RTPROT_BOOT = 3
+RT_SCOPE_NOWHERE = 255
+IFF_UP = 0x1
 MAIN_TABLE = 254
 AF_BRIDGE = 7
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -80,8 +86,8 @@ def _vxlan_data(link: Any) -> tuple[str, dict[str, Any]]:
 class VXLANBackend:
     """The device and the per-node kernel entries."""
 
-    def __init__(self, ipr: Any, cfg: VXLANConfig, ext: ExternalInterface, network: IPv4Network) -> None:
-        self.ipr = ipr
+    def __init__(self, nl: Netlink, cfg: VXLANConfig, ext: ExternalInterface, network: IPv4Network) -> None:
+        self.nl = nl
         self.cfg = cfg
         self.ext = ext
         self.network = network
@@ -128,61 +134,69 @@ class VXLANBackend:
         A new device takes ``mac_hint`` (the MAC this node last advertised), so a device lost to a
         reboot comes back with the MAC the other nodes already know.
         """
-        found = self.ipr.link_lookup(ifname=self.name)
-        if found:
-            link = self.ipr.get_links(found[0])[0]
-            reason = self._incompatibility(link)
-            if not reason:
-                log.log(V(1), "VXLAN device already exists")
-                self.device = Device(self.name, found[0], link.get_attr("IFLA_ADDRESS"))
-                return self.device
-            log.warning('"%s" already exists with incompatible configuration: %s; recreating device', self.name, reason)
-            self.ipr.link("del", index=found[0])
-        attrs: dict[str, Any] = dict(
-            ifname=self.name, kind="vxlan", vxlan_id=self.cfg.vni, vxlan_link=self.ext.index,
-            vxlan_local=str(self.ext.iface_addr), vxlan_ttl=0, vxlan_tos=0, vxlan_learning=int(self.cfg.learning),
-            vxlan_proxy=0, vxlan_rsc=0, vxlan_l2miss=0, vxlan_l3miss=0,
-            vxlan_udp_zero_csum6_tx=0, vxlan_udp_zero_csum6_rx=0, address=mac_hint or random_mac(),
-        )
-        if self.cfg.port > 0:
-            attrs["vxlan_port"] = self.cfg.port
-        if self.cfg.gbp:
-            attrs["vxlan_gbp"] = True
+        nl = self.nl
         try:
-            self.ipr.link("add", **attrs)
-        except Exception as exc:
+            link = nl.link(name=self.name)
+            if link is not None:
+                reason = self._incompatibility(link)
+                if not reason:
+                    log.log(V(1), "VXLAN device already exists")
+                    self.device = Device(self.name, link["index"], link.get_attr("IFLA_ADDRESS"))
+                    return self.device
+                log.warning('"%s" already exists with incompatible configuration: %s; recreating device',
+                            self.name, reason)
+                nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": link["index"]}))
+            data: list[tuple[str, Any]] = [
+                ("IFLA_VXLAN_ID", self.cfg.vni), ("IFLA_VXLAN_LINK", self.ext.index),
+                ("IFLA_VXLAN_LOCAL", str(self.ext.iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
+                ("IFLA_VXLAN_LEARNING", int(self.cfg.learning)), ("IFLA_VXLAN_PROXY", 0), ("IFLA_VXLAN_RSC", 0),
+                ("IFLA_VXLAN_L2MISS", 0), ("IFLA_VXLAN_L3MISS", 0), ("IFLA_VXLAN_UDP_ZERO_CSUM6_TX", 0),
+                ("IFLA_VXLAN_UDP_ZERO_CSUM6_RX", 0),
+            ]
+            if self.cfg.port > 0:
+                data.append(("IFLA_VXLAN_PORT", self.cfg.port))
+            if self.cfg.gbp:
+                data.append(("IFLA_VXLAN_GBP", True))
+            nl.call(request(ifinfmsg, RTM_NEWLINK, CREATE, attrs=[
+                ("IFLA_IFNAME", self.name), ("IFLA_ADDRESS", mac_hint or random_mac()),
+                ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]}),
+            ]))
+            link = nl.link(name=self.name)
+        except OSError as exc:
             raise DeviceError(_errstr(exc)) from exc
-        index = self.ipr.link_lookup(ifname=self.name)[0]
         try:
             with open("/proc/sys/net/ipv6/conf/%s/accept_ra" % self.name, "w") as f:
                 f.write("0")
         except OSError:
             pass
-        self.device = Device(self.name, index, self.ipr.get_links(index)[0].get_attr("IFLA_ADDRESS"))
+        self.device = Device(self.name, link["index"], link.get_attr("IFLA_ADDRESS"))
         return self.device
 
     def configure_device(self, subnet: IPv4Network) -> None:
         """Give the device ``<subnet network address>/32`` (and no other address in the network), and bring it up."""
         assert self.device is not None
+        idx = self.device.index
         self.own_subnet = subnet
         want = IPv4Interface((subnet.network_address, 32))
         try:
             present = False
-            for m in self.ipr.get_addr(family=socket.AF_INET, index=self.device.index):
-                addr = IPv4Interface((m.get_attr("IFA_ADDRESS"), m["prefixlen"]))
+            for m in self.nl.addresses(idx):
+                addr = IPv4Interface((m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"]))
                 if addr == want:
                     present = True
                 elif addr.ip in self.network:
-                    self.ipr.addr("del", index=self.device.index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
+                    self.nl.call(request(ifaddrmsg, RTM_DELADDR, fields=_addr_fields(idx, addr),
+                                         attrs=[("IFA_LOCAL", str(addr.ip))]))
                     log.info("removed IP address %s from %s", addr, self.name)
             if not present:
-                self.ipr.addr("add", index=self.device.index, address=str(want.ip), prefixlen=32)
-        except Exception as exc:
+                self.nl.call(request(ifaddrmsg, RTM_NEWADDR, CREATE, fields=_addr_fields(idx, want),
+                                     attrs=[("IFA_LOCAL", str(want.ip)), ("IFA_ADDRESS", str(want.ip))]))
+        except OSError as exc:
             raise DeviceError("failed to configure interface %s: failed to ensure address of interface %s: %s"
                               % (self.name, self.name, _errstr(exc))) from exc
         try:
-            self.ipr.link("set", index=self.device.index, state="up")
-        except Exception as exc:
+            self.nl.call(request(ifinfmsg, RTM_NEWLINK, fields={"index": idx, "flags": IFF_UP, "change": IFF_UP}))
+        except OSError as exc:
             raise DeviceError("failed to configure interface %s: failed to set interface %s to UP state: %s"
                               % (self.name, self.name, _errstr(exc))) from exc
 
@@ -214,92 +228,94 @@ class VXLANBackend:
     def _direct_gateway(self, public_ip: IPv4Address) -> IPv4Address | None:
         """The public IP when it is on a directly connected subnet (one route, no gateway)."""
         try:
-            routes = self.ipr.route("get", dst=str(public_ip))
-        except Exception:
+            routes = self.nl.route_get(str(public_ip))
+        except OSError:
             return None
         if len(routes) == 1 and not routes[0].get_attr("RTA_GATEWAY"):
             return public_ip
         return None
 
-    def _add(self, e: Entry) -> bool:
+    def _add(self, e: Entry) -> list[tuple[str, Request]]:
+        """The requests that program an entry, each with the error text flanneld logs for it."""
         assert self.device is not None
-        idx = self.device.index
         log.log(V(2), "adding subnet: %s PublicIP: %s VtepMAC: %s", e.subnet, e.public_ip, e.mac)
-        gw = str(e.subnet.network_address)
         if e.direct_gw is not None:
-            return self._netlink("failed to add direct route (%s -> %s)" % (e.subnet, e.direct_gw),
-                                 self.ipr.route, "replace", dst=str(e.subnet), gateway=str(e.direct_gw),
-                                 table=MAIN_TABLE, proto=RTPROT_BOOT)
-        if not self._netlink("AddARP failed", self.ipr.neigh, "replace", ifindex=idx, family=socket.AF_INET,
-                             dst=gw, lladdr=e.mac, state=NUD_PERMANENT):
-            return False
-        if not self._netlink("AddFDB failed", self.ipr.neigh, "replace", ifindex=idx, family=AF_BRIDGE,
-                             lladdr=e.mac, dst=str(e.public_ip), state=NUD_PERMANENT, flags=NTF_SELF):
-            self._netlink("DelARP failed", self.ipr.neigh, "del", ifindex=idx, family=socket.AF_INET, dst=gw,
-                          lladdr=e.mac)
-            return False
-        if not self._netlink("failed to add vxlanRoute (%s -> %s)" % (e.subnet, gw), self.ipr.route, "replace",
-                             dst=str(e.subnet), gateway=gw, oif=idx, flags=RTNH_F_ONLINK, table=MAIN_TABLE,
-                             proto=RTPROT_BOOT):
-            self._del_neigh(gw, e.mac)
-            self._del_fdb(e.mac, str(e.public_ip))
-            return False
-        return True
+            return [("failed to add direct route (%s -> %s)" % (e.subnet, e.direct_gw),
+                     _route(RTM_NEWROUTE, e.subnet, e.direct_gw, None))]
+        gw = e.subnet.network_address
+        idx = self.device.index
+        return [("AddARP failed", _neigh(RTM_NEWNEIGH, socket.AF_INET, idx, str(gw), e.mac)),
+                ("AddFDB failed", _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, str(e.public_ip), e.mac)),
+                ("failed to add vxlanRoute (%s -> %s)" % (e.subnet, gw), _route(RTM_NEWROUTE, e.subnet, gw, idx))]
 
-    def _del_neigh(self, ip: str, mac: str) -> None:
-        assert self.device is not None
-        self._netlink("DelARP failed", self.ipr.neigh, "del", ifindex=self.device.index, family=socket.AF_INET,
-                      dst=ip, lladdr=mac)
-
-    def _del_fdb(self, mac: str, dst: str) -> None:
-        assert self.device is not None
-        self._netlink("DelFDB failed", self.ipr.neigh, "del", ifindex=self.device.index, family=AF_BRIDGE,
-                      lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
-
-    def _del_route(self, dst: str, gateway: str, oif: int | None) -> None:
-        kw: dict[str, Any] = dict(dst=dst, gateway=gateway, table=MAIN_TABLE)
-        if oif is not None:
-            kw["oif"] = oif
-        self._netlink("failed to delete vxlanRoute (%s -> %s)" % (dst, gateway), self.ipr.route, "del", **kw)
-
-    def _remove(self, e: Entry, keep: Entry | None = None) -> None:
-        """Delete an entry's kernel state, except the parts ``keep`` (its replacement) overwrites."""
+    def _remove(self, e: Entry, keep: Entry | None = None) -> list[tuple[str, Request]]:
+        """The requests that delete an entry, except the parts ``keep`` (its replacement) overwrites."""
         assert self.device is not None
         log.log(V(2), "removing subnet: %s PublicIP: %s VtepMAC: %s", e.subnet, e.public_ip, e.mac)
         if e.direct_gw is not None:
-            if keep is None or keep.subnet != e.subnet:
-                self._del_route(str(e.subnet), str(e.direct_gw), None)
-            return
-        gw = str(e.subnet.network_address)
+            if keep is not None and keep.subnet == e.subnet:
+                return []
+            return [("failed to delete direct route (%s -> %s)" % (e.subnet, e.direct_gw),
+                     _route(RTM_DELROUTE, e.subnet, e.direct_gw, None))]
+        idx = self.device.index
+        gw = e.subnet.network_address
+        out = []
         if keep is None or keep.direct_gw is not None or keep.subnet != e.subnet:
-            self._del_neigh(gw, e.mac)
-            self._del_route(str(e.subnet), gw, self.device.index)
+            out.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, str(gw), e.mac)))
+            out.append(("failed to delete vxlanRoute (%s -> %s)" % (e.subnet, gw),
+                        _route(RTM_DELROUTE, e.subnet, gw, idx)))
         if keep is None or keep.direct_gw is not None or (keep.mac, keep.public_ip) != (e.mac, e.public_ip):
-            self._del_fdb(e.mac, str(e.public_ip))
+            out.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, str(e.public_ip), e.mac)))
+        return out
 
-    def _netlink(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> bool:
-        try:
-            fn(*args, **kwargs)
-            return True
-        except Exception as exc:
-            if args and args[0] == "del" and _errno(exc) in (2, 3):  # ENOENT, ESRCH: already gone
-                return True
-            metrics.NETLINK_ERRORS.inc()
-            log.error("%s: %s", what, _errstr(exc))
-            return False
+    def _send(self, work: list[tuple[str, Request]]) -> list[bool]:
+        """Send requests in one batch; log failures; whether each succeeded (a missing entry is deleted)."""
+        if not work:
+            return []
+        codes = self.nl.batch([req for _, req in work])
+        ok = []
+        for (what, req), code in zip(work, codes):
+            deleting = req[1] in (RTM_DELNEIGH, RTM_DELROUTE)
+            if code and not (deleting and code in (errno.ENOENT, errno.ESRCH)):
+                metrics.NETLINK_ERRORS.inc()
+                log.error("%s: %s", what, os.strerror(code).lower())
+                ok.append(False)
+            else:
+                ok.append(True)
+        return ok
 
-    def update(self, name: str, lease: Lease | None) -> bool:
-        """Converge one node's kernel entries to its lease (None: the node is gone). True if anything changed."""
-        new = self._entry(name, lease)
-        old = self.applied.get(name)
-        if new == old:
-            return False
-        if old is not None:
-            self._remove(old, keep=new)
-            del self.applied[name]
-        if new is not None and self._add(new):
-            self.applied[name] = new
-        return True
+    def sync(self, leases: dict[str, Lease | None]) -> set[str]:
+        """Converge the named nodes' kernel entries to their leases (None: the node is gone).
+
+        Returns the names whose entries changed. Entries that failed to program are left out of
+        :attr:`applied`, so the next reconcile tries them again.
+        """
+        changes: dict[str, tuple[Entry | None, Entry | None]] = {}
+        for name, lease in leases.items():
+            new, old = self._entry(name, lease), self.applied.get(name)
+            if new != old:
+                changes[name] = (old, new)
+        removals = [w for old, new in changes.values() if old is not None for w in self._remove(old, keep=new)]
+        self._send(removals)
+        for name in changes:
+            self.applied.pop(name, None)
+        self._program({name: new for name, (_, new) in changes.items() if new is not None})
+        return set(changes)
+
+    def _program(self, entries: dict[str, Entry]) -> None:
+        """Program entries in one batch and record in :attr:`applied` those that succeeded whole."""
+        work: list[tuple[str, Request]] = []
+        owners: list[str] = []
+        for name, e in entries.items():
+            requests = self._add(e)
+            work += requests
+            owners += [name] * len(requests)
+        failed = {owner for owner, ok in zip(owners, self._send(work)) if not ok}
+        for name, e in entries.items():
+            if name in failed:
+                self.applied.pop(name, None)
+            else:
+                self.applied[name] = e
 
     def reconcile(self, leases: dict[str, Lease]) -> int:
         """Converge every node's entries to ``leases`` and repair whatever the kernel lost or gained.
@@ -308,10 +324,8 @@ class VXLANBackend:
         """
         assert self.device is not None
         metrics.RECONCILES.inc()
-        for name in set(self.applied) - set(leases):
-            self.update(name, None)
-        for name, lease in leases.items():
-            self.update(name, lease)
+        gone: dict[str, Lease | None] = {name: None for name in self.applied if name not in leases}
+        self.sync({**gone, **leases})
         repairs = self._repair()
         if repairs:
             metrics.REPAIRS.inc(repairs)
@@ -319,6 +333,7 @@ class VXLANBackend:
         return repairs
 
     def _repair(self) -> int:
+        """Compare the kernel with :attr:`applied`; delete strays, re-add what is missing."""
         assert self.device is not None
         idx = self.device.index
         tunnel = [e for e in self.applied.values() if e.direct_gw is None]
@@ -326,48 +341,74 @@ class VXLANBackend:
         want_fdb = {(e.mac, str(e.public_ip)) for e in tunnel}
         want_routes = {str(e.subnet): (str(e.direct_gw or e.subnet.network_address), e.direct_gw is None)
                        for e in self.applied.values()}
-        repairs = 0
-        have_neigh: dict[str, str] = {}
-        for m in self.ipr.get_neighbours(family=socket.AF_INET, ifindex=idx):
+        strays: list[tuple[str, Request]] = []
+        have_neigh: set[str] = set()
+        for m in self.nl.neighbours(socket.AF_INET, idx):
             ip, mac = m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")
-            if want_neigh.get(ip) == mac and m["state"] & NUD_PERMANENT:
-                have_neigh[ip] = mac
-            elif ip not in want_neigh and m["state"] & NUD_PERMANENT:
-                self._del_neigh(ip, mac)
-                repairs += 1
+            if not m["state"] & NUD_PERMANENT:
+                continue
+            if want_neigh.get(ip) == mac:
+                have_neigh.add(ip)
+            elif ip not in want_neigh:
+                strays.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, ip, mac)))
         have_fdb: set[tuple[str, str]] = set()
-        for m in self.ipr.get_neighbours(family=AF_BRIDGE, ifindex=idx):
+        for m in self.nl.neighbours(AF_BRIDGE, idx):
             key = (m.get_attr("NDA_LLADDR"), m.get_attr("NDA_DST"))
-            if m["ifindex"] != idx or key[1] is None:
+            if key[1] is None:
                 continue
             if key in want_fdb:
                 have_fdb.add(key)
             else:
-                self._del_fdb(*key)
-                repairs += 1
+                strays.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, key[1], key[0])))
         have_routes: set[str] = set()
-        for r in self.ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+        for r in self.nl.routes():
             oif, gw = r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")
-            dst = "%s/%d" % (r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"])
+            dst = IPv4Network("%s/%d" % (r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"]))
             ours = oif == idx or (gw is not None and r["proto"] == RTPROT_BOOT and oif == self.ext.index
-                                  and IPv4Network(dst).subnet_of(self.network))
+                                  and dst.subnet_of(self.network) and dst != self.network)
             if not ours:
                 continue
-            if want_routes.get(dst) == (gw, oif == idx):
-                have_routes.add(dst)
-            elif dst != str(self.own_subnet):
-                self._del_route(dst, gw, oif)
-                repairs += 1
-        for name, e in list(self.applied.items()):
-            gw = str(e.subnet.network_address)
-            missing = str(e.subnet) not in have_routes
+            if want_routes.get(str(dst)) == (gw, oif == idx):
+                have_routes.add(str(dst))
+            elif dst != self.own_subnet:
+                strays.append(("failed to delete vxlanRoute (%s -> %s)" % (dst, gw),
+                               _route(RTM_DELROUTE, dst, IPv4Address(gw), oif)))
+        self._send(strays)
+        missing = {}
+        for name, e in self.applied.items():
+            lost = str(e.subnet) not in have_routes
             if e.direct_gw is None:
-                missing = missing or gw not in have_neigh or (e.mac, str(e.public_ip)) not in have_fdb
-            if missing:
-                repairs += 1
-                if not self._add(e):
-                    del self.applied[name]
-        return repairs
+                lost = lost or str(e.subnet.network_address) not in have_neigh or \
+                    (e.mac, str(e.public_ip)) not in have_fdb
+            if lost:
+                missing[name] = e
+        self._program(missing)
+        return len(strays) + len(missing)
+
+
+def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str) -> Request:
+    """A permanent neighbour (AF_INET) or FDB entry (AF_BRIDGE, NTF_SELF) on the device."""
+    return request(ndmsg, msg_type, REPLACE if msg_type == RTM_NEWNEIGH else 0,
+                   {"family": family, "ifindex": idx, "state": NUD_PERMANENT,
+                    "flags": NTF_SELF if family == AF_BRIDGE else 0},
+                   [("NDA_DST", dst), ("NDA_LLADDR", mac)])
+
+
+def _route(msg_type: int, dst: IPv4Network, gw: IPv4Address, oif: int | None) -> Request:
+    """A main-table route to ``dst`` via ``gw``: onlink through ``oif`` when given (the tunnel)."""
+    fields: dict[str, Any] = {"family": socket.AF_INET, "dst_len": dst.prefixlen, "table": MAIN_TABLE}
+    if msg_type == RTM_NEWROUTE:
+        fields.update(proto=RTPROT_BOOT, scope=0, type=1, flags=RTNH_F_ONLINK if oif is not None else 0)
+    else:
+        fields.update(scope=RT_SCOPE_NOWHERE)
+    attrs: list[tuple[str, Any]] = [("RTA_DST", str(dst.network_address)), ("RTA_GATEWAY", str(gw))]
+    if oif is not None:
+        attrs.append(("RTA_OIF", oif))
+    return request(rtmsg, msg_type, REPLACE if msg_type == RTM_NEWROUTE else 0, fields, attrs)
+
+
+def _addr_fields(idx: int, addr: IPv4Interface) -> dict[str, Any]:
+    return {"family": socket.AF_INET, "prefixlen": addr.network.prefixlen, "index": idx}
 
 
 def _errno(exc: Exception) -> int:
