@@ -159,6 +159,16 @@ def test_node_without_pod_cidr_waits_then_joins(cluster: Cluster) -> None:
         cluster.stop(n4)
 
 
+def test_sigterm_while_waiting_for_a_pod_cidr_exits_cleanly(cluster: Cluster) -> None:
+    n6 = cluster.add_node("k8s06", pod_cidr=None)
+    cluster.start(n6)
+    cluster.wait_for("the pod CIDR error", lambda: "pod cidr not assigned" in n6.log(), 30)
+    started = time.monotonic()
+    assert cluster.stop(n6, signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+    cluster.api.delete_node("k8s06")
+
+
 def test_deleted_node_entries_disappear(cluster: Cluster) -> None:
     n1, n2, n3 = base_nodes(cluster)
     assert "k8s04" in cluster.api.node_names()
@@ -269,3 +279,44 @@ def test_garbage_annotations_are_reported_and_skipped(cluster: Cluster) -> None:
         for name in ("junk1", "junk2", "junk3", "junk4"):
             api.delete_node(name)
     wait_datapath(cluster, n1, [n2, n3])
+
+
+def scrape(node: Node, port: int, path: str) -> str:
+    code = ("import urllib.request,sys\ntry:\n r=urllib.request.urlopen('http://127.0.0.1:%d%s',timeout=3)\n"
+            " print(r.status);print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n print(e.code);print(e.read().decode())"
+            % (port, path))
+    return Cluster.ns_run(node.netns, "python3", "-c", code).stdout
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no metric %s in:\n%s" % (name, text))
+
+
+def test_health_and_metrics_endpoints(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    assert scrape(n2, 8471, "/healthz") == "200\nflanneld is running\n"
+    assert scrape(n2, 8471, "/readyz") == "200\nflanneld is ready\n"
+    assert scrape(n2, 8471, "/nope").startswith("404\n404 page not found")
+    cluster.stop(n2)
+    cluster.start(n2, "--metrics-port=9101")
+    cluster.wait_ready(n2)
+    text = scrape(n2, 9101, "/metrics")
+    assert metric(text, "pyflannel_ready") == 1
+    assert metric(text, "pyflannel_leases") == 2
+    assert 'pyflannel_build_info{version="' in text
+    api = cluster.api
+    api.add_node("metrics1", pod_cidr="10.244.110.0/24", annotations={
+        PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "vxlan", PREFIX + "public-ip": "192.168.56.210",
+        PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"0a:00:00:00:01:10"}'})
+    cluster.wait_for("the new route", lambda: ("10.244.110.0/24", "10.244.110.0") in datapath(n2)["routes"], 10)
+    api.delete_node("metrics1")
+    cluster.wait_for("the route to go", lambda: all(r[0] != "10.244.110.0/24" for r in datapath(n2)["routes"]), 10)
+    text = scrape(n2, 9101, "/metrics")
+    assert metric(text, "pyflannel_network_programming_duration_seconds_count") >= 2
+    assert metric(text, 'pyflannel_lease_events_total{type="added"}') >= 3
+    assert metric(text, 'pyflannel_lease_events_total{type="removed"}') >= 1
+    assert metric(text, "pyflannel_iptables_resyncs_total") >= 1
+    assert metric(text, "pyflannel_datapath_reconciles_total") >= 1
