@@ -9,8 +9,12 @@ from . import __version__, flags, log
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and the FLANNELD_* environment, then run the daemon."""
+    """Parse the command line and the FLANNELD_* environment, then run the daemon (or ``diagnose``)."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["diagnose"]:
+        from . import diagnose
+
+        return diagnose.main(args[1:], os.environ)
     try:
         opts = flags.parse(args, os.environ)
     except flags.HelpRequested:

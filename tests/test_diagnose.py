@@ -1,0 +1,421 @@
+"""``pyflannel diagnose``: each check, with the problem created in a namespace cluster (or a fake /proc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pyflannel import diagnose, flags
+from tests.conftest import needs_netns
+from tools.netcluster import REPO, Cluster, Node, socket_in_netns
+
+PREFIX = "flannel.alpha.coreos.com/"
+NETWORK = "10.244.0.0/16"
+
+
+def annotations(public_ip: str, backend_type: str = "vxlan", vni: int = 1) -> dict[str, str]:
+    """flannel's annotations as a running daemon writes them."""
+    return {PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": backend_type,
+            PREFIX + "public-ip": public_ip,
+            PREFIX + "backend-data": json.dumps({"VNI": vni, "VtepMAC": "0a:00:00:00:00:%02x" % vni},
+                                                separators=(",", ":"))}
+
+
+def fail_blocks(out: str) -> list[str]:
+    """Each FAIL line with its indented lines, whitespace-normalised."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in out.splitlines():
+        if line.startswith("FAIL  "):
+            current = [line[6:]]
+            blocks.append(current)
+        elif line.startswith("      ") and current is not None:
+            current.append(line.strip())
+        else:
+            current = None
+    return [" ".join(b) for b in blocks]
+
+
+def the_block(out: str, *needles: str) -> str:
+    """The one FAIL block that contains every needle."""
+    found = [b for b in fail_blocks(out) if all(n in b for n in needles)]
+    assert len(found) == 1, "no single FAIL block with %s in:\n%s" % (needles, out)
+    return found[0]
+
+
+# --- the /proc checks, in-process with a fake /proc ------------------------------------------------
+
+def proc_context(tmp_path: Path, files: dict[str, str]) -> diagnose.Context:
+    for rel, value in files.items():
+        path = tmp_path / "sys" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+    return diagnose.Context(flags.parse(["--kube-subnet-mgr"], {}), {}, proc=str(tmp_path))
+
+
+def test_ip_forward_from_proc(tmp_path: Path) -> None:
+    assert isinstance(diagnose.check_ip_forward(proc_context(tmp_path / "on", {"net/ipv4/ip_forward": "1"})), str)
+    problems = diagnose.check_ip_forward(proc_context(tmp_path / "off", {"net/ipv4/ip_forward": "0"}))
+    assert isinstance(problems, list) and len(problems) == 1
+    assert problems[0].what.startswith("IP forwarding is off (net.ipv4.ip_forward = 0)")
+    assert "sysctl -w net.ipv4.ip_forward=1" in problems[0].fix
+    assert any("/etc/sysctl.d/" in f for f in problems[0].fix)
+
+
+def test_br_netfilter_from_proc(tmp_path: Path) -> None:
+    key = "net/bridge/bridge-nf-call-iptables"
+    assert isinstance(diagnose.check_br_netfilter(proc_context(tmp_path / "on", {key: "1"})), str)
+    missing = diagnose.check_br_netfilter(proc_context(tmp_path / "none", {"net/ipv4/ip_forward": "1"}))
+    assert isinstance(missing, list) and len(missing) == 1
+    assert missing[0].what.startswith("the br_netfilter module is not loaded")
+    assert "modprobe br_netfilter" in missing[0].fix
+    assert any("/etc/modules-load.d/" in f for f in missing[0].fix)
+    off = diagnose.check_br_netfilter(proc_context(tmp_path / "off", {key: "0"}))
+    assert isinstance(off, list) and "bridge-nf-call-iptables = 0" in off[0].what
+    assert any("sysctl -w net.bridge.bridge-nf-call-iptables=1" in f for f in off[0].fix)
+
+
+def test_free_subnet_skips_used_ones() -> None:
+    from ipaddress import IPv4Network as N
+
+    used = [N("10.244.0.0/24"), N("10.244.1.0/24"), N("10.244.3.0/24"), N("10.10.0.0/16")]
+    assert diagnose._free_subnet(N(NETWORK), used) == N("10.244.2.0/24")
+    assert diagnose._free_subnet(N("10.0.0.0/28"), [N("10.0.0.0/30")]) == N("10.0.0.4/30")
+    assert diagnose._free_subnet(N("10.0.0.0/28"), [N("10.0.0.0/28")]) is None
+
+
+def test_flags_outside_kube_mode_and_bad_prefix() -> None:
+    ctx = diagnose.Context(flags.parse(["--kube-annotation-prefix=a/b/c"], {}), {})
+    problems = diagnose.check_flags(ctx)
+    assert isinstance(problems, list) and len(problems) == 2
+    assert problems[0].what.startswith("--kube-subnet-mgr is not set")
+    assert "prefix can contain at most single slash" in problems[1].what
+
+
+def test_bad_flags_exit_2() -> None:
+    assert diagnose.main(["--no-such-flag"], {}) == 2
+
+
+# --- in a namespace cluster --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """k8s01 and k8s02 run pyflannel; k8s03 is a node namespace without a daemon, with the annotations
+    and subnet.env a daemon would have written (but no flannel.1 yet)."""
+    c = Cluster(tmp_path_factory.mktemp("diagnose"), network=NETWORK)
+    try:
+        for name in ("k8s01", "k8s02"):
+            c.start(c.add_node(name))
+        n3 = c.add_node("k8s03")
+        assert c.api is not None
+        c.api.patch_node("k8s03", {"metadata": {"annotations": annotations(n3.ip)}})
+        n3.subnet_file.write_text("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\n"
+                                  "FLANNEL_IPMASQ=true\n" % NETWORK)
+        for name in ("k8s01", "k8s02"):
+            c.wait_ready(c.nodes[name])
+        yield c
+    except BaseException:
+        for node in c.nodes.values():
+            print("---- %s ----\n%s" % (node.name, node.log()))
+        raise
+    finally:
+        c.close()
+
+
+def run_diagnose(cluster: Cluster, node: Node, *extra: str, iface: str = "eth1", subnet_file: str | Path | None = None,
+                 net_conf: str | Path | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``pyflannel diagnose`` with the daemon's flags inside the node's namespace; exit code and stdout."""
+    args = [sys.executable, "-m", "pyflannel", "diagnose", "--kube-subnet-mgr", "--iface=%s" % iface,
+            "--kubeconfig-file=%s" % cluster.kubeconfig, "--net-config-path=%s" % (net_conf or cluster.net_conf),
+            "--subnet-file=%s" % (subnet_file or node.subnet_file), *extra]
+    penv = {k: v for k, v in os.environ.items()
+            if k not in ("NODE_NAME", "POD_NAME", "POD_NAMESPACE") and not k.startswith("FLANNELD_")}
+    penv.update(NODE_NAME=node.name, PYTHONPATH=str(REPO))
+    penv.update(env or {})
+    res = cluster.ns_run(node.netns, *args, check=False, env=penv, timeout=60)
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode, res.stdout
+
+
+@contextmanager
+def api_nodes(cluster: Cluster, *nodes: tuple[str, str | None, dict[str, str] | None]) -> Iterator[None]:
+    """Nodes that exist only in the API, for as long as the block runs."""
+    assert cluster.api is not None
+    try:
+        for name, pod_cidr, ann in nodes:
+            cluster.api.add_node(name, pod_cidr=pod_cidr, annotations=ann)
+        yield
+    finally:
+        for name, _, _ in nodes:
+            if name in cluster.api.node_names():
+                cluster.api.delete_node(name)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_healthy_node_has_only_ok_lines(cluster: Cluster) -> None:
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"])
+    lines = out.splitlines()
+    assert code == 0, out
+    assert lines and all(line.startswith("ok    ") for line in lines), out
+    assert len(lines) == len(diagnose.CHECKS)
+    assert 'ok    this node is "k8s01" (from NODE_NAME)' in lines
+    assert "ok    UDP port 8472 is in use by flannel.1, flannel's own VXLAN device" in lines
+    assert any(line.startswith("ok    MTU: eth1 1500, flannel.1 1450, pods 1450") for line in lines), out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_node_name_from_pod_via_the_api(cluster: Cluster) -> None:
+    assert cluster.api is not None
+    cluster.api.add_pod("kube-flannel", "kube-flannel-ds-x1", "k8s01")
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"],
+                             env={"NODE_NAME": "", "POD_NAME": "kube-flannel-ds-x1", "POD_NAMESPACE": "kube-flannel"})
+    assert code == 0, out
+    assert 'ok    this node is "k8s01" (from the spec of pod kube-flannel/kube-flannel-ds-x1)' in out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_no_node_name(cluster: Cluster) -> None:
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], env={"NODE_NAME": ""})
+    assert code == 1
+    block = the_block(out, "cannot tell which node this is")
+    assert "env variables POD_NAME and POD_NAMESPACE must be set" in block and "fieldRef: spec.nodeName" in block
+    assert "skip  this node's pod CIDR: needs this node's name" in out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_node_not_in_the_cluster(cluster: Cluster) -> None:
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], env={"NODE_NAME": "k8s99"})
+    assert code == 1
+    assert 'failed to acquire lease: node "k8s99" not found' in the_block(out, '"k8s99"', "does not exist")
+
+
+@pytest.mark.netns
+@needs_netns
+def test_nodes_without_pod_cidr(cluster: Cluster, tmp_path: Path) -> None:
+    with api_nodes(cluster, ("k8s09", None, None), ("k8s10", None, None)):
+        code, out = run_diagnose(cluster, cluster.nodes["k8s03"], subnet_file=tmp_path / "subnet.env",
+                                 env={"NODE_NAME": "k8s09"})
+    assert code == 1
+    own = the_block(out, 'node "k8s09" (this node) has no pod CIDR')
+    assert 'failed to acquire lease: node "k8s09" pod cidr not assigned' in own
+    assert "--allocate-node-cidrs=true --cluster-cidr=%s" % NETWORK in own
+    assert "kubeadm init --pod-network-cidr=%s" % NETWORK in own
+    assert "kubectl patch node k8s09" in own and '"podCIDR":"10.244.0.0/24"' in own
+    assert "FAIL  other nodes without a pod CIDR: k8s10" in out.splitlines()
+    others = the_block(out, "other nodes without a pod CIDR: k8s10")
+    assert "--allocate-node-cidrs=true" in others and "--pod-network-cidr=%s" % NETWORK in others
+
+
+@pytest.mark.netns
+@needs_netns
+def test_pod_cidr_outside_the_network(cluster: Cluster) -> None:
+    with api_nodes(cluster, ("k8s11", "10.10.1.0/24", annotations("192.168.56.211"))):
+        code, out = run_diagnose(cluster, cluster.nodes["k8s01"])
+    assert code == 1
+    block = the_block(out, "pod CIDRs outside the Network %s of net-conf.json: k8s11 (10.10.1.0/24)" % NETWORK)
+    assert "--cluster-cidr" in block and "Network agree" in block
+    assert 'doesn\'t contain "10.10.1.0/24" PodCIDR of the "k8s11" node' in block
+    assert len(fail_blocks(out)) == 1, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_subnet_env_from_another_network(cluster: Cluster, tmp_path: Path) -> None:
+    stale = tmp_path / "subnet.env"
+    stale.write_text("FLANNEL_NETWORK=10.100.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n"
+                     "FLANNEL_IPMASQ=true\n")
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], subnet_file=stale)
+    assert code == 1
+    block = the_block(out, "says FLANNEL_NETWORK=10.100.0.0/16, but net-conf.json's Network is %s" % NETWORK)
+    assert "stale" in block and "from the old network" in block and "restart pyflannel" in block
+    assert len(fail_blocks(out)) == 1, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_subnet_env_of_another_pod_cidr(cluster: Cluster, tmp_path: Path) -> None:
+    other = tmp_path / "subnet.env"
+    other.write_text("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+                     % NETWORK)
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], subnet_file=other)
+    assert code == 1
+    block = the_block(out, "has FLANNEL_SUBNET for 10.244.7.0/24, but this node's pod CIDR is 10.244.1.0/24")
+    assert "restart pyflannel" in block
+    assert len(fail_blocks(out)) == 1, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_subnet_env_missing(cluster: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "flannel" / "subnet.env"
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], subnet_file=path,
+                             env={"POD_NAME": "kube-flannel-ds-x1", "POD_NAMESPACE": "kube-flannel"})
+    assert code == 1
+    block = the_block(out, "%s does not exist" % path)
+    assert "CoreDNS" in block and "ContainerCreating" in block and "CrashLoopBackOff" in block
+    assert "failed to load flannel 'subnet.env' file: open %s: no such file or directory" % path in block
+    assert "on every pod ADD" in block
+    assert "kubectl -n kube-flannel logs kube-flannel-ds-x1" in block
+    assert "skip  subnet.env's FLANNEL_NETWORK: needs an existing subnet.env" in out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_interface_missing(cluster: Cluster) -> None:
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], iface="eth9")
+    assert code == 1
+    block = the_block(out, "no interface matches --iface=eth9")
+    assert "Could not find valid interface matching eth9" in block
+    assert "eth1 (192.168.56.11)" in block
+    assert "skip  MTU: needs a usable network interface" in out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_interface_without_ipv4_or_down(cluster: Cluster) -> None:
+    n1 = cluster.nodes["k8s01"]
+    Cluster.ns_run(n1.netns, "ip", "link", "add", "dg0", "type", "veth", "peer", "name", "dg1")
+    try:
+        code, out = run_diagnose(cluster, n1, iface="dg0")
+        Cluster.ns_run(n1.netns, "ip", "addr", "add", "192.168.57.1/24", "dev", "dg0")
+        down_code, down = run_diagnose(cluster, n1, iface="dg0")
+    finally:
+        Cluster.ns_run(n1.netns, "ip", "link", "del", "dg0")
+    assert code == 1
+    block = the_block(out, "interface dg0 has no IPv4 address")
+    assert "failed to find IPv4 address for interface dg0" in block and "--iface" in block
+    assert down_code == 1
+    assert "ip link set dev dg0 up" in the_block(down, "interface dg0 is down")
+
+
+@pytest.mark.netns
+@needs_netns
+def test_network_containing_the_node_address(cluster: Cluster, tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(json.dumps({"Network": "192.168.0.0/16", "Backend": {"Type": "vxlan"}}))
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
+    assert code == 1
+    block = the_block(out, "the Network 192.168.0.0/16 contains this node's own address 192.168.56.11 (on eth1)")
+    assert "--cluster-cidr" in block
+
+
+@pytest.mark.netns
+@needs_netns
+def test_vxlan_port_taken(cluster: Cluster) -> None:
+    n3 = cluster.nodes["k8s03"]
+    code, out = run_diagnose(cluster, n3)
+    assert code == 0 and "ok    UDP port 8472 is free for flannel.1" in out, out
+    sock = socket_in_netns(n3.netns, ("0.0.0.0", 8472), socket.SOCK_DGRAM)
+    try:
+        code, out = run_diagnose(cluster, n3)
+    finally:
+        sock.close()
+    assert code == 1
+    block = the_block(out, "UDP port 8472 (VXLAN) is taken by something other than flannel.1")
+    assert "ss -ulpn 'sport = :8472'" in block and '"Port"' in block
+
+
+@pytest.mark.netns
+@needs_netns
+def test_mtu_larger_than_the_underlay_allows(cluster: Cluster) -> None:
+    n3 = cluster.nodes["k8s03"]
+    Cluster.ns_run(n3.netns, "ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "eth1",
+                   "local", n3.ip, "dstport", "8472")
+    Cluster.ns_run(n3.netns, "ip", "link", "set", "eth1", "mtu", "1400")
+    try:
+        code, out = run_diagnose(cluster, n3)
+    finally:
+        Cluster.ns_run(n3.netns, "ip", "link", "del", "flannel.1")
+        Cluster.ns_run(n3.netns, "ip", "link", "set", "eth1", "mtu", "1500")
+    assert code == 1
+    device = the_block(out, "flannel.1 has MTU 1450, more than eth1's MTU 1400 allows (1350")
+    assert "ip link set dev flannel.1 mtu 1350" in device
+    changed = the_block(out, "says FLANNEL_MTU=1450, but eth1's MTU 1400 gives 1350")
+    assert "MTU changed since pyflannel started" in changed
+    assert len(fail_blocks(out)) == 2, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_ip_forward_off(cluster: Cluster) -> None:
+    n3 = cluster.nodes["k8s03"]
+    Cluster.ns_run(n3.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+    try:
+        code, out = run_diagnose(cluster, n3)
+    finally:
+        Cluster.ns_run(n3.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    assert code == 1
+    block = the_block(out, "IP forwarding is off (net.ipv4.ip_forward = 0)")
+    assert "fix: sysctl -w net.ipv4.ip_forward=1" in block
+    assert len(fail_blocks(out)) == 1, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_nodes_with_another_backend_or_vni(cluster: Cluster) -> None:
+    with api_nodes(cluster, ("k8s12", "10.244.12.0/24", annotations("192.168.56.212", backend_type="host-gw")),
+                   ("k8s13", "10.244.13.0/24", annotations("192.168.56.213", vni=2))):
+        code, out = run_diagnose(cluster, cluster.nodes["k8s01"])
+    assert code == 1
+    kind = the_block(out, "nodes whose annotation %sbackend-type is not vxlan: k8s12 (host-gw)" % PREFIX)
+    assert "Backend.Type" in kind
+    vni = the_block(out, "nodes with another VXLAN VNI than this node's 1", "k8s13 (VNI 2)")
+    assert "Backend.VNI" in vni
+    assert len(fail_blocks(out)) == 2, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_unregistered_node(cluster: Cluster) -> None:
+    with api_nodes(cluster, ("k8s14", "10.244.14.0/24", None)):
+        code, out = run_diagnose(cluster, cluster.nodes["k8s01"])
+    assert code == 1
+    assert "kubectl -n kube-flannel get pods -o wide" in the_block(out, "nodes flannel has not registered: k8s14")
+
+
+@pytest.mark.netns
+@needs_netns
+def test_api_unreachable(cluster: Cluster) -> None:
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], "--kube-api-url=http://192.168.56.1:1")
+    assert code == 1
+    block = the_block(out, "cannot reach the API server at http://192.168.56.1:1")
+    assert "Connection refused" in block and "curl -k http://192.168.56.1:1/version" in block
+    assert "skip  this node's pod CIDR: needs the node list from the API server" in out
+    assert "ok    interface eth1 (192.168.56.11, MTU 1500)" in out
+    assert ('ok    this node is "k8s01" (from NODE_NAME; not checked against the cluster, that needs the node list '
+            "from the API server)") in out.splitlines()
+
+
+@pytest.mark.netns
+@needs_netns
+def test_api_forbidden(cluster: Cluster) -> None:
+    assert cluster.api is not None
+    cluster.api.fail_next("GET", r"^/api/v1/nodes\?", status=403)
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"])
+    assert code == 1
+    block = the_block(out, "the API server at http://192.168.56.1:6443 forbids listing the nodes (HTTP 403)")
+    assert "nodes: get, list, watch" in block and "kubectl auth can-i list nodes" in block
+    assert "skip  other nodes' backend: needs the node list from the API server" in out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_net_conf_invalid(cluster: Cluster, tmp_path: Path) -> None:
+    bad = tmp_path / "net-conf.json"
+    bad.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"},}')
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=bad)
+    assert code == 1
+    block = the_block(out, "net-conf.json is invalid: error parsing subnet config: %s:" % bad)
+    assert "kube-flannel-cfg" in block
+    assert "skip  VXLAN UDP port: needs a valid net-conf.json" in out
