@@ -16,7 +16,7 @@ from .backend.vxlan import DeviceError, VXLANBackend, backend_data
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError
-from .netlink import Netlink
+from .netlink import Deletion, Monitor, Netlink
 from .subnet.annotations import AnnotationKeys, normalize_prefix
 from .subnet.kube import KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
@@ -46,6 +46,7 @@ class Daemon:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._dirty: dict[str, float] = {}  # node name -> when its change arrived
+        self._deleted: list[Deletion] | None = None  # kernel deletions to check, [] = compare all
         self.datapath_ready = False
         self.sm: KubeSubnetManager | None = None
         self.backend: VXLANBackend | None = None
@@ -82,11 +83,22 @@ class Daemon:
                 self._dirty.setdefault(name, now)
         self._wake.set()
 
-    def _take_dirty(self) -> dict[str, float]:
+    def _on_deleted(self, deleted: list[Deletion]) -> None:
+        with self._lock:
+            if self._deleted is None:
+                self._deleted = list(deleted)
+            elif not deleted:
+                self._deleted = []
+            elif self._deleted:
+                self._deleted += deleted
+        self._wake.set()
+
+    def _take_dirty(self) -> tuple[dict[str, float], list[Deletion] | None]:
         with self._lock:
             dirty, self._dirty = self._dirty, {}
+            deleted, self._deleted = self._deleted, None
         self._wake.clear()
-        return dirty
+        return dirty, deleted
 
     def _spawn(self, name: str, target: Any) -> None:
         t = threading.Thread(target=target, args=(self.stop,), name=name, daemon=True)
@@ -203,6 +215,8 @@ class Daemon:
             log.warning("Failed to write subnet file: %s", exc)
         log.info("Running backend.")
         log.info("watching for new subnet leases")
+        monitor = Monitor()
+        self._spawn("kernel-events", lambda stop: monitor.run(stop, self._on_deleted))
         self._take_dirty()
         backend.reconcile(sm.leases())
         self.datapath_ready = True
@@ -237,7 +251,9 @@ class Daemon:
             self._wake.wait(max(0.0, next_full - time.monotonic()))
             if self.stop.is_set():
                 break
-            dirty = self._take_dirty()
+            dirty, deleted = self._take_dirty()
+            if deleted is not None:
+                backend.restore(deleted)
             if dirty.pop(sm.node_name, None) is not None:
                 self._own_node_changed()
             changed = backend.sync({name: sm.lease_of(name) for name in dirty})

@@ -13,7 +13,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
@@ -186,3 +187,90 @@ class Netlink:
         """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries of one link."""
         found = self.dump(request(ndmsg, RTM_GETNEIGH, fields={"family": family}))
         return [m for m in found if m["ifindex"] == index]
+
+
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_ROUTE = 0x40
+NDA_DST, NDA_LLADDR = 1, 2
+RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
+_NDMSG = struct.Struct("=BxxxiHBB")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_RTATTR = struct.Struct("=HH")
+
+Deletion = tuple[str, int, str]
+"""What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst") or ("route", table, "dst/len")."""
+
+
+def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+    out = {}
+    while off + 4 <= end:
+        length, kind = _RTATTR.unpack_from(buf, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[off + 4:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _mac(b: bytes) -> str:
+    return ":".join("%02x" % x for x in b)
+
+
+def deletions(buf: bytes) -> list[Deletion]:
+    """The neighbour, FDB and IPv4 route deletions in a buffer of rtnetlink notifications.
+
+    Only the few fields needed are read, so the many notifications a busy node sends cost little.
+    """
+    out: list[Deletion] = []
+    off = 0
+    while off + _HEADER.size <= len(buf):
+        length, msg_type, _, _, _ = _HEADER.unpack_from(buf, off)
+        if length < _HEADER.size:
+            break
+        body, end = off + _HEADER.size, off + length
+        if msg_type == RTM_DELNEIGH:
+            family, ifindex, _, _, _ = _NDMSG.unpack_from(buf, body)
+            a = _attrs(buf, body + _NDMSG.size, end)
+            dst = a.get(NDA_DST)
+            if family == socket.AF_INET and dst and len(dst) == 4:
+                out.append(("neigh", ifindex, socket.inet_ntoa(dst)))
+            elif family == 7 and dst and len(dst) == 4 and NDA_LLADDR in a:  # AF_BRIDGE
+                out.append(("fdb", ifindex, "%s %s" % (_mac(a[NDA_LLADDR]), socket.inet_ntoa(dst))))
+        elif msg_type == RTM_DELROUTE:
+            family, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(buf, body)
+            a = _attrs(buf, body + _RTMSG.size, end)
+            if RTA_TABLE in a:
+                table = struct.unpack("=I", a[RTA_TABLE])[0]
+            dst = a.get(RTA_DST, b"\0\0\0\0")
+            if family == socket.AF_INET and len(dst) == 4:
+                out.append(("route", table, "%s/%d" % (socket.inet_ntoa(dst), dst_len)))
+        off += (length + 3) & ~3
+    return out
+
+
+class Monitor:
+    """Neighbour and IPv4 route notifications from the kernel, for repairing deletions at once."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self.sock.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
+        self.sock.settimeout(1.0)
+
+    def run(self, stop: threading.Event, on_deleted: Callable[[list[Deletion]], None]) -> None:
+        """Report deletions until ``stop`` is set. A lost notification (ENOBUFS) reports ``[]``:
+        the caller should then compare everything."""
+        while not stop.is_set():
+            try:
+                buf = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                on_deleted([])
+                continue
+            found = deletions(buf)
+            if found:
+                on_deleted(found)
+        self.sock.close()

@@ -186,8 +186,7 @@ class Cluster:
         api = "--kubeconfig-file=%s" % self.kubeconfig if self.kubeconfig else "--kube-api-url=" + self.api_url
         args = [self.python, "-m", "pyflannel", "--ip-masq", "--kube-subnet-mgr", "--iface=eth1", api,
                 "--net-config-path=%s" % self.net_conf,
-                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1",
-                "--datapath-resync=2", *extra]
+                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1", *extra]
         penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
         penv.update(env or {})
         with open(node.log_file, "ab") as out:

@@ -23,7 +23,7 @@ from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
 from ..netlink import (CREATE, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
-                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, Netlink, Request, request)
+                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, Deletion, Netlink, Request, request)
 from .._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class VXLANBackend:
         self.device: Device | None = None
         self.own_subnet: IPv4Network | None = None
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
+        self._keys: dict[tuple[str, str], str] = {}  # each kernel entry of `applied` -> its node
         self._rejected: dict[str, Lease] = {}  # leases already reported as unusable
         log.info("VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s", cfg.vni, cfg.port,
                  str(cfg.gbp).lower(), str(cfg.learning).lower(), str(cfg.direct_routing).lower())
@@ -298,7 +299,7 @@ class VXLANBackend:
         removals = [w for old, new in changes.values() if old is not None for w in self._remove(old, keep=new)]
         self._send(removals)
         for name in changes:
-            self.applied.pop(name, None)
+            self._forget(name)
         self._program({name: new for name, (_, new) in changes.items() if new is not None})
         return set(changes)
 
@@ -312,10 +313,38 @@ class VXLANBackend:
             owners += [name] * len(requests)
         failed = {owner for owner, ok in zip(owners, self._send(work)) if not ok}
         for name, e in entries.items():
-            if name in failed:
-                self.applied.pop(name, None)
-            else:
+            self._forget(name)
+            if name not in failed:
                 self.applied[name] = e
+                for key in _keys(e):
+                    self._keys[key] = name
+
+    def _forget(self, name: str) -> None:
+        e = self.applied.pop(name, None)
+        if e is not None:
+            for key in _keys(e):
+                if self._keys.get(key) == name:
+                    del self._keys[key]
+
+    def restore(self, deleted: list[Deletion]) -> int:
+        """Put back the entries the kernel reports deleted that the leases still want (a deletion
+        by hand, say). An empty list means notifications were lost: compare everything.
+        Returns how many entries were programmed again."""
+        assert self.device is not None
+        if not deleted:
+            return self._repair()
+        idx = self.device.index
+        lost: dict[str, Entry] = {}
+        for kind, where, what in deleted:
+            if (kind == "route" and where == MAIN_TABLE) or (kind != "route" and where == idx):
+                name = self._keys.get((kind, what))
+                if name is not None:
+                    lost[name] = self.applied[name]
+        self._program(lost)
+        if lost:
+            metrics.REPAIRS.inc(len(lost))
+            log.info("Restored the kernel entries of %d nodes after they were deleted", len(lost))
+        return len(lost)
 
     def reconcile(self, leases: dict[str, Lease]) -> int:
         """Converge every node's entries to ``leases`` and repair whatever the kernel lost or gained.
@@ -384,6 +413,14 @@ class VXLANBackend:
                 missing[name] = e
         self._program(missing)
         return len(strays) + len(missing)
+
+
+def _keys(e: Entry) -> list[tuple[str, str]]:
+    """The kernel entries an Entry owns, as :func:`netlink.deletions` names them."""
+    keys = [("route", str(e.subnet))]
+    if e.direct_gw is None:
+        keys += [("neigh", str(e.subnet.network_address)), ("fdb", "%s %s" % (e.mac, e.public_ip))]
+    return keys
 
 
 def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str) -> Request:
