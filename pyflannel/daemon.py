@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from ipaddress import IPv4Network
 from types import FrameType
 from typing import Any
 
@@ -52,6 +53,8 @@ class Daemon:
         self.backend: VXLANBackend | None = None
         self.iptables: IPTablesManager | None = None
         self.lease: Lease | None = None
+        self.ext: ip.ExternalInterface | None = None
+        self._warned_subnet: IPv4Network | None = None
         self._threads: list[threading.Thread] = []
 
     # -- signals and readiness -----------------------------------------------------------------------
@@ -184,6 +187,7 @@ class Daemon:
             ext = ip.select(nl, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
         except ip.InterfaceError as exc:
             raise Fatal(str(exc)) from exc
+        self.ext = ext
         backend = VXLANBackend(nl, cfg.vxlan, ext, cfg.network)
         self.backend = backend
         own = sm.own_node()
@@ -205,14 +209,15 @@ class Daemon:
         if opts.ip_masq or opts.iptables_forward_rules:
             self.iptables = IPTablesManager(cfg.network, lease.subnet, prev_network, prev_subnet, opts.ip_masq,
                                             opts.iptables_forward_rules, opts.iptables_resync)
-            self.iptables.ensure()
-            self._spawn("iptables", self.iptables.run)
         env = subnetfile.SubnetEnv(cfg.network, lease.subnet, backend.mtu, opts.ip_masq)
         try:
             subnetfile.write(opts.subnet_file, env)
             log.info("Wrote subnet file to %s", opts.subnet_file)
         except OSError as exc:
             log.warning("Failed to write subnet file: %s", exc)
+        if self.iptables is not None:
+            # Installed beside the datapath, as flanneld does; /readyz waits for both.
+            self._spawn("iptables", self.iptables.run)
         log.info("Running backend.")
         log.info("watching for new subnet leases")
         monitor = Monitor()
@@ -230,16 +235,17 @@ class Daemon:
     def _own_node_changed(self) -> None:
         """Re-publish the annotations if someone changed them; report a pod CIDR change."""
         assert self.sm is not None and self.backend is not None and self.backend.device is not None
-        assert self.lease is not None
+        assert self.lease is not None and self.ext is not None
         try:
-            lease = self.sm.acquire_lease(self.lease.public_ip, "vxlan",
+            lease = self.sm.acquire_lease(self.ext.ext_addr, "vxlan",
                                           backend_data(self.backend.cfg.vni, self.backend.device.mac))
         except LeaseError as exc:
             log.error("Failed to refresh the lease: %s", exc)
             return
-        if lease.subnet != self.lease.subnet:
+        if lease.subnet != self.lease.subnet and lease.subnet != self._warned_subnet:
             log.warning("The pod CIDR of this node changed from %s to %s; restart pyflannel to use it",
                         self.lease.subnet, lease.subnet)
+            self._warned_subnet = lease.subnet
 
     def loop(self) -> None:
         """Apply node changes as they arrive, and reconcile the whole datapath every --datapath-resync seconds."""
