@@ -89,11 +89,10 @@ def _by_route(nl: Netlink, target: str) -> tuple[int, IPv4Address | None]:
 
 def _default_route(nl: Netlink) -> int:
     for r in nl.routes(254):
-        if r["dst_len"] == 0:
-            oif = r.get_attr("RTA_OIF")
-            if not oif:
+        if r.dst == "0.0.0.0/0":
+            if not r.oif:
                 raise LookupError("failed to get default interface: Found default route but could not determine interface")
-            return int(oif)
+            return r.oif
     raise LookupError("failed to get default interface: Unable to find default route")
 
 

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
@@ -42,6 +43,82 @@ _SEND_CHUNK = 1 << 16  # bytes of requests per sendto, then their acknowledgemen
 
 Request = tuple[type, int, int, dict[str, Any], list[tuple[str, Any]]]
 """(message class, message type, extra flags, fixed fields, attributes)."""
+
+
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_ROUTE = 0x40
+NDA_DST, NDA_LLADDR = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+AF_BRIDGE = 7
+_NDMSG = struct.Struct("=BxxxiHBB")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_RTATTR = struct.Struct("=HH")
+
+Deletion = tuple[str, int, str]
+"""What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst") or ("route", table, "dst/len")."""
+
+
+def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+    out = {}
+    while off + 4 <= end:
+        length, kind = _RTATTR.unpack_from(buf, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[off + 4:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _mac(b: bytes) -> str:
+    return ":".join("%02x" % x for x in b)
+
+
+def _decode(cls: type, buf: bytes, off: int, length: int) -> Any:
+    msg = cls(buf[off:off + length])
+    msg.decode()
+    return msg
+
+
+def _ip(b: bytes | None) -> str | None:
+    return socket.inet_ntoa(b) if b is not None and len(b) == 4 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    """A neighbour or FDB entry: the fields the daemon reads."""
+
+    family: int
+    ifindex: int
+    state: int
+    dst: str | None
+    lladdr: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An IPv4 route: the fields the daemon reads."""
+
+    dst: str  # "a.b.c.d/len"
+    gateway: str | None
+    oif: int
+    proto: int
+    table: int
+
+
+def _neighbour(buf: bytes, body: int, end: int) -> Neighbour:
+    family, ifindex, state, _, _ = _NDMSG.unpack_from(buf, body)
+    a = _attrs(buf, body + _NDMSG.size, end)
+    mac = a.get(NDA_LLADDR)
+    return Neighbour(family, ifindex, state, _ip(a.get(NDA_DST)), _mac(mac) if mac else None)
+
+
+def _route(buf: bytes, body: int, end: int) -> Route:
+    _, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
+    a = _attrs(buf, body + _RTMSG.size, end)
+    if RTA_TABLE in a:
+        table = struct.unpack("=I", a[RTA_TABLE])[0]
+    oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
+    return Route("%s/%d" % (_ip(a.get(RTA_DST)) or "0.0.0.0", dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table)
 
 
 class NetlinkError(OSError):
@@ -83,9 +160,9 @@ class Netlink:
         msg.encode()
         return self._seq, bytes(msg.data)
 
-    def _replies(self, until: int, cls: type | None) -> Iterable[tuple[int, int, Any]]:
-        """(sequence, errno, decoded message or None) for every reply up to and including
-        the acknowledgement (or dump end) of sequence ``until``."""
+    def _replies(self, until: int) -> Iterable[tuple[int, int, bytes, int, int]]:
+        """(sequence, errno, buffer, offset, length) for every reply up to and including the
+        acknowledgement (or dump end) of sequence ``until``; errno is 0 for a data message."""
         while True:
             buf = self.sock.recv(1 << 20)
             off = 0
@@ -94,18 +171,27 @@ class Netlink:
                 if length < _HEADER.size:
                     raise NetlinkError(errno.EPROTO)
                 if msg_type == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", buf, off + _HEADER.size)[0]
-                    yield seq, code, None
+                    yield seq, -struct.unpack_from("=i", buf, off + _HEADER.size)[0], buf, off, 0
                     if seq == until:
                         return
                 elif msg_type == NLMSG_DONE:
                     if seq == until:
                         return
-                elif cls is not None:
-                    msg = cls(buf[off:off + length])
-                    msg.decode()
-                    yield seq, 0, msg
+                else:
+                    yield seq, 0, buf, off, length
                 off += (length + 3) & ~3
+
+    def _answer(self, req: Request, flags: int) -> Iterable[tuple[bytes, int, int]]:
+        """Send one request; (buffer, offset, length) of each message of its answer. Raises NetlinkError."""
+        seq, data = self._encode(req, flags)
+        self.sock.send(data)
+        for rseq, code, buf, off, length in self._replies(seq):
+            if rseq != seq:
+                continue
+            if code:
+                raise NetlinkError(code)
+            if length:
+                yield buf, off, length
 
     def batch(self, requests: Sequence[Request]) -> list[int]:
         """Send every request with an acknowledgement asked for; the errno of each (0: done)."""
@@ -120,36 +206,18 @@ class Netlink:
                 chunk += data
                 i += 1
             self.sock.send(chunk)
-            for seq, code, _ in self._replies(last, None):
-                if first <= seq <= last:
+            for seq, code, _, _, length in self._replies(last):
+                if first <= seq <= last and not length:
                     results[seq - first] = code
         return results
 
     def call(self, req: Request) -> list[Any]:
-        """Send one request and wait for it; the messages it answered with. Raises NetlinkError."""
-        seq, data = self._encode(req, NLM_F_ACK)
-        self.sock.send(data)
-        out = []
-        for rseq, code, msg in self._replies(seq, req[0]):
-            if rseq != seq:
-                continue
-            if code:
-                raise NetlinkError(code)
-            if msg is not None:
-                out.append(msg)
-        return out
+        """Send one request and wait for it; its answer, decoded. Raises NetlinkError."""
+        return [_decode(req[0], buf, off, length) for buf, off, length in self._answer(req, NLM_F_ACK)]
 
     def dump(self, req: Request) -> list[Any]:
-        """A dump request; every message of the answer."""
-        seq, data = self._encode(req, NLM_F_DUMP)
-        self.sock.send(data)
-        out = []
-        for rseq, code, msg in self._replies(seq, req[0]):
-            if rseq == seq and code:
-                raise NetlinkError(code)
-            if rseq == seq and msg is not None:
-                out.append(msg)
-        return out
+        """A dump request; every message of the answer, decoded."""
+        return [_decode(req[0], buf, off, length) for buf, off, length in self._answer(req, NLM_F_DUMP)]
 
     # -- the look-ups the daemon makes ----------------------------------------------------------------
 
@@ -173,47 +241,30 @@ class Netlink:
         found = self.dump(request(ifaddrmsg, RTM_GETADDR, fields={"family": socket.AF_INET}))
         return [m for m in found if not index or m["index"] == index]
 
-    def routes(self, table: int = 254) -> list[Any]:
-        """IPv4 routes of a table."""
-        found = self.dump(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}))
-        return [m for m in found if (m.get_attr("RTA_TABLE") or m["table"]) == table]
+    def routes(self, table: int = 254) -> list[Route]:
+        """IPv4 routes of a table. Read with :func:`_route`, not decoded whole: a node's table
+        holds a route for every other node, and this runs on every reconcile."""
+        found = []
+        for buf, off, length in self._answer(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}),
+                                             NLM_F_DUMP):
+            r = _route(buf, off + _HEADER.size, off + length)
+            if r.table == table:
+                found.append(r)
+        return found
 
     def route_get(self, dst: str) -> list[Any]:
         """The route the kernel would use to reach ``dst`` (``ip route get``)."""
         return self.call(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET, "dst_len": 32},
                                  attrs=[("RTA_DST", dst)]))
 
-    def neighbours(self, family: int, index: int) -> list[Any]:
-        """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries of one link."""
-        found = self.dump(request(ndmsg, RTM_GETNEIGH, fields={"family": family}))
-        return [m for m in found if m["ifindex"] == index]
-
-
-RTMGRP_NEIGH = 0x4
-RTMGRP_IPV4_ROUTE = 0x40
-NDA_DST, NDA_LLADDR = 1, 2
-RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
-_NDMSG = struct.Struct("=BxxxiHBB")
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_RTATTR = struct.Struct("=HH")
-
-Deletion = tuple[str, int, str]
-"""What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst") or ("route", table, "dst/len")."""
-
-
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
-    out = {}
-    while off + 4 <= end:
-        length, kind = _RTATTR.unpack_from(buf, off)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = buf[off + 4:off + length]
-        off += (length + 3) & ~3
-    return out
-
-
-def _mac(b: bytes) -> str:
-    return ":".join("%02x" % x for x in b)
+    def neighbours(self, family: int, index: int) -> list[Neighbour]:
+        """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries of one link, read as :meth:`routes` are."""
+        found = []
+        for buf, off, length in self._answer(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), NLM_F_DUMP):
+            n = _neighbour(buf, off + _HEADER.size, off + length)
+            if n.ifindex == index:
+                found.append(n)
+        return found
 
 
 def deletions(buf: bytes) -> list[Deletion]:
@@ -229,21 +280,14 @@ def deletions(buf: bytes) -> list[Deletion]:
             break
         body, end = off + _HEADER.size, off + length
         if msg_type == RTM_DELNEIGH:
-            family, ifindex, _, _, _ = _NDMSG.unpack_from(buf, body)
-            a = _attrs(buf, body + _NDMSG.size, end)
-            dst = a.get(NDA_DST)
-            if family == socket.AF_INET and dst and len(dst) == 4:
-                out.append(("neigh", ifindex, socket.inet_ntoa(dst)))
-            elif family == 7 and dst and len(dst) == 4 and NDA_LLADDR in a:  # AF_BRIDGE
-                out.append(("fdb", ifindex, "%s %s" % (_mac(a[NDA_LLADDR]), socket.inet_ntoa(dst))))
-        elif msg_type == RTM_DELROUTE:
-            family, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(buf, body)
-            a = _attrs(buf, body + _RTMSG.size, end)
-            if RTA_TABLE in a:
-                table = struct.unpack("=I", a[RTA_TABLE])[0]
-            dst = a.get(RTA_DST, b"\0\0\0\0")
-            if family == socket.AF_INET and len(dst) == 4:
-                out.append(("route", table, "%s/%d" % (socket.inet_ntoa(dst), dst_len)))
+            n = _neighbour(buf, body, end)
+            if n.family == socket.AF_INET and n.dst:
+                out.append(("neigh", n.ifindex, n.dst))
+            elif n.family == AF_BRIDGE and n.dst and n.lladdr:
+                out.append(("fdb", n.ifindex, "%s %s" % (n.lladdr, n.dst)))
+        elif msg_type == RTM_DELROUTE and _RTMSG.unpack_from(buf, body)[0] == socket.AF_INET:
+            r = _route(buf, body, end)
+            out.append(("route", r.table, r.dst))
         off += (length + 3) & ~3
     return out
 

@@ -41,8 +41,8 @@ codes = nl.batch([
     _route(24, IPv4Network("10.244.3.0/24"), IPv4Address("10.244.3.0"), 999),
 ])
 out["codes"] = codes
-out["routes"] = sorted("%s/%d" % (r.get_attr("RTA_DST"), r["dst_len"]) for r in nl.routes() if r.get_attr("RTA_OIF") == idx)
-out["fdb"] = [(m.get_attr("NDA_LLADDR"), m.get_attr("NDA_DST")) for m in nl.neighbours(AF_BRIDGE, idx)]
+out["routes"] = sorted(r.dst for r in nl.routes() if r.oif == idx)
+out["fdb"] = [(n.lladdr, n.dst) for n in nl.neighbours(AF_BRIDGE, idx)]
 mon = Monitor()
 seen = []
 stop = threading.Event()

@@ -23,7 +23,7 @@ from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
 from ..netlink import (CREATE, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
-                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, Deletion, Netlink, Request, request)
+                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Request, request)
 from .._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ RTPROT_BOOT = 3
 RT_SCOPE_NOWHERE = 255
 IFF_UP = 0x1
 MAIN_TABLE = 254
-AF_BRIDGE = 7
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
 
@@ -372,36 +371,36 @@ class VXLANBackend:
                        for e in self.applied.values()}
         strays: list[tuple[str, Request]] = []
         have_neigh: set[str] = set()
-        for m in self.nl.neighbours(socket.AF_INET, idx):
-            ip, mac = m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")
-            if not m["state"] & NUD_PERMANENT:
+        for n in self.nl.neighbours(socket.AF_INET, idx):
+            if not n.state & NUD_PERMANENT or n.dst is None:
                 continue
-            if want_neigh.get(ip) == mac:
-                have_neigh.add(ip)
-            elif ip not in want_neigh:
-                strays.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, ip, mac)))
+            if want_neigh.get(n.dst) == n.lladdr:
+                have_neigh.add(n.dst)
+            elif n.dst not in want_neigh:
+                strays.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, n.dst, n.lladdr)))
         have_fdb: set[tuple[str, str]] = set()
-        for m in self.nl.neighbours(AF_BRIDGE, idx):
-            key = (m.get_attr("NDA_LLADDR"), m.get_attr("NDA_DST"))
-            if key[1] is None:
+        for n in self.nl.neighbours(AF_BRIDGE, idx):
+            if n.dst is None or n.lladdr is None:
                 continue
-            if key in want_fdb:
-                have_fdb.add(key)
+            if (n.lladdr, n.dst) in want_fdb:
+                have_fdb.add((n.lladdr, n.dst))
             else:
-                strays.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, key[1], key[0])))
+                strays.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, n.dst, n.lladdr)))
         have_routes: set[str] = set()
         for r in self.nl.routes():
-            oif, gw = r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")
-            dst = IPv4Network("%s/%d" % (r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"]))
-            ours = oif == idx or (gw is not None and r["proto"] == RTPROT_BOOT and oif == self.ext.index
-                                  and dst.subnet_of(self.network) and dst != self.network)
-            if not ours:
+            if r.oif == idx:
+                dst = IPv4Network(r.dst)
+            elif r.oif == self.ext.index and r.gateway is not None and r.proto == RTPROT_BOOT:
+                dst = IPv4Network(r.dst)  # a DirectRouting route, if it lies within the network
+                if not dst.subnet_of(self.network) or dst == self.network:
+                    continue
+            else:
                 continue
-            if want_routes.get(str(dst)) == (gw, oif == idx):
-                have_routes.add(str(dst))
+            if want_routes.get(r.dst) == (r.gateway, r.oif == idx):
+                have_routes.add(r.dst)
             elif dst != self.own_subnet:
-                strays.append(("failed to delete vxlanRoute (%s -> %s)" % (dst, gw),
-                               _route(RTM_DELROUTE, dst, IPv4Address(gw), oif)))
+                strays.append(("failed to delete vxlanRoute (%s -> %s)" % (dst, r.gateway),
+                               _route(RTM_DELROUTE, dst, r.gateway, r.oif)))
         self._send(strays)
         missing = {}
         for name, e in self.applied.items():
@@ -423,22 +422,26 @@ def _keys(e: Entry) -> list[tuple[str, str]]:
     return keys
 
 
-def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str) -> Request:
+def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str | None) -> Request:
     """A permanent neighbour (AF_INET) or FDB entry (AF_BRIDGE, NTF_SELF) on the device."""
+    attrs: list[tuple[str, Any]] = [("NDA_DST", dst)]
+    if mac is not None:
+        attrs.append(("NDA_LLADDR", mac))
     return request(ndmsg, msg_type, REPLACE if msg_type == RTM_NEWNEIGH else 0,
                    {"family": family, "ifindex": idx, "state": NUD_PERMANENT,
-                    "flags": NTF_SELF if family == AF_BRIDGE else 0},
-                   [("NDA_DST", dst), ("NDA_LLADDR", mac)])
+                    "flags": NTF_SELF if family == AF_BRIDGE else 0}, attrs)
 
 
-def _route(msg_type: int, dst: IPv4Network, gw: IPv4Address, oif: int | None) -> Request:
+def _route(msg_type: int, dst: IPv4Network, gw: IPv4Address | str | None, oif: int | None) -> Request:
     """A main-table route to ``dst`` via ``gw``: onlink through ``oif`` when given (the tunnel)."""
     fields: dict[str, Any] = {"family": socket.AF_INET, "dst_len": dst.prefixlen, "table": MAIN_TABLE}
     if msg_type == RTM_NEWROUTE:
         fields.update(proto=RTPROT_BOOT, scope=0, type=1, flags=RTNH_F_ONLINK if oif is not None else 0)
     else:
         fields.update(scope=RT_SCOPE_NOWHERE)
-    attrs: list[tuple[str, Any]] = [("RTA_DST", str(dst.network_address)), ("RTA_GATEWAY", str(gw))]
+    attrs: list[tuple[str, Any]] = [("RTA_DST", str(dst.network_address))]
+    if gw is not None:
+        attrs.append(("RTA_GATEWAY", str(gw)))
     if oif is not None:
         attrs.append(("RTA_OIF", oif))
     return request(rtmsg, msg_type, REPLACE if msg_type == RTM_NEWROUTE else 0, fields, attrs)
