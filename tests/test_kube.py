@@ -102,7 +102,9 @@ def test_node_info_keeps_only_flannel_fields() -> None:
                         "labels": {"a": "b"}},
            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}, "status": {"images": [1, 2, 3]}}
     info = kube.node_info(obj, PREFIX)
-    assert info == kube.NodeInfo("n", "10.244.1.0/24", ("10.244.1.0/24",), {PREFIX + "public-ip": "1.2.3.4"})
+    assert info == kube.NodeInfo("n", "10.244.1.0/24", (), {PREFIX + "public-ip": "1.2.3.4"})
+    obj["spec"]["podCIDRs"] = ["10.244.1.0/24", "fd00::/64"]
+    assert kube.node_info(obj, PREFIX).pod_cidrs == ("10.244.1.0/24", "fd00::/64")
 
 
 def test_list_in_pages_and_watch(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from .annotations import AnnotationKeys
 
 log = logging.getLogger(__name__)
 
-LIST_PAGE_SIZE = 500
+LIST_PAGE_SIZE = 100  # a page of kubelet-sized nodes is ~1.2 MB of JSON, ~4 MB once parsed
 WATCH_TIMEOUT_RANGE = (300, 600)  # seconds, spread like client-go's reflector
 MAX_BACKOFF = 30.0
 
@@ -36,17 +37,21 @@ class NodeInfo:
 
     name: str
     pod_cidr: str
-    pod_cidrs: tuple[str, ...]
+    pod_cidrs: tuple[str, ...]  # empty when it only repeats pod_cidr
     annotations: dict[str, str]  # only the keys under the annotation prefix
 
 
 def node_info(obj: dict[str, Any], prefix: str) -> NodeInfo:
-    """Extract a NodeInfo from a node object as the API returns it."""
+    """Extract a NodeInfo from a node object as the API returns it.
+
+    Thousands of these are kept, so the annotation keys (the same on every node) are interned.
+    """
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
-    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(prefix)}
-    return NodeInfo(meta.get("name", ""), spec.get("podCIDR") or "", tuple(spec.get("podCIDRs") or ()),
-                    annotations)
+    annotations = {sys.intern(k): v for k, v in (meta.get("annotations") or {}).items() if k.startswith(prefix)}
+    pod_cidr = spec.get("podCIDR") or ""
+    pod_cidrs = tuple(spec.get("podCIDRs") or ())
+    return NodeInfo(meta.get("name", ""), pod_cidr, () if pod_cidrs == (pod_cidr,) else pod_cidrs, annotations)
 
 
 def node_to_lease(node: NodeInfo, keys: AnnotationKeys) -> Lease:
@@ -55,7 +60,8 @@ def node_to_lease(node: NodeInfo, keys: AnnotationKeys) -> Lease:
         public_ip = IPv4Address(node.annotations.get(keys.backend_public_ip, ""))
     except ValueError:
         raise ValueError("Invalid IP address format") from None
-    log.log(V(2), "Creating the node lease for IPv4. This is the n.Spec.PodCIDRs: [%s]", " ".join(node.pod_cidrs))
+    log.log(V(2), "Creating the node lease for IPv4. This is the n.Spec.PodCIDRs: [%s]",
+            " ".join(node.pod_cidrs or (node.pod_cidr,)))
     cidr = node.pod_cidr
     if node.pod_cidrs:
         cidr = next((c for c in node.pod_cidrs if ":" not in c), "")
