@@ -40,6 +40,18 @@ READY: Any = _NOOP
 REGISTRY: Any = None
 
 
+_NAMES = ("LEASES", "LEASE_EVENTS", "WATCH_RESTARTS", "API_ERRORS", "PROGRAMMING_LATENCY", "RECONCILES", "REPAIRS",
+          "IPTABLES_RESYNCS", "IPTABLES_REPAIRS", "NETLINK_ERRORS", "READY")
+
+
+def disable() -> None:
+    """Turn every metric back into the no-op (for tests)."""
+    global REGISTRY
+    for name in _NAMES:
+        globals()[name] = _NOOP
+    REGISTRY = None
+
+
 def enable(version: str) -> Any:
     """Create the metrics in a registry of their own and return that registry."""
     global LEASES, LEASE_EVENTS, WATCH_RESTARTS, API_ERRORS, PROGRAMMING_LATENCY, RECONCILES, REPAIRS
