@@ -215,15 +215,15 @@ class Daemon:
             log.info("Wrote subnet file to %s", opts.subnet_file)
         except OSError as exc:
             log.warning("Failed to write subnet file: %s", exc)
-        if self.iptables is not None:
-            # Installed beside the datapath, as flanneld does; /readyz waits for both.
-            self._spawn("iptables", self.iptables.run)
         log.info("Running backend.")
         log.info("watching for new subnet leases")
         monitor = Monitor()
         self._spawn("kernel-events", lambda stop: monitor.run(stop, self._on_deleted))
         self._take_dirty()
         backend.reconcile(sm.leases())
+        if self.iptables is not None:
+            # After the routes, which pods need first; /readyz waits for both.
+            self._spawn("iptables", self.iptables.run)
         self.datapath_ready = True
         metrics.READY.set(1)
         if opts.set_node_network_unavailable:

@@ -314,9 +314,12 @@ class VXLANBackend:
         for name, e in entries.items():
             self._forget(name)
             if name not in failed:
-                self.applied[name] = e
-                for key in _keys(e):
-                    self._keys[key] = name
+                self._remember(name, e)
+
+    def _remember(self, name: str, e: Entry) -> None:
+        self.applied[name] = e
+        for key in _keys(e):
+            self._keys[key] = name
 
     def _forget(self, name: str) -> None:
         e = self.applied.pop(name, None)
@@ -331,7 +334,7 @@ class VXLANBackend:
         Returns how many entries were programmed again."""
         assert self.device is not None
         if not deleted:
-            return self._repair()
+            return self._converge(self.applied)
         idx = self.device.index
         lost: dict[str, Entry] = {}
         for kind, where, what in deleted:
@@ -346,29 +349,47 @@ class VXLANBackend:
         return len(lost)
 
     def reconcile(self, leases: dict[str, Lease]) -> int:
-        """Converge every node's entries to ``leases`` and repair whatever the kernel lost or gained.
+        """Converge the kernel to ``leases``: one dump of the neighbours, FDB entries and routes,
+        then only the requests that change something (a restart with everything in place sends none).
 
-        Returns how many kernel entries were added, changed or removed because they had drifted.
+        Returns how many kernel entries had drifted: strays removed, and entries that were
+        programmed once and had gone missing.
         """
-        assert self.device is not None
         metrics.RECONCILES.inc()
-        gone: dict[str, Lease | None] = {name: None for name in self.applied if name not in leases}
-        self.sync({**gone, **leases})
-        repairs = self._repair()
+        desired = {}
+        for name, lease in leases.items():
+            e = self._entry(name, lease)
+            if e is not None:
+                desired[name] = e
+        return self._converge(desired)
+
+    def _converge(self, desired: dict[str, Entry]) -> int:
+        desired = dict(desired)
+        strays, missing = self._compare(desired)
+        drifted = sum(1 for name in missing if self.applied.get(name) == desired[name])
+        for name in list(self.applied):
+            if name not in desired or name in missing:
+                self._forget(name)
+        for name, e in desired.items():
+            if name not in missing:
+                self._remember(name, e)
+        self._program({name: desired[name] for name in missing})
+        repairs = strays + drifted
         if repairs:
             metrics.REPAIRS.inc(repairs)
             log.info("Reconcile repaired %d kernel entries on %s", repairs, self.name)
         return repairs
 
-    def _repair(self) -> int:
-        """Compare the kernel with :attr:`applied`; delete strays, re-add what is missing."""
+    def _compare(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
+        """Dump the device's entries; delete those no desired entry owns. Returns how many were
+        deleted, and the names whose entries are missing or different."""
         assert self.device is not None
         idx = self.device.index
-        tunnel = [e for e in self.applied.values() if e.direct_gw is None]
+        tunnel = [e for e in desired.values() if e.direct_gw is None]
         want_neigh = {str(e.subnet.network_address): e.mac for e in tunnel}
         want_fdb = {(e.mac, str(e.public_ip)) for e in tunnel}
         want_routes = {str(e.subnet): (str(e.direct_gw or e.subnet.network_address), e.direct_gw is None)
-                       for e in self.applied.values()}
+                       for e in desired.values()}
         strays: list[tuple[str, Request]] = []
         have_neigh: set[str] = set()
         for n in self.nl.neighbours(socket.AF_INET, idx):
@@ -402,16 +423,15 @@ class VXLANBackend:
                 strays.append(("failed to delete vxlanRoute (%s -> %s)" % (dst, r.gateway),
                                _route(RTM_DELROUTE, dst, r.gateway, r.oif)))
         self._send(strays)
-        missing = {}
-        for name, e in self.applied.items():
+        missing = set()
+        for name, e in desired.items():
             lost = str(e.subnet) not in have_routes
             if e.direct_gw is None:
                 lost = lost or str(e.subnet.network_address) not in have_neigh or \
                     (e.mac, str(e.public_ip)) not in have_fdb
             if lost:
-                missing[name] = e
-        self._program(missing)
-        return len(strays) + len(missing)
+                missing.add(name)
+        return len(strays), missing
 
 
 def _keys(e: Entry) -> list[tuple[str, str]]:
