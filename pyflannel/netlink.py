@@ -42,7 +42,17 @@ _HEADER = struct.Struct("=IHHII")
 _SEND_CHUNK = 1 << 16  # bytes of requests per sendto, then their acknowledgements are read
 
 Request = tuple[type, int, int, dict[str, Any], list[tuple[str, Any]]]
-"""(message class, message type, extra flags, fixed fields, attributes)."""
+"""(message class, message type, extra flags, fixed fields, attributes), encoded by pyroute2."""
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A request whose body is packed here: the neighbour, FDB and route messages, sent thousands
+    at a time, where pyroute2's generic encoder costs some 40 µs each."""
+
+    msg_type: int
+    flags: int
+    body: bytes
 
 
 RTMGRP_NEIGH = 0x4
@@ -71,6 +81,31 @@ def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
 
 def _mac(b: bytes) -> str:
     return ":".join("%02x" % x for x in b)
+
+
+def _rtattr(kind: int, payload: bytes) -> bytes:
+    return _RTATTR.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, state: int, ntf_flags: int,
+                      dst: str, lladdr: str | None) -> Packed:
+    """RTM_NEWNEIGH or RTM_DELNEIGH: a neighbour (AF_INET) or an FDB entry (AF_BRIDGE)."""
+    body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _rtattr(NDA_DST, socket.inet_aton(dst))
+    if lladdr is not None:
+        body += _rtattr(NDA_LLADDR, bytes.fromhex(lladdr.replace(":", "")))
+    return Packed(msg_type, flags, body)
+
+
+def route_request(msg_type: int, flags: int, dst: str, dst_len: int, gateway: str | None, oif: int | None,
+                  table: int, proto: int, scope: int, rtype: int, rtm_flags: int) -> Packed:
+    """RTM_NEWROUTE or RTM_DELROUTE for an IPv4 route."""
+    body = _RTMSG.pack(socket.AF_INET, dst_len, 0, 0, table, proto, scope, rtype, rtm_flags)
+    body += _rtattr(RTA_DST, socket.inet_aton(dst))
+    if gateway is not None:
+        body += _rtattr(RTA_GATEWAY, socket.inet_aton(gateway))
+    if oif is not None:
+        body += _rtattr(RTA_OIF, struct.pack("=I", oif))
+    return Packed(msg_type, flags, body)
 
 
 def _decode(cls: type, buf: bytes, off: int, length: int) -> Any:
@@ -147,7 +182,12 @@ class Netlink:
     def close(self) -> None:
         self.sock.close()
 
-    def _encode(self, req: Request, flags: int) -> tuple[int, bytes]:
+    def _encode(self, req: Request | Packed, flags: int) -> tuple[int, bytes]:
+        if isinstance(req, Packed):
+            self._seq += 1
+            header = _HEADER.pack(_HEADER.size + len(req.body), req.msg_type, NLM_F_REQUEST | flags | req.flags,
+                                  self._seq, 0)
+            return self._seq, header + req.body
         cls, msg_type, extra, fields, attrs = req
         msg = cls()
         for key, value in fields.items():
@@ -193,7 +233,7 @@ class Netlink:
             if length:
                 yield buf, off, length
 
-    def batch(self, requests: Sequence[Request]) -> list[int]:
+    def batch(self, requests: Sequence[Request | Packed]) -> list[int]:
         """Send every request with an acknowledgement asked for; the errno of each (0: done)."""
         results = [0] * len(requests)
         first = self._seq + 1

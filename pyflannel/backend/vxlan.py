@@ -23,8 +23,8 @@ from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
 from ..netlink import (CREATE, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
-                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Request, request)
-from .._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
+                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Packed, neighbour_request, request, route_request)
+from .._pyroute2 import ifaddrmsg, ifinfmsg
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 RTPROT_BOOT = 3
 RT_SCOPE_NOWHERE = 255
+RTN_UNICAST = 1
 IFF_UP = 0x1
 MAIN_TABLE = 254
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -235,7 +236,7 @@ class VXLANBackend:
             return public_ip
         return None
 
-    def _add(self, e: Entry) -> list[tuple[str, Request]]:
+    def _add(self, e: Entry) -> list[tuple[str, Packed]]:
         """The requests that program an entry, each with the error text flanneld logs for it."""
         assert self.device is not None
         log.log(V(2), "adding subnet: %s PublicIP: %s VtepMAC: %s", e.subnet, e.public_ip, e.mac)
@@ -248,7 +249,7 @@ class VXLANBackend:
                 ("AddFDB failed", _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, str(e.public_ip), e.mac)),
                 ("failed to add vxlanRoute (%s -> %s)" % (e.subnet, gw), _route(RTM_NEWROUTE, e.subnet, gw, idx))]
 
-    def _remove(self, e: Entry, keep: Entry | None = None) -> list[tuple[str, Request]]:
+    def _remove(self, e: Entry, keep: Entry | None = None) -> list[tuple[str, Packed]]:
         """The requests that delete an entry, except the parts ``keep`` (its replacement) overwrites."""
         assert self.device is not None
         log.log(V(2), "removing subnet: %s PublicIP: %s VtepMAC: %s", e.subnet, e.public_ip, e.mac)
@@ -268,14 +269,14 @@ class VXLANBackend:
             out.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, str(e.public_ip), e.mac)))
         return out
 
-    def _send(self, work: list[tuple[str, Request]]) -> list[bool]:
+    def _send(self, work: list[tuple[str, Packed]]) -> list[bool]:
         """Send requests in one batch; log failures; whether each succeeded (a missing entry is deleted)."""
         if not work:
             return []
         codes = self.nl.batch([req for _, req in work])
         ok = []
         for (what, req), code in zip(work, codes):
-            deleting = req[1] in (RTM_DELNEIGH, RTM_DELROUTE)
+            deleting = req.msg_type in (RTM_DELNEIGH, RTM_DELROUTE)
             if code and not (deleting and code in (errno.ENOENT, errno.ESRCH)):
                 metrics.NETLINK_ERRORS.inc()
                 log.error("%s: %s", what, os.strerror(code).lower())
@@ -304,7 +305,7 @@ class VXLANBackend:
 
     def _program(self, entries: dict[str, Entry]) -> None:
         """Program entries in one batch and record in :attr:`applied` those that succeeded whole."""
-        work: list[tuple[str, Request]] = []
+        work: list[tuple[str, Packed]] = []
         owners: list[str] = []
         for name, e in entries.items():
             requests = self._add(e)
@@ -390,7 +391,7 @@ class VXLANBackend:
         want_fdb = {(e.mac, str(e.public_ip)) for e in tunnel}
         want_routes = {str(e.subnet): (str(e.direct_gw or e.subnet.network_address), e.direct_gw is None)
                        for e in desired.values()}
-        strays: list[tuple[str, Request]] = []
+        strays: list[tuple[str, Packed]] = []
         have_neigh: set[str] = set()
         for n in self.nl.neighbours(socket.AF_INET, idx):
             if not n.state & NUD_PERMANENT or n.dst is None:
@@ -442,29 +443,21 @@ def _keys(e: Entry) -> list[tuple[str, str]]:
     return keys
 
 
-def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str | None) -> Request:
+def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str | None) -> Packed:
     """A permanent neighbour (AF_INET) or FDB entry (AF_BRIDGE, NTF_SELF) on the device."""
-    attrs: list[tuple[str, Any]] = [("NDA_DST", dst)]
-    if mac is not None:
-        attrs.append(("NDA_LLADDR", mac))
-    return request(ndmsg, msg_type, REPLACE if msg_type == RTM_NEWNEIGH else 0,
-                   {"family": family, "ifindex": idx, "state": NUD_PERMANENT,
-                    "flags": NTF_SELF if family == AF_BRIDGE else 0}, attrs)
+    return neighbour_request(msg_type, REPLACE if msg_type == RTM_NEWNEIGH else 0, family, idx, NUD_PERMANENT,
+                             NTF_SELF if family == AF_BRIDGE else 0, dst, mac)
 
 
-def _route(msg_type: int, dst: IPv4Network, gw: IPv4Address | str | None, oif: int | None) -> Request:
-    """A main-table route to ``dst`` via ``gw``: onlink through ``oif`` when given (the tunnel)."""
-    fields: dict[str, Any] = {"family": socket.AF_INET, "dst_len": dst.prefixlen, "table": MAIN_TABLE}
+def _route(msg_type: int, dst: IPv4Network, gw: IPv4Address | str | None, oif: int | None) -> Packed:
+    """A main-table route to ``dst`` via ``gw``: onlink through ``oif`` when given (the tunnel).
+    A new route has protocol boot and universe scope, as flanneld's; a deletion matches any."""
+    gateway = None if gw is None else str(gw)
     if msg_type == RTM_NEWROUTE:
-        fields.update(proto=RTPROT_BOOT, scope=0, type=1, flags=RTNH_F_ONLINK if oif is not None else 0)
-    else:
-        fields.update(scope=RT_SCOPE_NOWHERE)
-    attrs: list[tuple[str, Any]] = [("RTA_DST", str(dst.network_address))]
-    if gw is not None:
-        attrs.append(("RTA_GATEWAY", str(gw)))
-    if oif is not None:
-        attrs.append(("RTA_OIF", oif))
-    return request(rtmsg, msg_type, REPLACE if msg_type == RTM_NEWROUTE else 0, fields, attrs)
+        return route_request(msg_type, REPLACE, str(dst.network_address), dst.prefixlen, gateway, oif, MAIN_TABLE,
+                             RTPROT_BOOT, 0, RTN_UNICAST, RTNH_F_ONLINK if oif is not None else 0)
+    return route_request(msg_type, 0, str(dst.network_address), dst.prefixlen, gateway, oif, MAIN_TABLE, 0,
+                         RT_SCOPE_NOWHERE, 0, 0)
 
 
 def _addr_fields(idx: int, addr: IPv4Interface) -> dict[str, Any]:
