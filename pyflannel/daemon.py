@@ -143,10 +143,7 @@ class Daemon:
         assert cfg.network is not None
         sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.network, self._on_change)
         self._spawn("node-watch", sm.run)
-        try:
-            sm.wait_synced(self.stop)
-        except LeaseError as exc:
-            raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+        sm.fetch_own_node()
         return cfg, sm
 
     def _acquire_lease(self, sm: KubeSubnetManager, backend: VXLANBackend, ext: ip.ExternalInterface) -> Lease | None:
@@ -217,6 +214,12 @@ class Daemon:
             log.warning("Failed to write subnet file: %s", exc)
         log.info("Running backend.")
         log.info("watching for new subnet leases")
+        try:
+            sm.wait_synced(self.stop)  # the other nodes' leases; deciding without them would remove their routes
+        except LeaseError as exc:
+            raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+        if self.stop.is_set():
+            return
         monitor = Monitor()
         self._spawn("kernel-events", lambda stop: monitor.run(stop, self._on_deleted))
         self._take_dirty()

@@ -183,11 +183,13 @@ class KubeClient:
             raise ApiError(resp.status, "invalid JSON from the API server for %s %s" % (method, path))
         return doc
 
-    def list_nodes(self, limit: int, cont: str = "") -> dict[str, Any]:
+    def list_nodes(self, limit: int, cont: str = "", field_selector: str = "") -> dict[str, Any]:
         """One page of the node list."""
         query: dict[str, Any] = {"limit": limit}
         if cont:
             query["continue"] = cont
+        if field_selector:
+            query["fieldSelector"] = field_selector
         return self._call("GET", "/api/v1/nodes", query)
 
     def watch_nodes(self, resource_version: str, timeout_seconds: int) -> Iterator[dict[str, Any]]:

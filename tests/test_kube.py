@@ -252,3 +252,15 @@ def test_api_url_overrides_the_kubeconfig_server(api: FakeKubeAPI, tmp_path: Pat
     api.add_node("n1")
     page = KubeClient(kube_api_url=api.url, kubeconfig_file=str(cfg)).list_nodes(10)
     assert [n["metadata"]["name"] for n in page["items"]] == ["n1"]
+
+
+def test_own_node_is_read_alone_before_the_list(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, _ = manager
+    for i in range(1, 6):
+        api.add_node("k8s%02d" % i, pod_cidr="10.244.%d.0/24" % i)
+    sm.fetch_own_node()
+    assert [p for m, p in api.requests if m == "GET"] == ["/api/v1/nodes?limit=1&fieldSelector=metadata.name%3Dk8s01"]
+    assert sm.own_node() == kube.NodeInfo("k8s01", "10.244.1.0/24", (), {})
+    assert sm.leases() == {} and not sm.synced.is_set()
+    lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+    assert lease.subnet == IPv4Network("10.244.1.0/24")

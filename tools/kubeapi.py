@@ -605,15 +605,22 @@ class FakeKubeAPI:
         except ValueError:
             raise _ApiError(400, "invalid limit: %r" % query["limit"]) from None
         token = query.get("continue")
+        selector = query.get("fieldSelector") or ""
+        if selector and not selector.startswith("metadata.name="):
+            raise _ApiError(400, "field label not supported: %s" % selector.split("=", 1)[0])
         with self._cond:
             if token:
                 rv, start = _decode_continue(token)
             else:
                 rv, start = self._rv, ""
-            first = bisect_left(self._names, start)
-            names = self._names[first:first + limit] if limit > 0 else self._names[first:]
+            if selector:
+                wanted = selector.split("=", 1)[1]
+                first, pool = 0, [wanted] if wanted in self._node_json else []
+            else:
+                first, pool = bisect_left(self._names, start), self._names
+            names = pool[first:first + limit] if limit > 0 else pool[first:]
             items = b",".join([self._node_json[n] for n in names])
-            remaining = len(self._names) - first - len(names)
+            remaining = len(pool) - first - len(names)
         meta: dict[str, Any] = {"resourceVersion": str(rv)}
         if remaining > 0:
             # Like the apiserver, every page reports the first page's RV. Later pages show the

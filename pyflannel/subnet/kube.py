@@ -236,6 +236,23 @@ class KubeSubnetManager:
             stop.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
+    def fetch_own_node(self) -> None:
+        """Read this node alone, so the lease need not wait for the whole node list.
+
+        It is a list with a field selector, which the ``list nodes`` RBAC allows (flannel's
+        manifests grant no ``get nodes``). The list and watch keep the record up to date afterwards.
+        """
+        try:
+            page = self.client.list_nodes(1, field_selector="metadata.name=" + self.node_name)
+        except ApiError as exc:
+            metrics.API_ERRORS.inc()
+            log.warning("Failed to read node %s, waiting for the node list: %s", self.node_name, exc)
+            return
+        with self._lock:
+            if self.node_name not in self._nodes:  # the list may have been quicker
+                for obj in page.get("items") or ():
+                    self._nodes[self.node_name] = node_info(obj, self.prefix)
+
     def wait_synced(self, stop: threading.Event, timeout: float = 600.0) -> None:
         """Block until the first list is in the cache (flanneld waits up to 10 min)."""
         log.info("Waiting %dm%ds for node controller to sync", timeout // 60, timeout % 60)
