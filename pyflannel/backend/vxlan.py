@@ -56,10 +56,11 @@ class Device:
 class Entry:
     """The kernel entries for one remote node: via the tunnel, or direct when ``direct_gw`` is set."""
 
-    subnet: IPv4Network
+    dst: str  # the node's subnet, "10.244.1.0/24"
+    gw: str  # its network address, the neighbour's IP and the tunnel route's gateway
     mac: str
-    public_ip: IPv4Address
-    direct_gw: IPv4Address | None
+    public_ip: str
+    direct_gw: str | None
 
 
 def random_mac() -> str:
@@ -223,13 +224,14 @@ class VXLANBackend:
             log.error("error decoding subnet lease JSON: %s (node %s)", exc, name)
             self._rejected[name] = lease
             return None
-        direct = self._direct_gateway(lease.public_ip) if self.cfg.direct_routing else None
-        return Entry(lease.subnet, mac, lease.public_ip, direct)
+        public_ip = str(lease.public_ip)
+        direct = self._direct_gateway(public_ip) if self.cfg.direct_routing else None
+        return Entry(str(lease.subnet), str(lease.subnet.network_address), mac, public_ip, direct)
 
-    def _direct_gateway(self, public_ip: IPv4Address) -> IPv4Address | None:
+    def _direct_gateway(self, public_ip: str) -> str | None:
         """The public IP when it is on a directly connected subnet (one route, no gateway)."""
         try:
-            routes = self.nl.route_get(str(public_ip))
+            routes = self.nl.route_get(public_ip)
         except OSError:
             return None
         if len(routes) == 1 and not routes[0].get_attr("RTA_GATEWAY"):
@@ -239,34 +241,31 @@ class VXLANBackend:
     def _add(self, e: Entry) -> list[tuple[str, Packed]]:
         """The requests that program an entry, each with the error text flanneld logs for it."""
         assert self.device is not None
-        log.log(V(2), "adding subnet: %s PublicIP: %s VtepMAC: %s", e.subnet, e.public_ip, e.mac)
+        log.log(V(2), "adding subnet: %s PublicIP: %s VtepMAC: %s", e.dst, e.public_ip, e.mac)
         if e.direct_gw is not None:
-            return [("failed to add direct route (%s -> %s)" % (e.subnet, e.direct_gw),
-                     _route(RTM_NEWROUTE, e.subnet, e.direct_gw, None))]
-        gw = e.subnet.network_address
+            return [("failed to add direct route (%s -> %s)" % (e.dst, e.direct_gw),
+                     _route(RTM_NEWROUTE, e.dst, e.direct_gw, None))]
         idx = self.device.index
-        return [("AddARP failed", _neigh(RTM_NEWNEIGH, socket.AF_INET, idx, str(gw), e.mac)),
-                ("AddFDB failed", _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, str(e.public_ip), e.mac)),
-                ("failed to add vxlanRoute (%s -> %s)" % (e.subnet, gw), _route(RTM_NEWROUTE, e.subnet, gw, idx))]
+        return [("AddARP failed", _neigh(RTM_NEWNEIGH, socket.AF_INET, idx, e.gw, e.mac)),
+                ("AddFDB failed", _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)),
+                ("failed to add vxlanRoute (%s -> %s)" % (e.dst, e.gw), _route(RTM_NEWROUTE, e.dst, e.gw, idx))]
 
     def _remove(self, e: Entry, keep: Entry | None = None) -> list[tuple[str, Packed]]:
         """The requests that delete an entry, except the parts ``keep`` (its replacement) overwrites."""
         assert self.device is not None
-        log.log(V(2), "removing subnet: %s PublicIP: %s VtepMAC: %s", e.subnet, e.public_ip, e.mac)
+        log.log(V(2), "removing subnet: %s PublicIP: %s VtepMAC: %s", e.dst, e.public_ip, e.mac)
         if e.direct_gw is not None:
-            if keep is not None and keep.subnet == e.subnet:
+            if keep is not None and keep.dst == e.dst:
                 return []
-            return [("failed to delete direct route (%s -> %s)" % (e.subnet, e.direct_gw),
-                     _route(RTM_DELROUTE, e.subnet, e.direct_gw, None))]
+            return [("failed to delete direct route (%s -> %s)" % (e.dst, e.direct_gw),
+                     _route(RTM_DELROUTE, e.dst, e.direct_gw, None))]
         idx = self.device.index
-        gw = e.subnet.network_address
         out = []
-        if keep is None or keep.direct_gw is not None or keep.subnet != e.subnet:
-            out.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, str(gw), e.mac)))
-            out.append(("failed to delete vxlanRoute (%s -> %s)" % (e.subnet, gw),
-                        _route(RTM_DELROUTE, e.subnet, gw, idx)))
+        if keep is None or keep.direct_gw is not None or keep.dst != e.dst:
+            out.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, e.gw, e.mac)))
+            out.append(("failed to delete vxlanRoute (%s -> %s)" % (e.dst, e.gw), _route(RTM_DELROUTE, e.dst, e.gw, idx)))
         if keep is None or keep.direct_gw is not None or (keep.mac, keep.public_ip) != (e.mac, e.public_ip):
-            out.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, str(e.public_ip), e.mac)))
+            out.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)))
         return out
 
     def _send(self, work: list[tuple[str, Packed]]) -> list[bool]:
@@ -387,10 +386,10 @@ class VXLANBackend:
         assert self.device is not None
         idx = self.device.index
         tunnel = [e for e in desired.values() if e.direct_gw is None]
-        want_neigh = {str(e.subnet.network_address): e.mac for e in tunnel}
-        want_fdb = {(e.mac, str(e.public_ip)) for e in tunnel}
-        want_routes = {str(e.subnet): (str(e.direct_gw or e.subnet.network_address), e.direct_gw is None)
-                       for e in desired.values()}
+        want_neigh = {e.gw: e.mac for e in tunnel}
+        want_fdb = {(e.mac, e.public_ip) for e in tunnel}
+        want_routes = {e.dst: (e.direct_gw or e.gw, e.direct_gw is None) for e in desired.values()}
+        own = str(self.own_subnet)
         strays: list[tuple[str, Packed]] = []
         have_neigh: set[str] = set()
         for n in self.nl.neighbours(socket.AF_INET, idx):
@@ -410,26 +409,23 @@ class VXLANBackend:
                 strays.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, n.dst, n.lladdr)))
         have_routes: set[str] = set()
         for r in self.nl.routes():
-            if r.oif == idx:
-                dst = IPv4Network(r.dst)
-            elif r.oif == self.ext.index and r.gateway is not None and r.proto == RTPROT_BOOT:
+            if r.oif != idx:
+                if r.oif != self.ext.index or r.gateway is None or r.proto != RTPROT_BOOT:
+                    continue
                 dst = IPv4Network(r.dst)  # a DirectRouting route, if it lies within the network
                 if not dst.subnet_of(self.network) or dst == self.network:
                     continue
-            else:
-                continue
             if want_routes.get(r.dst) == (r.gateway, r.oif == idx):
                 have_routes.add(r.dst)
-            elif dst != self.own_subnet:
-                strays.append(("failed to delete vxlanRoute (%s -> %s)" % (dst, r.gateway),
-                               _route(RTM_DELROUTE, dst, r.gateway, r.oif)))
+            elif r.dst != own:
+                strays.append(("failed to delete vxlanRoute (%s -> %s)" % (r.dst, r.gateway),
+                               _route(RTM_DELROUTE, r.dst, r.gateway, r.oif)))
         self._send(strays)
         missing = set()
         for name, e in desired.items():
-            lost = str(e.subnet) not in have_routes
+            lost = e.dst not in have_routes
             if e.direct_gw is None:
-                lost = lost or str(e.subnet.network_address) not in have_neigh or \
-                    (e.mac, str(e.public_ip)) not in have_fdb
+                lost = lost or e.gw not in have_neigh or (e.mac, e.public_ip) not in have_fdb
             if lost:
                 missing.add(name)
         return len(strays), missing
@@ -437,9 +433,9 @@ class VXLANBackend:
 
 def _keys(e: Entry) -> list[tuple[str, str]]:
     """The kernel entries an Entry owns, as :func:`netlink.deletions` names them."""
-    keys = [("route", str(e.subnet))]
+    keys = [("route", e.dst)]
     if e.direct_gw is None:
-        keys += [("neigh", str(e.subnet.network_address)), ("fdb", "%s %s" % (e.mac, e.public_ip))]
+        keys += [("neigh", e.gw), ("fdb", "%s %s" % (e.mac, e.public_ip))]
     return keys
 
 
@@ -449,15 +445,14 @@ def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str | None) -> P
                              NTF_SELF if family == AF_BRIDGE else 0, dst, mac)
 
 
-def _route(msg_type: int, dst: IPv4Network, gw: IPv4Address | str | None, oif: int | None) -> Packed:
-    """A main-table route to ``dst`` via ``gw``: onlink through ``oif`` when given (the tunnel).
-    A new route has protocol boot and universe scope, as flanneld's; a deletion matches any."""
-    gateway = None if gw is None else str(gw)
+def _route(msg_type: int, dst: str, gw: str | None, oif: int | None) -> Packed:
+    """A main-table route to ``dst`` ("a.b.c.d/len") via ``gw``: onlink through ``oif`` when given (the
+    tunnel). A new route has protocol boot and universe scope, as flanneld's; a deletion matches any."""
+    address, _, length = dst.partition("/")
     if msg_type == RTM_NEWROUTE:
-        return route_request(msg_type, REPLACE, str(dst.network_address), dst.prefixlen, gateway, oif, MAIN_TABLE,
-                             RTPROT_BOOT, 0, RTN_UNICAST, RTNH_F_ONLINK if oif is not None else 0)
-    return route_request(msg_type, 0, str(dst.network_address), dst.prefixlen, gateway, oif, MAIN_TABLE, 0,
-                         RT_SCOPE_NOWHERE, 0, 0)
+        return route_request(msg_type, REPLACE, address, int(length), gw, oif, MAIN_TABLE, RTPROT_BOOT, 0,
+                             RTN_UNICAST, RTNH_F_ONLINK if oif is not None else 0)
+    return route_request(msg_type, 0, address, int(length), gw, oif, MAIN_TABLE, 0, RT_SCOPE_NOWHERE, 0, 0)
 
 
 def _addr_fields(idx: int, addr: IPv4Interface) -> dict[str, Any]:
