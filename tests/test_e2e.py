@@ -321,3 +321,39 @@ def test_health_and_metrics_endpoints(cluster: Cluster) -> None:
     assert metric(text, 'pyflannel_lease_events_total{type="removed"}') >= 1
     assert metric(text, "pyflannel_iptables_resyncs_total") >= 1
     assert metric(text, "pyflannel_datapath_reconciles_total") >= 1
+
+
+def test_a_node_set_up_as_flanneld_does_interoperates(cluster: Cluster) -> None:
+    """A rolling migration: a node whose state is what flanneld v0.20.2 writes (spec §10), made here with
+    iproute2 and a node-status patch, and pyflannel nodes reach each other's pods."""
+    n1, n2, n3 = base_nodes(cluster)
+    fl = cluster.add_node("k8s07")
+    subnet = IPv4Network(cluster.api.get_node("k8s07")["spec"]["podCIDR"])
+    gw = str(subnet.network_address)
+    mac = "6e:4b:3c:91:a2:10"
+    for cmd in (f"ip link add flannel.1 address {mac} type vxlan id 1 local {fl.ip} dev eth1 nolearning",
+                f"ip addr add {gw}/32 dev flannel.1", "ip link set flannel.1 up"):
+        Cluster.ns_run(fl.netns, *cmd.split())
+    for peer in (n1, n2, n3):
+        ann = cluster.api.get_node(peer.name)["metadata"]["annotations"]
+        peer_mac = json.loads(ann[PREFIX + "backend-data"])["VtepMAC"]
+        peer_net = IPv4Network(cluster.api.get_node(peer.name)["spec"]["podCIDR"])
+        peer_gw = str(peer_net.network_address)
+        for cmd in (f"ip neigh replace {peer_gw} lladdr {peer_mac} dev flannel.1 nud permanent",
+                    f"bridge fdb replace {peer_mac} dev flannel.1 dst {peer.ip} self permanent",
+                    f"ip route replace {peer_net} via {peer_gw} dev flannel.1 onlink"):
+            Cluster.ns_run(fl.netns, *cmd.split())
+    fl.subnet_file.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=%s/%d\nFLANNEL_MTU=1450\n"
+                              "FLANNEL_IPMASQ=true\n" % (subnet.network_address + 1, subnet.prefixlen))
+    # flanneld's patch of nodes/<name>/status, byte for byte as in spec §3.2.
+    cluster.api.patch_node("k8s07", {"metadata": {"annotations": {
+        PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"%s"}' % mac, PREFIX + "backend-type": "vxlan",
+        PREFIX + "kube-subnet-manager": "true", PREFIX + "public-ip": fl.ip}}})
+    pod = cluster.add_pod(fl, "pod7")
+    try:
+        for node in (n1, n2, n3):
+            wait_datapath(cluster, node, [o for o in (n1, n2, n3, fl) if o is not node])
+            assert cluster.ping(pod, node.pods[0].ip, count=2), "flanneld-style pod cannot reach %s" % node.name
+            assert cluster.ping(node.pods[0], pod.ip, count=2)
+    finally:
+        cluster.api.delete_node("k8s07")
