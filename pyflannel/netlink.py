@@ -68,7 +68,8 @@ Deletion = tuple[str, int, str]
 """What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst") or ("route", table, "dst/len")."""
 
 
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+def parse_attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+    """The rtattrs from ``off`` to ``end`` in ``buf``, by type."""
     out = {}
     while off + 4 <= end:
         length, kind = _RTATTR.unpack_from(buf, off)
@@ -140,16 +141,18 @@ class Route:
     table: int
 
 
-def _neighbour(buf: bytes, body: int, end: int) -> Neighbour:
+def parse_neighbour(buf: bytes, body: int, end: int) -> Neighbour:
+    """An ndmsg whose body runs from ``body`` to ``end`` in ``buf``."""
     family, ifindex, state, _, _ = _NDMSG.unpack_from(buf, body)
-    a = _attrs(buf, body + _NDMSG.size, end)
+    a = parse_attrs(buf, body + _NDMSG.size, end)
     mac = a.get(NDA_LLADDR)
     return Neighbour(family, ifindex, state, _ip(a.get(NDA_DST)), _mac(mac) if mac else None)
 
 
-def _route(buf: bytes, body: int, end: int) -> Route:
+def parse_route(buf: bytes, body: int, end: int) -> Route:
+    """An IPv4 rtmsg whose body runs from ``body`` to ``end`` in ``buf``."""
     _, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
-    a = _attrs(buf, body + _RTMSG.size, end)
+    a = parse_attrs(buf, body + _RTMSG.size, end)
     if RTA_TABLE in a:
         table = struct.unpack("=I", a[RTA_TABLE])[0]
     oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
@@ -287,7 +290,7 @@ class Netlink:
         found = []
         for buf, off, length in self._answer(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}),
                                              NLM_F_DUMP):
-            r = _route(buf, off + _HEADER.size, off + length)
+            r = parse_route(buf, off + _HEADER.size, off + length)
             if r.table == table:
                 found.append(r)
         return found
@@ -301,7 +304,7 @@ class Netlink:
         """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries of one link, read as :meth:`routes` are."""
         found = []
         for buf, off, length in self._answer(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), NLM_F_DUMP):
-            n = _neighbour(buf, off + _HEADER.size, off + length)
+            n = parse_neighbour(buf, off + _HEADER.size, off + length)
             if n.ifindex == index:
                 found.append(n)
         return found
@@ -320,13 +323,13 @@ def deletions(buf: bytes) -> list[Deletion]:
             break
         body, end = off + _HEADER.size, off + length
         if msg_type == RTM_DELNEIGH:
-            n = _neighbour(buf, body, end)
+            n = parse_neighbour(buf, body, end)
             if n.family == socket.AF_INET and n.dst:
                 out.append(("neigh", n.ifindex, n.dst))
             elif n.family == AF_BRIDGE and n.dst and n.lladdr:
                 out.append(("fdb", n.ifindex, "%s %s" % (n.lladdr, n.dst)))
         elif msg_type == RTM_DELROUTE and _RTMSG.unpack_from(buf, body)[0] == socket.AF_INET:
-            r = _route(buf, body, end)
+            r = parse_route(buf, body, end)
             out.append(("route", r.table, r.dst))
         off += (length + 3) & ~3
     return out

@@ -1,0 +1,1 @@
+"""Benchmarks of pyflannel's footprint: ``python -m bench.footprint --help``."""

@@ -1,0 +1,31 @@
+"""The footprint bench runs and prints its tables (on a small N; benchmarks are not tests, so no timings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import needs_netns
+from tools.netcluster import REPO
+
+pytestmark = [needs_netns, pytest.mark.netns]
+
+
+def test_footprint_bench_runs_and_prints_its_tables() -> None:
+    cmd = [sys.executable, "-m", "bench.footprint", "--nodes", "1,5", "--runs", "1", "--limits", "off",
+           "--settle", "0.5", "--churn", "--churn-nodes", "20", "--churn-seconds", "2",
+           "--idle", "--idle-nodes", "5", "--idle-seconds", "1"]
+    res = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for heading in ("- command: `python -m bench.footprint --nodes 1,5", "- machine: nproc", "daemon command line:",
+                    "## Start-up (median of 1)", "## Churn: 20 nodes", "## Idle: 5 nodes",
+                    "## Reference: flanneld v0.20.2"):
+        assert heading in out, out
+    startup = out.split("## Start-up")[1].split("##")[0]
+    rows = [line for line in startup.splitlines() if line.startswith("| 1 ") or line.startswith("| 5 ")]
+    assert len(rows) == 2 and all("| off " in row for row in rows), out
+    churn = out.split("## Churn")[1].split("##")[0]
+    assert "| off " in churn, out
