@@ -97,7 +97,7 @@ class VXLANBackend:
         self.own_subnet: IPv4Network | None = None
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
         self._keys: dict[tuple[str, str], str] = {}  # each kernel entry of `applied` -> its node
-        self._rejected: dict[str, Lease] = {}  # leases already reported as unusable
+        self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
         log.info("VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s", cfg.vni, cfg.port,
                  str(cfg.gbp).lower(), str(cfg.learning).lower(), str(cfg.direct_routing).lower())
 
@@ -205,15 +205,21 @@ class VXLANBackend:
     # -- per-node entries -------------------------------------------------------------------------
 
     def _entry(self, name: str, lease: Lease | None) -> Entry | None:
-        """The entries a lease asks for, or None; an unusable lease is logged once."""
-        if lease is None or lease.subnet == self.own_subnet:
+        """The entries a lease asks for, or None. Remembered per lease, so an unusable lease is
+        logged once and a reconcile does not decode every lease again."""
+        if lease is None:
+            self._built.pop(name, None)
             return None
-        if self._rejected.get(name) == lease:
+        built = self._built.get(name)
+        if built is None or built[0] != lease:
+            built = self._built[name] = (lease, self._build(name, lease))
+        return built[1]
+
+    def _build(self, name: str, lease: Lease) -> Entry | None:
+        if lease.subnet == self.own_subnet:
             return None
-        self._rejected.pop(name, None)
         if lease.backend_type != "vxlan":
             log.warning("ignoring non-vxlan v4Subnet(%s) v6Subnet(<nil>): type=%s", lease.subnet, lease.backend_type)
-            self._rejected[name] = lease
             return None
         try:
             data = json.loads(lease.backend_data)
@@ -222,7 +228,6 @@ class VXLANBackend:
                 raise ValueError("invalid MAC address %r" % data["VtepMAC"])
         except (ValueError, KeyError, TypeError) as exc:
             log.error("error decoding subnet lease JSON: %s (node %s)", exc, name)
-            self._rejected[name] = lease
             return None
         public_ip = str(lease.public_ip)
         direct = self._direct_gateway(public_ip) if self.cfg.direct_routing else None
@@ -356,6 +361,8 @@ class VXLANBackend:
         programmed once and had gone missing.
         """
         metrics.RECONCILES.inc()
+        for name in [n for n in self._built if n not in leases]:
+            del self._built[name]
         desired = {}
         for name, lease in leases.items():
             e = self._entry(name, lease)
