@@ -139,8 +139,9 @@ class Daemon:
             client = KubeClient(opts.kube_api_url, opts.kubeconfig_file)
         except ApiError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+        if cfg.network is None or cfg.vxlan is None:
+            raise Fatal("Failed to create SubnetManager: pyflannel needs an IPv4 Network and the vxlan backend")
         node = self._node_name(client)
-        assert cfg.network is not None
         sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.network, self._on_change)
         self._spawn("node-watch", sm.run)
         sm.fetch_own_node()
@@ -174,6 +175,8 @@ class Daemon:
                         "run with --kube-subnet-mgr")
         cfg, sm = self._subnet_manager()
         self.sm = sm
+        network, vxlan_cfg = cfg.network, cfg.vxlan
+        assert network is not None and vxlan_cfg is not None  # checked by _subnet_manager
         if self.stop.is_set():
             return
         log.info("Created subnet manager: %s", sm.name)
@@ -185,7 +188,7 @@ class Daemon:
         except ip.InterfaceError as exc:
             raise Fatal(str(exc)) from exc
         self.ext = ext
-        backend = VXLANBackend(nl, cfg.vxlan, ext, cfg.network)
+        backend = VXLANBackend(nl, vxlan_cfg, ext, network)
         self.backend = backend
         own = sm.own_node()
         try:
@@ -204,9 +207,9 @@ class Daemon:
 
         prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file)
         if opts.ip_masq or opts.iptables_forward_rules:
-            self.iptables = IPTablesManager(cfg.network, lease.subnet, prev_network, prev_subnet, opts.ip_masq,
+            self.iptables = IPTablesManager(network, lease.subnet, prev_network, prev_subnet, opts.ip_masq,
                                             opts.iptables_forward_rules, opts.iptables_resync)
-        env = subnetfile.SubnetEnv(cfg.network, lease.subnet, backend.mtu, opts.ip_masq)
+        env = subnetfile.SubnetEnv(network, lease.subnet, backend.mtu, opts.ip_masq)
         try:
             subnetfile.write(opts.subnet_file, env)
             log.info("Wrote subnet file to %s", opts.subnet_file)

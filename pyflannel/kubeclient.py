@@ -76,7 +76,7 @@ def _kubeconfig(path: str) -> tuple[str, ssl.SSLContext | None, Callable[[], str
     from kubernetes.config.kube_config import load_kube_config
 
     cfg = Configuration()
-    load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+    load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)  # type: ignore[no-untyped-call]
     ctx = None
     if cfg.host.startswith("https"):
         ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
@@ -88,7 +88,8 @@ def _kubeconfig(path: str) -> tuple[str, ssl.SSLContext | None, Callable[[], str
 
     def auth() -> str:
         # The client's refresh hook renews expiring tokens (exec plugins, OIDC) on this call.
-        return (cfg.auth_settings().get("BearerToken") or {}).get("value") or ""
+        settings: dict[str, Any] = dict(cfg.auth_settings())
+        return str((settings.get("BearerToken") or {}).get("value") or "")
 
     return cfg.host, ctx, auth
 

@@ -166,6 +166,8 @@ class VXLANBackend:
             link = nl.link(name=self.name)
         except OSError as exc:
             raise DeviceError(_errstr(exc)) from exc
+        if link is None:
+            raise DeviceError("%s vanished right after it was created" % self.name)
         try:
             with open("/proc/sys/net/ipv6/conf/%s/accept_ra" % self.name, "w") as f:
                 f.write("0")
