@@ -122,8 +122,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             c.wait_ready(c.nodes[name])
         yield c
     except BaseException:
-        for node in c.nodes.values():
-            print("---- %s ----\n%s" % (node.name, node.log()))
+        print(c.logs())
         raise
     finally:
         c.close()

@@ -65,8 +65,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             c.add_pod(node, "pod%d" % (i + 1))
         yield c
     except BaseException:
-        for node in c.nodes.values():
-            print("---- %s ----\n%s" % (node.name, node.log()))
+        print(c.logs())
         raise
     finally:
         c.close()

@@ -51,8 +51,7 @@ def main() -> int:
             for node in nodes:
                 cluster.wait_ready(node)
         except Exception:
-            for node in nodes:
-                print("---- %s log ----\n%s" % (node.name, node.log()))
+            print(cluster.logs())
             raise
         pods = [cluster.add_pod(node, "pod%d" % (i + 1)) for i, node in enumerate(nodes)]
         print("Pods: " + ", ".join("%s on %s at %s" % (p.name, p.node.name, p.ip) for p in pods))

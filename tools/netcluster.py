@@ -270,6 +270,10 @@ class Cluster:
                           timeout=count * timeout + 5)
         return res.returncode == 0
 
+    def logs(self) -> str:
+        """Every node's daemon log, for a failure report."""
+        return "".join("---- %s ----\n%s" % (node.name, node.log()) for node in self.nodes.values())
+
     # -- cleanup ------------------------------------------------------------------------------------
 
     def close(self) -> None:
