@@ -26,7 +26,7 @@ from .annotations import AnnotationKeys
 
 log = logging.getLogger(__name__)
 
-LIST_PAGE_SIZE = 100  # a page of kubelet-sized nodes is ~1.2 MB of JSON, ~4 MB once parsed
+LIST_PAGE_SIZE = 100  # a page of kubelet-sized nodes is ~1.2 MB of JSON, ~3.4 MB once parsed
 WATCH_TIMEOUT_RANGE = (300, 600)  # seconds, spread like client-go's reflector
 MAX_BACKOFF = 30.0
 
