@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import __version__, flags, log
+from . import flags, log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,17 +15,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import diagnose
 
         return diagnose.main(args[1:], os.environ)
-    try:
-        opts = flags.parse(args, os.environ)
-    except flags.HelpRequested:
-        print(flags.usage(), file=sys.stderr)
-        return 0
-    except flags.FlagError as exc:
-        print("pyflannel: %s (see --help)" % exc, file=sys.stderr)
-        return 2
-    if opts.version:
-        print(__version__, file=sys.stderr)
-        return 0
+    opts = flags.parse_or_exit_code(args, os.environ, "pyflannel")
+    if isinstance(opts, int):
+        return opts
     log.setup(opts.v, opts.log_format)
     from .daemon import main as run
 

@@ -21,7 +21,7 @@ from functools import cached_property
 from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
-from . import __version__, flags, ip, subnetfile
+from . import flags, ip, subnetfile
 from .backend.vxlan import OVERHEAD
 from .config import Config, ConfigError, VXLANConfig, load
 from .kubeclient import ApiError, KubeClient
@@ -845,19 +845,10 @@ def run(ctx: Context, out: TextIO) -> int:
 
 def main(argv: list[str], environ: Mapping[str, str], proc: str = "/proc", out: TextIO | None = None) -> int:
     """``pyflannel diagnose [flags]``: 0 if every check passed, 1 if any problem was found, 2 on bad flags."""
-    try:
-        opts = flags.parse(argv, environ)
-    except flags.HelpRequested:
-        usage = flags.usage().split("\n", 1)[1]
-        print("Usage: pyflannel diagnose [OPTION]...\nChecks this node and the cluster with the daemon's flags; "
-              "changes nothing.\n" + usage, file=sys.stderr)
-        return 0
-    except flags.FlagError as exc:
-        print("pyflannel diagnose: %s (see --help)" % exc, file=sys.stderr)
-        return 2
-    if opts.version:
-        print(__version__, file=sys.stderr)
-        return 0
+    opts = flags.parse_or_exit_code(argv, environ, "pyflannel diagnose",
+                                    "Checks this node and the cluster with the daemon's flags; changes nothing.")
+    if isinstance(opts, int):
+        return opts
     ctx = Context(opts, environ, proc)
     try:
         return 1 if run(ctx, out or sys.stdout) else 0

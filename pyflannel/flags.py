@@ -9,9 +9,12 @@ flags, and integers are read like Go's ``strconv.ParseInt(s, 0, 64)`` (``0x1f``,
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from . import __version__
 
 __all__ = ["FlagError", "HelpRequested", "Options", "describe", "parse", "usage"]
 
@@ -458,3 +461,20 @@ def describe(opts: Options) -> str:
             value = "********"
         parts.append("%s:%s" % (go_name, _go_format(value)))
     return "{" + " ".join(parts) + "}"
+
+
+def parse_or_exit_code(argv: list[str], environ: Mapping[str, str], program: str, about: str = "") -> Options | int:
+    """Options, or after ``--help``, ``--version`` or a bad flag, the exit code (the text is on stderr)."""
+    try:
+        opts = parse(argv, environ)
+    except HelpRequested:
+        flag_lines = usage().partition("\n")[2]
+        print("Usage: %s [OPTION]...\n%s%s" % (program, about + "\n" if about else "", flag_lines), file=sys.stderr)
+        return 0
+    except FlagError as exc:
+        print("%s: %s (see --help)" % (program, exc), file=sys.stderr)
+        return 2
+    if opts.version:
+        print(__version__, file=sys.stderr)
+        return 0
+    return opts

@@ -109,8 +109,7 @@ def test_bad_flags_exit_2() -> None:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """k8s01 and k8s02 run pyflannel; k8s03 is a node namespace without a daemon, with the annotations
     and subnet.env a daemon would have written (but no flannel.1 yet)."""
-    c = Cluster(tmp_path_factory.mktemp("diagnose"), network=NETWORK)
-    try:
+    with Cluster(tmp_path_factory.mktemp("diagnose"), network=NETWORK) as c:
         for name in ("k8s01", "k8s02"):
             c.start(c.add_node(name))
         n3 = c.add_node("k8s03")
@@ -121,11 +120,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for name in ("k8s01", "k8s02"):
             c.wait_ready(c.nodes[name])
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
 
 
 def run_diagnose(cluster: Cluster, node: Node, *extra: str, iface: str = "eth1", subnet_file: str | Path | None = None,

@@ -55,8 +55,7 @@ def iptables_save(node: Node) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
+    with Cluster(tmp_path_factory.mktemp("cluster")) as c:
         for name in ("k8s01", "k8s02", "k8s03"):
             c.start(c.add_node(name))
         for node in c.nodes.values():
@@ -64,11 +63,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for i, node in enumerate(list(c.nodes.values())):
             c.add_pod(node, "pod%d" % (i + 1))
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
 
 
 def base_nodes(cluster: Cluster) -> list[Node]:

@@ -47,12 +47,8 @@ def main() -> int:
         nodes = [cluster.add_node("k8s%02d" % (i + 1)) for i in range(args.nodes)]
         for node in nodes:
             cluster.start(node)
-        try:
-            for node in nodes:
-                cluster.wait_ready(node)
-        except Exception:
-            print(cluster.logs())
-            raise
+        for node in nodes:
+            cluster.wait_ready(node)
         pods = [cluster.add_pod(node, "pod%d" % (i + 1)) for i, node in enumerate(nodes)]
         print("Pods: " + ", ".join("%s on %s at %s" % (p.name, p.node.name, p.ip) for p in pods))
         print()

@@ -294,5 +294,7 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None and self.nodes:
+            print(self.logs(), file=sys.stderr)  # what the daemons said before it went wrong
         self.close()
