@@ -350,3 +350,21 @@ def test_a_node_set_up_as_flanneld_does_interoperates(cluster: Cluster) -> None:
             assert cluster.ping(node.pods[0], pod.ip, count=2)
     finally:
         cluster.api.delete_node("k8s07")
+
+
+def test_incompatible_device_is_recreated_with_the_advertised_mac(cluster: Cluster) -> None:
+    n1, n2, n3 = base_nodes(cluster)
+    mac = json.loads(cluster.api.get_node("k8s02")["metadata"]["annotations"][PREFIX + "backend-data"])["VtepMAC"]
+    cluster.stop(n2)
+    Cluster.ns_run(n2.netns, "ip", "link", "del", "flannel.1")
+    Cluster.ns_run(n2.netns, "ip", "link", "add", "flannel.1", "type", "vxlan", "id", "2", "local", n2.ip,
+                   "dev", "eth1", "dstport", "8472")
+    cluster.start(n2)
+    cluster.wait_ready(n2)
+    assert '"flannel.1" already exists with incompatible configuration: vni: 2 vs 1; recreating device' in n2.log()
+    link = ip_json(n2, "ip", "-j", "-d", "link", "show", "flannel.1")[0]
+    assert link["linkinfo"]["info_data"]["id"] == 1
+    assert link["address"] == mac, "a re-created device keeps the MAC the other nodes know"
+    wait_datapath(cluster, n2, [n1, n3])
+    assert cluster.ping(n2.pods[0], n1.pods[0].ip, count=2)
+    assert cluster.ping(n3.pods[0], n2.pods[0].ip, count=2)
