@@ -60,8 +60,9 @@ def node_to_lease(node: NodeInfo, keys: AnnotationKeys) -> Lease:
         public_ip = IPv4Address(node.annotations.get(keys.backend_public_ip, ""))
     except ValueError:
         raise ValueError("Invalid IP address format") from None
-    log.log(V(2), "Creating the node lease for IPv4. This is the n.Spec.PodCIDRs: [%s]",
-            " ".join(node.pod_cidrs or (node.pod_cidr,)))
+    if log.isEnabledFor(V(2)):
+        log.log(V(2), "Creating the node lease for IPv4. This is the n.Spec.PodCIDRs: [%s]",
+                " ".join(node.pod_cidrs or (node.pod_cidr,)))
     cidr = node.pod_cidr
     if node.pod_cidrs:
         cidr = next((c for c in node.pod_cidrs if ":" not in c), "")
