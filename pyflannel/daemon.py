@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -225,6 +226,7 @@ class Daemon:
             return
         self._take_dirty()
         backend.reconcile(sm.leases())
+        gc.freeze()  # the node cache and kernel entries live on: later collections need not scan them
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
         monitor = Monitor()
