@@ -56,7 +56,6 @@ class Daemon:
         self.lease: Lease | None = None
         self.ext: ip.ExternalInterface | None = None
         self._warned_subnet: IPv4Network | None = None
-        self._threads: list[threading.Thread] = []
 
     # -- signals and readiness -----------------------------------------------------------------------
 
@@ -105,9 +104,7 @@ class Daemon:
         return dirty, deleted
 
     def _spawn(self, name: str, target: Any) -> None:
-        t = threading.Thread(target=target, args=(self.stop,), name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+        threading.Thread(target=target, args=(self.stop,), name=name, daemon=True).start()
 
     # -- start-up ------------------------------------------------------------------------------------
 
