@@ -300,8 +300,10 @@ class KubeClient:
                 try:
                     line = resp.readline()
                 except TimeoutError as exc:
+                    self._drop_idle()
                     raise ApiError(0, "watch of nodes: no event or bookmark for %ds" % WATCH_READ_TIMEOUT) from exc
                 except (OSError, http.client.HTTPException) as exc:
+                    self._drop_idle()
                     raise ApiError(0, "watch of nodes: %s" % exc) from exc
                 if not line:
                     return
