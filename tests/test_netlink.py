@@ -50,7 +50,7 @@ class DumpSocket:
 
 def test_an_interrupted_dump_is_read_again() -> None:
     sock = DumpSocket([([2, 3, 9], True), ([2, 3], False)])
-    nl = Netlink(sock)  # type: ignore[arg-type]
+    nl = Netlink(sock)
     assert [r.dst for r in nl.routes()] == ["10.244.2.0/24", "10.244.3.0/24"]
     assert sock.sent == 2
 
@@ -58,7 +58,7 @@ def test_an_interrupted_dump_is_read_again() -> None:
 def test_a_dump_interrupted_every_time_is_an_error() -> None:
     sock = DumpSocket([([2], True)])
     with pytest.raises(DumpInterrupted):
-        Netlink(sock).routes()  # type: ignore[arg-type]
+        Netlink(sock).routes()
     assert sock.sent == DUMP_ATTEMPTS
 
 

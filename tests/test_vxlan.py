@@ -9,6 +9,7 @@ import pytest
 
 from pyflannel.backend.vxlan import (VXLANBackend, VXLANLink, backend_data, device_attributes, device_name,
                                      incompatibility, read_link)
+from pyflannel import ip
 from pyflannel.config import VXLANConfig
 from pyflannel.ip import ExternalInterface
 from pyflannel.lease import Lease
@@ -37,7 +38,8 @@ def node(cfg: VXLANConfig | None = None) -> tuple[FakeNetlink, VXLANBackend]:
     nl = FakeNetlink()
     eth1 = nl.ip_link_add("eth1")
     nl.ip_addr_add("eth1", "192.168.56.11/24")
-    ext = ExternalInterface("eth1", eth1.index, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
+    ext = ip.select(nl, ["eth1"], [], "", "")  # the daemon's own look-up, on the fake
+    assert ext == ExternalInterface("eth1", eth1.index, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
     return nl, VXLANBackend(nl, cfg or VXLANConfig(), ext, NETWORK)
 
 
