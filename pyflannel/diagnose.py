@@ -22,8 +22,7 @@ from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
 from . import flags, ip, subnetfile
-from .backend.vxlan import OVERHEAD
-from .config import Config, ConfigError, VXLANConfig, load
+from .config import OVERHEAD, Config, ConfigError, VXLANConfig, load
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError

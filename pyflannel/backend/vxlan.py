@@ -36,7 +36,6 @@ RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
 IFF_UP = 0x1
 MAIN_TABLE = 254
-OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
 
 class DeviceError(Exception):
@@ -103,8 +102,8 @@ class VXLANBackend:
 
     @property
     def mtu(self) -> int:
-        """The MTU pods get: the external interface's less the VXLAN overhead."""
-        return self.ext.mtu - OVERHEAD
+        """The MTU of the device and the pods: net-conf's MTU (default: the external interface's) less the overhead."""
+        return self.cfg.device_mtu(self.ext.mtu)
 
     # -- the device --------------------------------------------------------------------------------
 
@@ -160,7 +159,7 @@ class VXLANBackend:
             if self.cfg.gbp:
                 data.append(("IFLA_VXLAN_GBP", True))
             nl.call(request(ifinfmsg, RTM_NEWLINK, CREATE, attrs=[
-                ("IFLA_IFNAME", self.name), ("IFLA_ADDRESS", mac_hint or random_mac()),
+                ("IFLA_IFNAME", self.name), ("IFLA_ADDRESS", mac_hint or random_mac()), ("IFLA_MTU", self.mtu),
                 ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]}),
             ]))
             link = nl.link(name=self.name)
