@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
-__all__ = ["OVERHEAD", "SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "check_supported", "load",
-           "parse"]
+__all__ = ["OVERHEAD", "SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "check_supported",
+           "default_subnet_len", "load", "parse"]
 
 SUPPORTED_BACKENDS = ("vxlan",)
 OVERHEAD = 50  # VXLAN over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -24,6 +24,11 @@ MIN_MTU, MAX_MTU = 68 + OVERHEAD, 65535  # the device's MTU must be at least IPv
 
 class ConfigError(ValueError):
     """net-conf.json could not be read, parsed or validated; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        # Values are quoted as given (flanneld's texts); a newline in one must not split the log line.
+        super().__init__("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                                 for c in message))
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,15 @@ _V6 = _Family("IPv6Network", "IPv6SubnetMin", "IPv6SubnetMax", 126, 64,
               "IPv6Network is too small. Minimum useful network prefix is /124")
 
 
+def default_subnet_len(network: IPv4Network | IPv6Network) -> int:
+    """CheckNetworkConfig's subnet length when SubnetLen is not given: 24 (IPv6: 64), or the
+    network's prefix + 2 in small networks; raises ConfigError when the network is too small."""
+    fam = _V4 if network.version == 4 else _V6
+    if network.prefixlen > fam.max_subnet_len - 2:
+        raise ConfigError(fam.too_small)
+    return max(fam.default_subnet_len, network.prefixlen + 2)
+
+
 def _derive(fam: _Family, net: IPv4Network | IPv6Network, subnet_len: int,
             lo: IPv4Address | IPv6Address | None,
             hi: IPv4Address | IPv6Address | None) -> tuple[int, Any, Any]:
@@ -239,12 +253,11 @@ def _derive(fam: _Family, net: IPv4Network | IPv6Network, subnet_len: int,
             raise _FieldError("SubnetLen must be less than /%d" % (fam.max_subnet_len + 1))
         if subnet_len < net.prefixlen + 2:
             raise _FieldError("network must be able to accommodate at least four subnets")
-    elif net.prefixlen > fam.max_subnet_len - 2:
-        raise _FieldError(fam.too_small)
-    elif net.prefixlen <= fam.default_subnet_len - 2:
-        subnet_len = fam.default_subnet_len
     else:
-        subnet_len = net.prefixlen + 2
+        try:
+            subnet_len = default_subnet_len(net)
+        except ConfigError as exc:
+            raise _FieldError(str(exc)) from None
     size = 1 << (net.max_prefixlen - subnet_len)
     first = net.network_address
     if lo is None or int(lo) == 0:
@@ -329,11 +342,13 @@ def _build(doc: Any, kube: bool) -> Config:
 
 
 def _parse(text: str, kube: bool, source: str | None) -> Config:
+    where = source + ": " if source else ""
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        where = source + ": " if source else ""
         raise ConfigError("error parsing subnet config: %s%s" % (where, exc)) from None
+    except RecursionError:
+        raise ConfigError("error parsing subnet config: %sarrays or objects nested too deeply" % where) from None
     try:
         return _build(doc, kube)
     except _FieldError as exc:

@@ -22,7 +22,7 @@ from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
 from . import flags, ip, subnetfile
-from .config import OVERHEAD, Config, ConfigError, VXLANConfig, load
+from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_len, load
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError
@@ -255,7 +255,10 @@ def _pod_cidr(node: NodeInfo) -> str:
 
 def _free_subnet(network: IPv4Network, used: list[IPv4Network]) -> IPv4Network | None:
     """The first node-sized subnet of ``network`` (/24, or prefix+2 in small networks) no node uses."""
-    prefix = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    try:
+        prefix = default_subnet_len(network)
+    except ConfigError:
+        return None
     size = 1 << (32 - prefix)
     start = int(network.network_address)
     for net in sorted(used, key=lambda n: int(n.network_address)):

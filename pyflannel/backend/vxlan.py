@@ -225,9 +225,10 @@ class VXLANBackend:
         try:
             data = json.loads(lease.backend_data)
             mac = str(data["VtepMAC"]).lower()
-            if len(bytes.fromhex(mac.replace(":", ""))) != 6 or mac.count(":") != 5:
+            raw = bytes.fromhex(mac.replace(":", ""))
+            if len(raw) != 6 or ":".join("%02x" % b for b in raw) != mac:
                 raise ValueError("invalid MAC address %r" % data["VtepMAC"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             log.error("error decoding subnet lease JSON: %s (node %s)", exc, name)
             return None
         public_ip = str(lease.public_ip)
