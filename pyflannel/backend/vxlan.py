@@ -99,6 +99,9 @@ class VXLANBackend:
         self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
         log.info("VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s", cfg.vni, cfg.port,
                  str(cfg.gbp).lower(), str(cfg.learning).lower(), str(cfg.direct_routing).lower())
+        if cfg.mtu > ext.mtu:
+            log.warning("MTU %d in net-conf.json's Backend is more than %s's MTU %d allows; the device and the pods "
+                        "get %d", cfg.mtu, ext.name, ext.mtu, self.mtu)
 
     @property
     def mtu(self) -> int:
