@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 
 from pyflannel.config import Config, ConfigError, VXLANConfig, check_supported, load, parse
+from tests.conftest import needs_netns
 
 VXLAN = {"Type": "vxlan"}
 
@@ -145,6 +149,46 @@ def test_vxlan_mtu_range(kube: bool) -> None:
 ])
 def test_vxlan_device_mtu(mtu: int, iface_mtu: int, device_mtu: int) -> None:
     assert VXLANConfig(mtu=mtu).device_mtu(iface_mtu) == device_mtu
+
+
+MTU_PROBE = r"""
+import json, subprocess, sys
+from ipaddress import IPv4Address, IPv4Network
+from pyflannel.backend.vxlan import VXLANBackend
+from pyflannel.config import VXLANConfig
+from pyflannel.ip import ExternalInterface
+from pyflannel.netlink import Netlink
+
+subprocess.run("ip link add eth1 type veth peer name eth1p".split(), check=True)
+subprocess.run("ip addr add 192.168.56.11/24 dev eth1".split(), check=True)
+nl = Netlink()
+addr = IPv4Address("192.168.56.11")
+ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, addr, addr)
+out = []
+for mtu in json.loads(sys.argv[1]):
+    backend = VXLANBackend(nl, VXLANConfig(mtu=mtu), ext, IPv4Network("10.244.0.0/16"))
+    device = backend.create_device()
+    out.append([backend.mtu, nl.link(name=device.name).get_attr("IFLA_MTU")])
+    subprocess.run(["ip", "link", "del", device.name], check=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+@needs_netns
+def test_vxlan_mtu_reaches_the_device_and_subnet_env_alike() -> None:
+    """The MTU pyflannel writes to subnet.env (backend.mtu) is the device's, as the kernel made it."""
+    ns = "pfcf" + secrets.token_hex(2)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", MTU_PROBE, "[1400, 0, 9000, 1500]"],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=30)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [[1350, 1350], [1450, 1450], [1450, 1450], [1450, 1450]]
+    assert "MTU 9000 in net-conf.json's Backend is more than eth1's MTU 1500 allows; the device and the pods get " \
+           "1450" in res.stderr
 
 
 def test_multi_network_and_nftables_keys_are_parsed() -> None:
