@@ -11,14 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyflannel import diagnose, log
-from pyflannel.backend.vxlan import Device, VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANBackend, backend_data
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
                               default_subnet_len, parse)
 from pyflannel.flags import _FLAGS, FlagError, HelpRequested, Options, describe
 from pyflannel.flags import parse as parse_flags
 from pyflannel.ip import ExternalInterface
 from pyflannel.lease import Lease
-from pyflannel.netlink import Packed
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
 from pyflannel.subnet.kube import node_info, node_to_lease
 
@@ -261,34 +260,18 @@ def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> 
     assert isinstance(lease.subnet, IPv4Network) and isinstance(lease.public_ip, IPv4Address)
 
 
-class FakeNetlink:
-    """The kernel boundary the backend's sync uses: every request succeeds."""
-
-    def __init__(self) -> None:
-        self.sent: list[Packed] = []
-
-    def batch(self, requests: list[Packed]) -> list[int]:
-        self.sent += requests
-        return [0] * len(requests)
-
-
 @SETTINGS
-@given(st.dictionaries(st.text(min_size=1, max_size=5),
-                       st.tuples(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text),
-                       max_size=4))
-def test_backend_data_programs_a_valid_mac_or_is_skipped(nodes: dict[str, tuple[int, str, str, str]]) -> None:
-    nl = FakeNetlink()
+@given(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text)
+def test_backend_data_gives_an_entry_with_a_valid_mac_or_none(n: int, public_ip: str, kind: str, data: str) -> None:
     ext = ExternalInterface("eth1", 2, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
-    backend = VXLANBackend(nl, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
-    backend.device = Device("flannel.1", 3, "0a:00:00:00:00:01")
+    backend = VXLANBackend(None, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
     backend.own_subnet = IPv4Network("10.244.0.0/24")
-    leases: dict[str, Lease | None] = {
-        name: Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(ip), kind, data)
-        for name, (n, ip, kind, data) in nodes.items()}
-    backend.sync(leases)
-    for name, entry in backend.applied.items():
-        assert entry.mac == ":".join("%02x" % b for b in bytes.fromhex(entry.mac.replace(":", "")))
-        assert json.loads(leases[name].backend_data)["VtepMAC"].lower() == entry.mac  # type: ignore[union-attr]
+    entry = backend._entry("node", Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(public_ip), kind, data))
+    if entry is None:
+        return
+    assert kind == "vxlan"
+    assert entry.mac == ":".join("%02x" % b for b in bytes.fromhex(entry.mac.replace(":", "")))
+    assert json.loads(data)["VtepMAC"].lower() == entry.mac
 
 
 # --- subnet math ---------------------------------------------------------------------------------------
