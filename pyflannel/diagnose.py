@@ -22,8 +22,7 @@ from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
 from . import flags, ip, subnetfile
-from .backend.vxlan import OVERHEAD
-from .config import Config, ConfigError, VXLANConfig, load
+from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_len, load
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError
@@ -38,7 +37,7 @@ IFF_LOWER_UP = 0x10000
 SUBNET_ENV_KEYS = ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
 IP_FORWARD = "sys/net/ipv4/ip_forward"
 BRIDGE_NF_CALL_IPTABLES = "sys/net/bridge/bridge-nf-call-iptables"
-FLANNEL_RBAC = "nodes: get, list, watch; nodes/status: patch; pods: get"
+FLANNEL_RBAC = "nodes: list, watch; nodes/status: patch; pods: get"
 
 T = TypeVar("T")
 
@@ -171,15 +170,24 @@ class Context:
         return name, "the spec of pod %s/%s" % (ns, pod)
 
     def own_node(self) -> NodeInfo:
-        """This node as the API shows it."""
-        def find() -> NodeInfo:
-            name = self.node_name()[0]
-            for node in self.nodes():
-                if node.name == name:
-                    return node
-            raise _NotFound('node "%s" not found' % name)
+        """This node as the API shows it, read as the daemon reads it: a node list with a field selector
+        (flannel's RBAC grants list and watch on nodes, not get)."""
+        return self._once("own_node", "this node in the node list", self._fetch_own_node)
 
-        return self._once("own_node", "this node in the node list", find)
+    def _fetch_own_node(self) -> NodeInfo:
+        name = self.node_name()[0]
+        client = self.client()
+        try:
+            prefix = self.keys().prefix
+        except Unavailable:
+            prefix = ""
+        try:
+            page = client.list_nodes(1, field_selector="metadata.name=" + name)
+        except ApiError as exc:
+            raise Unavailable("the node list from the API server", exc) from exc
+        for item in page.get("items") or ():
+            return node_info(item, prefix)
+        raise _NotFound('node "%s" not found' % name)
 
     def interface(self) -> ip.ExternalInterface:
         """The external interface chosen by the daemon's rules; its log lines go to ``interface_log``."""
@@ -247,7 +255,10 @@ def _pod_cidr(node: NodeInfo) -> str:
 
 def _free_subnet(network: IPv4Network, used: list[IPv4Network]) -> IPv4Network | None:
     """The first node-sized subnet of ``network`` (/24, or prefix+2 in small networks) no node uses."""
-    prefix = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    try:
+        prefix = default_subnet_len(network)
+    except ConfigError:
+        return None
     size = 1 << (32 - prefix)
     start = int(network.network_address)
     for net in sorted(used, key=lambda n: int(n.network_address)):
@@ -390,7 +401,8 @@ def _api_problem(url: str, error: Exception) -> Problem:
             "after 10 minutes." % (url, error),
             ["grant flannel's ClusterRole (%s) and bind it to the service account or user in use "
              "(the ClusterRole and ClusterRoleBinding of kube-flannel.yml)" % FLANNEL_RBAC,
-             "test it: kubectl auth can-i list nodes --as=system:serviceaccount:kube-flannel:flannel"])
+             "test it: kubectl auth can-i list nodes --as=system:serviceaccount:kube-flannel:flannel, and the same "
+             "with watch nodes"])
     if status == 401:
         return Problem(
             "the API server at %s rejects the credentials (HTTP 401): %s" % (url, error),
@@ -662,38 +674,45 @@ def check_vxlan_port(ctx: Context) -> Result:
 
 
 def check_mtu(ctx: Context) -> Result:
-    """flannel.<VNI> and subnet.env's MTU fit the interface's MTU."""
+    """flannel.<VNI> and subnet.env's MTU fit net-conf's MTU and the interface's."""
     vx = ctx.vxlan()
     ext = ctx.interface()
     ours = "flannel.%d" % vx.vni
-    want = ext.mtu - OVERHEAD
+    want = vx.device_mtu(ext.mtu)
+    source = "net-conf.json's MTU %d" % vx.mtu if 0 < vx.mtu < ext.mtu else "%s's MTU %d" % (ext.name, ext.mtu)
     problems = []
+    if vx.mtu > ext.mtu:
+        problems.append(Problem(
+            "net-conf.json's Backend MTU %d is more than %s's MTU %d: pyflannel uses %d (%s and the pods %d)\n"
+            "Packets larger than the interface's MTU cannot leave the node; flanneld would give the pods MTU %d "
+            "and lose their large packets." % (vx.mtu, ext.name, ext.mtu, ext.mtu, ours, want, vx.mtu - OVERHEAD),
+            ["set \"MTU\" in net-conf.json's Backend to at most the smallest interface MTU of the nodes, or "
+             "remove it to use each node's interface MTU"]))
     device = [mtu for name, _, _, mtu in _vxlan_links(ctx.nl) if name == ours]
     if device and device[0] > want:
         problems.append(Problem(
-            "%s has MTU %d, more than %s's MTU %d allows (%d = %d - %d bytes of VXLAN headers)\n"
+            "%s has MTU %d, more than %s allows (%d = %d - %d bytes of VXLAN headers)\n"
             "Full-size packets between pods on different nodes are dropped: pings work, large transfers "
-            "hang." % (ours, device[0], ext.name, ext.mtu, want, ext.mtu, OVERHEAD),
+            "hang." % (ours, device[0], source, want, want + OVERHEAD, OVERHEAD),
             ["ip link set dev %s mtu %d, or delete %s (ip link del %s) and restart pyflannel, which creates it "
              "again with the right MTU" % (ours, want, ours, ours),
              "then recreate the pods on this node: a pod keeps the MTU it was created with"]))
     elif device and device[0] < want:
         problems.append(Problem(
-            "%s has MTU %d, but %s's MTU %d allows %d: %s's MTU changed since %s was created"
-            % (ours, device[0], ext.name, ext.mtu, want, ext.name, ours),
+            "%s has MTU %d, but %s allows %d: the MTU changed since %s was created"
+            % (ours, device[0], source, want, ours),
             ["delete %s (ip link del %s) and restart pyflannel, which creates it again with MTU %d"
              % (ours, ours, want)]))
     env = ctx.subnet_env() or {}
     written = env.get("FLANNEL_MTU")
     if written is not None and written != str(want):
         problems.append(Problem(
-            "%s says FLANNEL_MTU=%s, but %s's MTU %d gives %d: %s's MTU changed since pyflannel started\n"
-            "Pods created from now on get MTU %s." % (ctx.opts.subnet_file, written, ext.name, ext.mtu, want,
-                                                      ext.name, written),
+            "%s says FLANNEL_MTU=%s, but %s gives %d: the MTU changed since pyflannel started\n"
+            "Pods created from now on get MTU %s." % (ctx.opts.subnet_file, written, source, want, written),
             ["restart pyflannel on this node so that it writes FLANNEL_MTU=%d, then recreate the pods on this "
              "node" % want]))
-    return problems or "MTU: %s %d, %s %s, pods %s (%d - %d)" % (
-        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, ext.mtu, OVERHEAD)
+    return problems or "MTU: %s %d, %s %s, pods %s (%s less %d)" % (
+        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, source, OVERHEAD)
 
 
 def check_ip_forward(ctx: Context) -> Result:
