@@ -26,12 +26,11 @@ from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_l
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError
-from .subnet.kube import NodeInfo, node_info
+from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
+from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info
 
 __all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
 
-DEFAULT_VXLAN_PORT = 8472
-LIST_PAGE_SIZE = 500
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 SUBNET_ENV_KEYS = ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
@@ -140,14 +139,7 @@ class Context:
             prefix = self.keys().prefix
         except Unavailable:
             prefix = ""
-        nodes: list[NodeInfo] = []
-        cont = ""
-        while True:
-            page = client.list_nodes(LIST_PAGE_SIZE, cont)
-            nodes.extend(node_info(item, prefix) for item in page.get("items") or ())
-            cont = (page.get("metadata") or {}).get("continue") or ""
-            if not cont:
-                return nodes
+        return list_nodes(client, prefix)[0]
 
     def node_name(self) -> tuple[str, str]:
         """This node's name and where it came from, found the way the daemon finds it."""
@@ -247,12 +239,6 @@ class Context:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _pod_cidr(node: NodeInfo) -> str:
-    """The IPv4 pod CIDR the daemon takes: the last IPv4 entry of podCIDRs, else podCIDR."""
-    v4 = [c for c in node.pod_cidrs if ":" not in c]
-    return v4[-1] if v4 else node.pod_cidr
-
-
 def _free_subnet(network: IPv4Network, used: list[IPv4Network]) -> IPv4Network | None:
     """The first node-sized subnet of ``network`` (/24, or prefix+2 in small networks) no node uses."""
     try:
@@ -276,7 +262,7 @@ def _used_subnets(nodes: list[NodeInfo]) -> list[IPv4Network]:
     used = []
     for node in nodes:
         try:
-            net = ip_network(_pod_cidr(node), strict=False)
+            net = ip_network(ipv4_pod_cidr(node), strict=False)
         except ValueError:
             continue
         if isinstance(net, IPv4Network):
@@ -305,18 +291,9 @@ def _pod_cidr_fixes(ctx: Context, names: list[str]) -> list[str]:
     return fixes
 
 
-def _vxlan_links(nl: Netlink) -> list[tuple[str, int, bool, int]]:
-    """Every VXLAN device: name, UDP port, whether it is up, MTU."""
-    links = []
-    for link in nl.links():
-        info = link.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
-            continue
-        data = info.get_attr("IFLA_INFO_DATA")
-        port = (data.get_attr("IFLA_VXLAN_PORT") if data is not None else None) or DEFAULT_VXLAN_PORT
-        links.append((link.get_attr("IFLA_IFNAME"), int(port), bool(link["flags"] & IFF_UP),
-                      int(link.get_attr("IFLA_MTU") or 0)))
-    return links
+def _vxlan_links(nl: Netlink) -> list[VXLANLink]:
+    """Every VXLAN device, as the backend reads it."""
+    return [link for link in map(read_link, nl.links()) if link.kind == "vxlan"]
 
 
 def _existing_subnet_env(ctx: Context) -> str:
@@ -372,7 +349,7 @@ def check_net_conf(ctx: Context) -> Result:
              'a minimal net-conf.json: {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'])]
     vx = ctx.vxlan()
     return "net-conf.json %s: Network %s, backend %s, VNI %d, UDP port %d" % (
-        ctx.opts.net_config_path, cfg.network, cfg.backend_type, vx.vni, vx.port or DEFAULT_VXLAN_PORT)
+        ctx.opts.net_config_path, cfg.network, cfg.backend_type, vx.vni, vx.port or DEFAULT_PORT)
 
 
 def check_api(ctx: Context) -> Result:
@@ -447,7 +424,7 @@ def check_node_name(ctx: Context) -> Result:
 def check_own_pod_cidr(ctx: Context) -> Result:
     """This node has a pod CIDR."""
     node = ctx.own_node()
-    cidr = _pod_cidr(node)
+    cidr = ipv4_pod_cidr(node)
     if cidr:
         return 'node "%s" has the pod CIDR %s' % (node.name, cidr)
     return [Problem(
@@ -462,7 +439,7 @@ def check_other_pod_cidrs(ctx: Context) -> Result:
     """The other nodes have pod CIDRs."""
     own = ctx.node_name()[0]
     others = [n for n in ctx.nodes() if n.name != own]
-    missing = [n.name for n in others if not _pod_cidr(n)]
+    missing = [n.name for n in others if not ipv4_pod_cidr(n)]
     if not missing:
         return "the other %d nodes have pod CIDRs" % len(others)
     return [Problem(
@@ -477,7 +454,7 @@ def check_pod_cidrs_in_network(ctx: Context) -> Result:
     network = ctx.config().network
     outside: list[tuple[str, str]] = []
     for node in ctx.nodes():
-        cidr = _pod_cidr(node)
+        cidr = ipv4_pod_cidr(node)
         if not cidr:
             continue
         try:
@@ -550,7 +527,7 @@ def check_subnet_env_network(ctx: Context) -> Result:
 def check_subnet_env_subnet(ctx: Context) -> Result:
     """subnet.env's FLANNEL_SUBNET is this node's pod CIDR."""
     path = _existing_subnet_env(ctx)
-    cidr = _pod_cidr(ctx.own_node())
+    cidr = ipv4_pod_cidr(ctx.own_node())
     if not cidr:
         raise Unavailable("a pod CIDR of this node", LookupError("no pod CIDR"))
     _, previous = subnetfile.read_previous(path)
@@ -645,8 +622,8 @@ def check_network_overlap(ctx: Context) -> Result:
 def check_vxlan_port(ctx: Context) -> Result:
     """The VXLAN UDP port is free, or used by flannel's own device."""
     vx = ctx.vxlan()
-    port = vx.port or DEFAULT_VXLAN_PORT
-    ours = "flannel.%d" % vx.vni
+    port = vx.port or DEFAULT_PORT
+    ours = device_name(vx.vni)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.bind(("0.0.0.0", port))
@@ -657,7 +634,7 @@ def check_vxlan_port(ctx: Context) -> Result:
         return "UDP port %d is free for %s" % (port, ours)
     finally:
         probe.close()
-    users = [(name, up) for name, p, up, _ in _vxlan_links(ctx.nl) if p == port]
+    users = [(link.name, link.up) for link in _vxlan_links(ctx.nl) if link.port == port]
     if (ours, True) in users:
         return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, ours)
     others = [name for name, up in users if up and name != ours]
@@ -677,7 +654,7 @@ def check_mtu(ctx: Context) -> Result:
     """flannel.<VNI> and subnet.env's MTU fit net-conf's MTU and the interface's."""
     vx = ctx.vxlan()
     ext = ctx.interface()
-    ours = "flannel.%d" % vx.vni
+    ours = device_name(vx.vni)
     want = vx.device_mtu(ext.mtu)
     source = "net-conf.json's MTU %d" % vx.mtu if 0 < vx.mtu < ext.mtu else "%s's MTU %d" % (ext.name, ext.mtu)
     problems = []
@@ -688,7 +665,7 @@ def check_mtu(ctx: Context) -> Result:
             "and lose their large packets." % (vx.mtu, ext.name, ext.mtu, ext.mtu, ours, want, vx.mtu - OVERHEAD),
             ["set \"MTU\" in net-conf.json's Backend to at most the smallest interface MTU of the nodes, or "
              "remove it to use each node's interface MTU"]))
-    device = [mtu for name, _, _, mtu in _vxlan_links(ctx.nl) if name == ours]
+    device = [link.mtu for link in _vxlan_links(ctx.nl) if link.name == ours]
     if device and device[0] > want:
         problems.append(Problem(
             "%s has MTU %d, more than %s allows (%d = %d - %d bytes of VXLAN headers)\n"
@@ -794,7 +771,7 @@ def check_nodes_registered(ctx: Context) -> Result:
     missing = []
     for node in ctx.nodes():
         ann = node.annotations
-        if not _pod_cidr(node):
+        if not ipv4_pod_cidr(node):
             continue
         if ann.get(keys.subnet_kube_managed) != "true" or not ann.get(keys.backend_public_ip):
             missing.append(node.name + (" (this node)" if node.name == own else ""))
