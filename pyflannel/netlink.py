@@ -63,6 +63,8 @@ AF_BRIDGE = 7
 _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
+_IPV4_ATTR = struct.Struct("=HH4s")  # one struct a fixed-size attribute: thousands are packed at start-up
+_U32_ATTR = struct.Struct("=HHI")
 
 Deletion = tuple[str, int, str]
 """What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst") or ("route", table, "dst/len")."""
@@ -91,7 +93,7 @@ def _rtattr(kind: int, payload: bytes) -> bytes:
 def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, state: int, ntf_flags: int,
                       dst: str, lladdr: str | None) -> Packed:
     """RTM_NEWNEIGH or RTM_DELNEIGH: a neighbour (AF_INET) or an FDB entry (AF_BRIDGE)."""
-    body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _rtattr(NDA_DST, socket.inet_aton(dst))
+    body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _IPV4_ATTR.pack(8, NDA_DST, socket.inet_aton(dst))
     if lladdr is not None:
         body += _rtattr(NDA_LLADDR, bytes.fromhex(lladdr.replace(":", "")))
     return Packed(msg_type, flags, body)
@@ -101,11 +103,11 @@ def route_request(msg_type: int, flags: int, dst: str, dst_len: int, gateway: st
                   table: int, proto: int, scope: int, rtype: int, rtm_flags: int) -> Packed:
     """RTM_NEWROUTE or RTM_DELROUTE for an IPv4 route."""
     body = _RTMSG.pack(socket.AF_INET, dst_len, 0, 0, table, proto, scope, rtype, rtm_flags)
-    body += _rtattr(RTA_DST, socket.inet_aton(dst))
+    body += _IPV4_ATTR.pack(8, RTA_DST, socket.inet_aton(dst))
     if gateway is not None:
-        body += _rtattr(RTA_GATEWAY, socket.inet_aton(gateway))
+        body += _IPV4_ATTR.pack(8, RTA_GATEWAY, socket.inet_aton(gateway))
     if oif is not None:
-        body += _rtattr(RTA_OIF, struct.pack("=I", oif))
+        body += _U32_ATTR.pack(8, RTA_OIF, oif)
     return Packed(msg_type, flags, body)
 
 
