@@ -11,6 +11,8 @@ import gc
 import json
 import logging
 import random
+import re
+import socket
 import sys
 import threading
 import time
@@ -93,10 +95,26 @@ def decode_node_list(raw: bytes) -> Any:
         return json.loads(raw)
 
 
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(r"%s(?:\.%s){3}" % (_OCTET, _OCTET))
+_DOTTED_CIDR = re.compile(r"(%s(?:\.%s){3})/(3[0-2]|[12]?[0-9])" % (_OCTET, _OCTET))
+
+
+def _ipv4_address(text: str) -> IPv4Address:
+    """``IPv4Address(text)``; a plain dotted quad skips ipaddress' parser, a third of a lease's CPU."""
+    return IPv4Address(socket.inet_aton(text)) if _DOTTED_QUAD.fullmatch(text) else IPv4Address(text)
+
+
+def _ipv4_network(cidr: str) -> IPv4Network:
+    """``IPv4Network(cidr, strict=False)``, the same way."""
+    m = _DOTTED_CIDR.fullmatch(cidr)
+    return IPv4Network((socket.inet_aton(m[1]), int(m[2])), strict=False) if m else IPv4Network(cidr, strict=False)
+
+
 def node_to_lease(node: NodeInfo, keys: AnnotationKeys) -> Lease:
     """The lease a node's annotations and pod CIDR describe; raises ValueError with flanneld's text."""
     try:
-        public_ip = IPv4Address(node.annotations.get(keys.backend_public_ip, ""))
+        public_ip = _ipv4_address(node.annotations.get(keys.backend_public_ip, ""))
     except ValueError:
         raise ValueError("Invalid IP address format") from None
     if log.isEnabledFor(V(2)):
@@ -110,7 +128,7 @@ def node_to_lease(node: NodeInfo, keys: AnnotationKeys) -> Lease:
     if not cidr:
         raise ValueError("pod cidr not assigned")
     try:
-        subnet = IPv4Network(cidr, strict=False)
+        subnet = _ipv4_network(cidr)
     except ValueError:
         raise ValueError("invalid CIDR address: %s" % cidr) from None
     return Lease(subnet, public_ip, node.annotations.get(keys.backend_type, ""),
