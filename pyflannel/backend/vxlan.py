@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-import msgspec
-
 from .. import metrics
 from ..config import VXLANConfig
 from ..ip import ExternalInterface
@@ -226,7 +224,7 @@ class VXLANBackend:
             log.warning("ignoring non-vxlan v4Subnet(%s) v6Subnet(<nil>): type=%s", lease.subnet, lease.backend_type)
             return None
         try:
-            data = msgspec.json.decode(lease.backend_data)  # a tenth of json.loads' CPU on such small documents
+            data = json.loads(lease.backend_data)
             mac = str(data["VtepMAC"]).lower()
             if len(bytes.fromhex(mac.replace(":", ""))) != 6 or mac.count(":") != 5:
                 raise ValueError("invalid MAC address %r" % data["VtepMAC"])
