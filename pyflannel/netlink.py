@@ -63,7 +63,7 @@ AF_BRIDGE = 7
 _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
-_IPV4_ATTR = struct.Struct("=HH4s")  # one struct a fixed-size attribute: thousands are packed at start-up
+_IPV4_ATTR = struct.Struct("=HH4s")  # fixed-size attributes, packed in one call: thousands at start-up
 _U32_ATTR = struct.Struct("=HHI")
 
 Deletion = tuple[str, int, str]
@@ -242,8 +242,8 @@ class Netlink:
         """Send every request; the errno of each (0: done).
 
         The kernel answers a request without NLM_F_ACK only when it fails, and acknowledging each of
-        thousands costs it more than a third of the work. So only a chunk's last request asks for an
-        acknowledgement: it comes after the errors of the chunk's others.
+        thousands about doubles its work. So only a chunk's last request asks for an acknowledgement:
+        it comes after the errors of the chunk's others.
         """
         results = [0] * len(requests)
         first = self._seq + 1
