@@ -27,6 +27,7 @@ well as RSS (the per-run lines give both).
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import dataclasses
 import json
@@ -823,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
+    # The image runs bytecode compiled when it is built (deploy/install.sh): without it every start
+    # would compile pyflannel's sources again (PYTHONDONTWRITEBYTECODE), some 0.03 s of CPU.
+    compileall.compile_dir(str(REPO / "pyflannel"), quiet=1)
     try:
         Bench(args).main()
     except KeyboardInterrupt:

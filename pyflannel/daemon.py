@@ -223,7 +223,11 @@ class Daemon:
         if self.stop.is_set():
             return
         self._take_dirty()
-        backend.reconcile(sm.leases())
+        gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
+        try:
+            backend.reconcile(sm.leases())
+        finally:
+            gc.enable()
         gc.freeze()  # the node cache and kernel entries live on: later collections need not scan them
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
