@@ -27,6 +27,7 @@ from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
 
 log = logging.getLogger(__name__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5
 LEASE_RETRY = 10.0  # seconds between lease attempts when nothing on the node changes
@@ -74,12 +75,13 @@ def node_name(client: KubeClient, environ: Mapping[str, str] = os.environ) -> st
 
 
 def log_exception(what: str, exc: BaseException, outcome: str = "") -> None:
-    """One error line: what failed, the exception and where it was raised, then ``outcome``.
+    """One error line: what failed, the exception and where it was raised (the innermost frame in
+    pyflannel, if any), then ``outcome``.
 
     The traceback follows at -v=2, one log line per line, so that the log stays in its format."""
     frames = traceback.extract_tb(exc.__traceback__)
-    where = " (at %s:%s in %s)" % (os.path.basename(frames[-1].filename), frames[-1].lineno, frames[-1].name) \
-        if frames else ""
+    frame = next((f for f in reversed(frames) if f.filename.startswith(_PACKAGE_DIR)), frames[-1] if frames else None)
+    where = " (at %s:%s in %s)" % (os.path.basename(frame.filename), frame.lineno, frame.name) if frame else ""
     log.error("%s failed: %s: %s%s%s", what, type(exc).__name__, str(exc).replace("\n", " "), where, outcome)
     if log.isEnabledFor(V(2)):
         for part in traceback.format_exception(type(exc), exc, exc.__traceback__):
@@ -370,10 +372,10 @@ class Daemon:
         gc.freeze()  # the node cache and kernel entries live on: later collections need not scan them
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
-        self.supervisor.spawn("kernel events", self._kernel_events)
+        self.supervisor.spawn("kernel-events listener", self._kernel_events)
         if self.iptables is not None:
             # After the routes, which pods need first; /readyz waits for both.
-            self.supervisor.spawn("iptables", self.iptables.run)
+            self.supervisor.spawn("iptables check", self.iptables.run)
         self.datapath_ready = True
         metrics.READY.set(1)
         if opts.set_node_network_unavailable:
