@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -86,6 +87,12 @@ class FakeSubnetManager:
     def __init__(self) -> None:
         self.progress = time.monotonic()
         self._leases = {"k8s02": lease(2)}
+        self.own = lease(1)  # what this node's record in the API says
+        self.acquired: list[tuple[Any, ...]] = []
+
+    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
+        self.acquired.append((public_ip, backend_type, backend_data))
+        return self.own
 
     def leases(self) -> dict[str, Lease]:
         return dict(self._leases)
@@ -100,6 +107,8 @@ class FakeBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.fail: Exception | None = None
+        self.device = SimpleNamespace(mac="0a:58:0a:f4:01:00")
+        self.cfg = SimpleNamespace(vni=1)
 
     def sync(self, leases: dict[str, Lease | None]) -> set[str]:
         if self.fail is not None:
@@ -127,6 +136,8 @@ def make_daemon(tmp_path: Path, resync: int = 3600) -> daemon.Daemon:
     d.sm = FakeSubnetManager()  # type: ignore[assignment]
     d.backend = FakeBackend()  # type: ignore[assignment]
     d.subnet_file = subnetfile.Keeper(opts.subnet_file, ENV)
+    d.lease = lease(1)
+    d.ext = SimpleNamespace(ext_addr=IPv4Address("192.168.56.11"))  # type: ignore[assignment]
     d.subnet_file.write()
     d._next_full = time.monotonic() + resync
     return d
@@ -155,6 +166,22 @@ def test_loop_applies_node_changes_and_kernel_deletions(running: Any) -> None:
     d._on_deleted([("route", 254, "10.244.2.0/24")])
     wait_until(lambda: len(backend.calls) == 3)
     assert backend.calls[1:] == [("restore", [("route", 254, "10.244.2.0/24")]), ("sync", {})]
+
+
+def test_a_change_of_this_node_publishes_the_lease_again(running: Any, klog: io.StringIO) -> None:
+    d, backend, _ = running
+    sm = d.sm
+    d._on_change({"self"})
+    wait_until(lambda: backend.calls)
+    assert sm.acquired == [(IPv4Address("192.168.56.11"), "vxlan", '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}')]
+    assert backend.calls == [("sync", {})]
+    sm.own = lease(7)  # someone changed this node's pod CIDR: said once, applied at the next start
+    d._on_change({"self"})
+    wait_until(lambda: len(backend.calls) == 2)
+    d._on_change({"self"})
+    wait_until(lambda: len(backend.calls) == 3)
+    assert len(sm.acquired) == 3
+    assert klog.getvalue().count("The pod CIDR of this node changed from 10.244.1.0/24 to 10.244.7.0/24") == 1
 
 
 def test_a_failed_turn_restarts_the_loop_with_a_full_reconcile(running: Any, klog: io.StringIO) -> None:
