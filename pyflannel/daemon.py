@@ -216,8 +216,8 @@ class Daemon:
         now = time.monotonic()
         what = ""
         if now - self._beat_at > self._beat_bound:
-            what = "the main loop made no progress for %.0fs (at most %.0fs allowed)" % (now - self._beat_at,
-                                                                                       self._beat_bound)
+            what = "the %s made no progress for %.0fs (at most %.0fs allowed)" % (
+                "main loop" if self.datapath_ready else "start-up", now - self._beat_at, self._beat_bound)
         elif self.sm is not None and now - self.sm.progress > PROGRESS_BOUND:
             what = "the node watch made no progress for %.0fs (at most %.0fs allowed)" % (now - self.sm.progress,
                                                                                         PROGRESS_BOUND)

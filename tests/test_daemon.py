@@ -140,6 +140,7 @@ def make_daemon(tmp_path: Path, resync: int = 3600) -> daemon.Daemon:
     d.ext = SimpleNamespace(ext_addr=IPv4Address("192.168.56.11"))  # type: ignore[assignment]
     d.subnet_file.write()
     d._next_full = time.monotonic() + resync
+    d.datapath_ready = True  # as after start()
     return d
 
 
@@ -265,8 +266,9 @@ def test_stalled_tells_which_part_stopped(tmp_path: Path, klog: io.StringIO) -> 
 def test_waiting_for_a_pod_cidr_is_progress(tmp_path: Path) -> None:
     """The lease loop beats at every attempt, so /healthz stays 200 while the node has no pod CIDR."""
     d = make_daemon(tmp_path)
+    d.datapath_ready = False
     d._beat_at -= daemon.STEP_BOUND + 1
-    assert d.stalled()
+    assert d.stalled() == "the start-up made no progress for 61s (at most 60s allowed)"
     d._beat(daemon.LEASE_RETRY + daemon.STEP_BOUND)
     assert d.stalled() == ""
 
