@@ -57,7 +57,7 @@ def parse(text: str) -> dict[str, str]:
 def read(path: str) -> dict[str, str] | None:
     """The parsed file, or None when it does not exist; other errors raise OSError."""
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             return parse(f.read())
     except FileNotFoundError:
         return None
@@ -67,7 +67,7 @@ def read_previous(path: str) -> tuple[IPv4Network | None, IPv4Network | None]:
     """FLANNEL_NETWORK and FLANNEL_SUBNET (masked) from an existing file; None where missing or unreadable."""
     try:
         values = read(path) or {}
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return None, None
 
     def cidr(key: str) -> IPv4Network | None:
@@ -108,9 +108,9 @@ class Keeper:
             why = "it was missing"
         else:
             try:
-                with open(self.path) as f:
-                    same = f.read() == self.text
-            except (OSError, UnicodeDecodeError):
+                with open(self.path, "rb") as f:
+                    same = f.read() == self.text.encode()
+            except OSError:
                 same = False
             if same:
                 self._stamp = stamp

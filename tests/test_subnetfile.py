@@ -48,6 +48,8 @@ def test_parse_reads_as_the_cni_plugin_does(tmp_path: Path) -> None:
     assert subnetfile.read(str(tmp_path / "missing")) is None
     (tmp_path / "subnet.env").write_text(ENV.render())
     assert subnetfile.read(str(tmp_path / "subnet.env")) == subnetfile.parse(ENV.render())
+    (tmp_path / "subnet.env").write_bytes(b"FLANNEL_MTU=\xff\n")
+    assert subnetfile.read(str(tmp_path / "subnet.env")) == {"FLANNEL_MTU": "\ufffd"}
 
 
 def test_keeper_puts_the_file_back_only_when_it_differs(tmp_path: Path) -> None:
@@ -62,6 +64,8 @@ def test_keeper_puts_the_file_back_only_when_it_differs(tmp_path: Path) -> None:
     assert keeper.check() == "it was missing"
     assert path.read_text() == ENV.render()
     path.write_text(ENV.render().replace("1450", "1500"))
+    assert keeper.check() == "its contents had changed"
+    path.write_bytes(b"\xff")
     assert keeper.check() == "its contents had changed"
     assert path.read_text() == ENV.render()
     inode = path.stat().st_ino
