@@ -227,8 +227,9 @@ class Daemon:
         return what
 
     def ready(self) -> bool:
-        """subnet.env written, the datapath programmed, and the iptables rules in place."""
-        return self.datapath_ready and (self.iptables is None or self.iptables.ready)
+        """subnet.env written, the datapath programmed, flannel.<VNI> there and up, and the iptables rules in place."""
+        return self.datapath_ready and self.backend is not None and self.backend.device_ok and \
+            (self.iptables is None or self.iptables.ready)
 
     def _on_change(self, names: set[str]) -> None:
         now = time.monotonic()

@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -24,18 +25,66 @@ from . import __version__
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0
-REQUEST_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0  # the TCP connect and the TLS handshake
+REQUEST_TIMEOUT = 30.0  # between two reads of an answer
+# Between two lines of a watch: the API server sends a bookmark about once a minute on an idle watch.
+WATCH_READ_TIMEOUT = 90.0
+# A peer that stops acknowledging (a load balancer or NAT that lost the connection's state sends no
+# RST) is noticed by the kernel: keepalive probes start after KEEPALIVE_IDLE s without traffic, and
+# unacknowledged probes or data end the connection after USER_TIMEOUT s, idle or not.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT = 30
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 USER_AGENT = "pyflannel/%s" % __version__
+NODES_ACCESS = "list and watch on nodes"
 
 
 class ApiError(Exception):
-    """An API request that failed: an HTTP status (0 for a transport error) and the server's message."""
+    """An API request that failed: an HTTP status (0 for a transport error) and the server's message.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``retry_after`` is the seconds of a 429's or 503's ``Retry-After`` header (0 without one).
+    """
+
+    def __init__(self, status: int, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value or 0))
+    except ValueError:  # an HTTP date: the API server sends seconds
+        return 0.0
+
+
+def _open(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> None:
+    """Connect within CONNECT_TIMEOUT, then set keepalive and the connection's own read timeout."""
+    read_timeout = conn.timeout
+    conn.timeout = CONNECT_TIMEOUT
+    try:
+        connect()
+    finally:
+        conn.timeout = read_timeout
+    sock = conn.sock
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT * 1000)
+    sock.settimeout(read_timeout)
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        _open(self, super().connect)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        _open(self, super().connect)
 
 
 class _TokenFile:
@@ -55,17 +104,17 @@ class _TokenFile:
         return self._value
 
 
-def _in_cluster() -> tuple[str, ssl.SSLContext, Callable[[], str]]:
+def _in_cluster(service_account: str) -> tuple[str, ssl.SSLContext, _TokenFile]:
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "")
     if not host or not port:
         raise ApiError(0, "unable to load in-cluster configuration, KUBERNETES_SERVICE_HOST and "
                           "KUBERNETES_SERVICE_PORT must be defined")
     if ":" in host:
         host = "[%s]" % host
-    token = _TokenFile(os.path.join(SERVICE_ACCOUNT, "token"))
+    token = _TokenFile(os.path.join(service_account, "token"))
     try:
         token()
-        ctx = ssl.create_default_context(cafile=os.path.join(SERVICE_ACCOUNT, "ca.crt"))
+        ctx = ssl.create_default_context(cafile=os.path.join(service_account, "ca.crt"))
     except OSError as exc:
         raise ApiError(0, "unable to load in-cluster configuration: %s" % exc) from exc
     return "https://%s:%s" % (host, port), ctx, token
@@ -95,17 +144,30 @@ def _kubeconfig(path: str) -> tuple[str, ssl.SSLContext | None, Callable[[], str
 
 
 class KubeClient:
-    """Node and pod requests against the API server, configured as flanneld configures client-go."""
+    """Node and pod requests against the API server, configured as flanneld configures client-go.
 
-    def __init__(self, kube_api_url: str = "", kubeconfig_file: str = "") -> None:
-        server, ctx, auth = "", None, None
+    ``service_account`` is the directory of the in-cluster token and CA (tests point it elsewhere).
+    """
+
+    def __init__(self, kube_api_url: str = "", kubeconfig_file: str = "",
+                 service_account: str = SERVICE_ACCOUNT) -> None:
+        server, ctx = "", None
+        auth: Callable[[], str] | None = None
+        # Who the API server sees, and what it refused on a 401: said in the errors.
+        self.identity = "the user of --kube-api-url (no credentials)"
+        self._credentials = "this client sent no credentials; give it a --kubeconfig-file"
         try:
             if kubeconfig_file:
                 server, ctx, auth = _kubeconfig(kubeconfig_file)
+                self.identity = "the user of %s" % kubeconfig_file
+                self._credentials = "the credentials in %s were refused" % kubeconfig_file
             elif not kube_api_url:
                 log.warning("Neither --kubeconfig nor --master was specified.  Using the inClusterConfig.  "
                             "This might not work.")
-                server, ctx, auth = _in_cluster()
+                server, ctx, token = _in_cluster(service_account)
+                auth = token
+                self.identity = "the service account"
+                self._credentials = "the token at %s was refused" % token.path
         except Exception as exc:  # the loaders raise ConfigException, OSError, YAML and SSL errors
             raise ApiError(0, "fail to create kubernetes config: %s" % exc) from exc
         if kube_api_url:
@@ -122,21 +184,44 @@ class KubeClient:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
+    def _connect(self, timeout: float, fresh: bool) -> http.client.HTTPConnection:
+        conn = None
+        if not fresh:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
         if conn is None:
             if self._https:
-                conn = http.client.HTTPSConnection(self._netloc, timeout=CONNECT_TIMEOUT, context=self._ctx)
+                conn = _HTTPSConnection(self._netloc, timeout=timeout, context=self._ctx)
             else:
-                conn = http.client.HTTPConnection(self._netloc, timeout=CONNECT_TIMEOUT)
+                conn = _HTTPConnection(self._netloc, timeout=timeout)
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
         return conn
 
+    def _drop_idle(self) -> None:
+        """Close the kept-alive connections: after a transport error they are likely dead too."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _error(self, resp: http.client.HTTPResponse, raw: bytes, needs: str) -> ApiError:
+        """The ApiError for a non-2xx answer; 401 and 403 say which token or permission is wrong."""
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        message = (doc.get("message") if isinstance(doc, dict) else None) or "%d %s" % (resp.status, resp.reason)
+        if resp.status == 401:
+            message = "%s: %s" % (message, self._credentials)
+        elif resp.status == 403:
+            message = "%s: forbidden: %s needs %s (ClusterRole flannel)" % (message, self.identity, needs)
+        return ApiError(resp.status, message, _retry_after(resp.getheader("Retry-After")))
+
     def _request(self, method: str, path: str, query: dict[str, Any] | None, body: bytes | None,
-                 content_type: str | None, timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+                 content_type: str | None, timeout: float,
+                 fresh: bool = False) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         url = self._base + path + ("?" + urlencode(query) if query else "")
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if content_type:
@@ -147,7 +232,7 @@ class KubeClient:
                 if token:
                     headers["Authorization"] = token
             for attempt in (0, 1):
-                conn = self._connect(timeout)
+                conn = self._connect(timeout, fresh)
                 try:
                     conn.request(method, url, body=body, headers=headers)
                     return conn, conn.getresponse()
@@ -157,9 +242,10 @@ class KubeClient:
                         raise
             raise AssertionError("unreachable")
         except (OSError, http.client.HTTPException) as exc:
+            self._drop_idle()
             raise ApiError(0, "%s %s%s: %s" % (method, self.host, url, exc)) from exc
 
-    def _call(self, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None,
+    def _call(self, method: str, path: str, needs: str, query: dict[str, Any] | None = None, body: Any = None,
               content_type: str | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
         conn, resp = self._request(method, path, query, data, content_type, REQUEST_TIMEOUT)
@@ -167,19 +253,19 @@ class KubeClient:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            self._drop_idle()
             raise ApiError(0, "%s %s: %s" % (method, path, exc)) from exc
         if resp.will_close:
             conn.close()
         else:
             with self._lock:
                 self._idle.append(conn)
+        if not 200 <= resp.status < 300:
+            raise self._error(resp, raw, needs)
         try:
             doc = json.loads(raw)
         except ValueError:
             doc = None
-        if not 200 <= resp.status < 300:
-            message = doc.get("message") if isinstance(doc, dict) else None
-            raise ApiError(resp.status, message or "%d %s" % (resp.status, resp.reason))
         if not isinstance(doc, dict):
             raise ApiError(resp.status, "invalid JSON from the API server for %s %s" % (method, path))
         return doc
@@ -191,27 +277,33 @@ class KubeClient:
             query["continue"] = cont
         if field_selector:
             query["fieldSelector"] = field_selector
-        return self._call("GET", "/api/v1/nodes", query)
+        return self._call("GET", "/api/v1/nodes", NODES_ACCESS, query)
 
     def watch_nodes(self, resource_version: str, timeout_seconds: int) -> Iterator[dict[str, Any]]:
         """The watch events after ``resource_version``, one dict each, until the server ends the stream.
 
-        The read timeout exceeds the server-side timeout, so a dead connection cannot hang the watch.
+        Each watch has a connection of its own. A read times out after WATCH_READ_TIMEOUT without
+        a line (bookmarks included), and the kernel ends a connection whose peer went silent
+        within KEEPALIVE_IDLE + USER_TIMEOUT, so a dead connection cannot hang the watch.
         """
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": timeout_seconds}
-        conn, resp = self._request("GET", "/api/v1/nodes", query, None, None, timeout_seconds + 30)
+        conn, resp = self._request("GET", "/api/v1/nodes", query, None, None, WATCH_READ_TIMEOUT, fresh=True)
         try:
             if resp.status != 200:
                 try:
-                    message = json.loads(resp.read()).get("message")
-                except (ValueError, AttributeError, OSError, http.client.HTTPException):
-                    message = None
-                raise ApiError(resp.status, message or "%d %s" % (resp.status, resp.reason))
+                    raw = resp.read()
+                except (OSError, http.client.HTTPException):
+                    raw = b""
+                raise self._error(resp, raw, NODES_ACCESS)
             while True:
                 try:
                     line = resp.readline()
+                except TimeoutError as exc:
+                    self._drop_idle()
+                    raise ApiError(0, "watch of nodes: no event or bookmark for %ds" % WATCH_READ_TIMEOUT) from exc
                 except (OSError, http.client.HTTPException) as exc:
+                    self._drop_idle()
                     raise ApiError(0, "watch of nodes: %s" % exc) from exc
                 if not line:
                     return
@@ -225,9 +317,9 @@ class KubeClient:
 
     def patch_node_status(self, name: str, patch: dict[str, Any]) -> None:
         """A strategic-merge patch of ``nodes/<name>/status``."""
-        self._call("PATCH", "/api/v1/nodes/%s/status" % name, body=patch,
+        self._call("PATCH", "/api/v1/nodes/%s/status" % name, "patch on nodes/status", body=patch,
                    content_type="application/strategic-merge-patch+json")
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
         """The pod object."""
-        return self._call("GET", "/api/v1/namespaces/%s/pods/%s" % (namespace, name))
+        return self._call("GET", "/api/v1/namespaces/%s/pods/%s" % (namespace, name), "get on pods")

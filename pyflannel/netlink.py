@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ._pyroute2 import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
 
@@ -25,6 +25,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10  # set by the kernel on the messages of a dump that changes disturbed
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
@@ -40,7 +41,11 @@ REPLACE = NLM_F_CREATE | NLM_F_REPLACE
 
 _HEADER = struct.Struct("=IHHII")
 _SEND_CHUNK = 1 << 16  # bytes of requests per sendto, then their acknowledgements are read
+DUMP_ATTEMPTS = 5  # a dump disturbed by concurrent changes is read again, up to this many times in all
+SO_RCVBUFFORCE = 33  # Linux; not in Python's socket module. Ignores rmem_max, needs CAP_NET_ADMIN
+MONITOR_RCVBUF = 1 << 22  # bytes; memory is taken only as notifications queue up
 
+T = TypeVar("T")
 Request = tuple[type, int, int, dict[str, Any], list[tuple[str, Any]]]
 """(message class, message type, extra flags, fixed fields, attributes), encoded by pyroute2."""
 
@@ -55,17 +60,25 @@ class Packed:
     body: bytes
 
 
+RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+IFF_UP = 0x1
+IFLA_IFNAME = 3
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 AF_BRIDGE = 7
+_IFINFOMSG = struct.Struct("=BxHiII")
+_IFADDRMSG = struct.Struct("=BBBBi")
 _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
 
 Deletion = tuple[str, int, str]
-"""What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst") or ("route", table, "dst/len")."""
+"""What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst"), ("route", table, "dst/len"),
+("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP."""
 
 
 def parse_attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
@@ -166,6 +179,13 @@ class NetlinkError(OSError):
         super().__init__(code, os.strerror(code).lower())
 
 
+class DumpInterrupted(NetlinkError):
+    """The kernel's tables changed during a dump (NLM_F_DUMP_INTR): the answer may be inconsistent."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EINTR)
+
+
 def request(cls: type, msg_type: int, flags: int = 0, fields: dict[str, Any] | None = None,
             attrs: list[tuple[str, Any]] | None = None) -> Request:
     """Describe one request for :meth:`Netlink.batch` or :meth:`Netlink.call`."""
@@ -173,13 +193,15 @@ def request(cls: type, msg_type: int, flags: int = 0, fields: dict[str, Any] | N
 
 
 class Netlink:
-    """A NETLINK_ROUTE socket in the process's network namespace."""
+    """A NETLINK_ROUTE socket in the process's network namespace (or ``sock``, an already bound one)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind((0, 0))
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            sock.bind((0, 0))
+        self.sock = sock
         self._seq = 0
 
     def close(self) -> None:
@@ -203,38 +225,63 @@ class Netlink:
         msg.encode()
         return self._seq, bytes(msg.data)
 
-    def _replies(self, until: int) -> Iterable[tuple[int, int, bytes, int, int]]:
-        """(sequence, errno, buffer, offset, length) for every reply up to and including the
-        acknowledgement (or dump end) of sequence ``until``; errno is 0 for a data message."""
+    def _replies(self, until: int) -> Iterable[tuple[int, int, int, bytes, int, int]]:
+        """(sequence, errno, header flags, buffer, offset, length) for every reply up to and including
+        the acknowledgement or dump end of sequence ``until``; errno is 0 for a data message, and
+        length 0 for an acknowledgement or a dump's end."""
         while True:
             buf = self.sock.recv(1 << 20)
             off = 0
             while off < len(buf):
-                length, msg_type, _, seq, _ = _HEADER.unpack_from(buf, off)
+                length, msg_type, msg_flags, seq, _ = _HEADER.unpack_from(buf, off)
                 if length < _HEADER.size:
                     raise NetlinkError(errno.EPROTO)
                 if msg_type == NLMSG_ERROR:
-                    yield seq, -struct.unpack_from("=i", buf, off + _HEADER.size)[0], buf, off, 0
+                    yield seq, -struct.unpack_from("=i", buf, off + _HEADER.size)[0], msg_flags, buf, off, 0
                     if seq == until:
                         return
                 elif msg_type == NLMSG_DONE:
+                    yield seq, 0, msg_flags, buf, off, 0
                     if seq == until:
                         return
                 else:
-                    yield seq, 0, buf, off, length
+                    yield seq, 0, msg_flags, buf, off, length
                 off += (length + 3) & ~3
 
     def _answer(self, req: Request, flags: int) -> Iterable[tuple[bytes, int, int]]:
-        """Send one request; (buffer, offset, length) of each message of its answer. Raises NetlinkError."""
+        """Send one request; (buffer, offset, length) of each message of its answer. Raises
+        NetlinkError, and DumpInterrupted once a disturbed dump has been read to its end."""
         seq, data = self._encode(req, flags)
         self.sock.send(data)
-        for rseq, code, buf, off, length in self._replies(seq):
+        interrupted = False
+        for rseq, code, msg_flags, buf, off, length in self._replies(seq):
             if rseq != seq:
                 continue
             if code:
                 raise NetlinkError(code)
+            interrupted = interrupted or bool(msg_flags & NLM_F_DUMP_INTR)
             if length:
                 yield buf, off, length
+        if interrupted:
+            raise DumpInterrupted()
+
+    def _dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
+        """A dump request; ``parse(buffer, offset, length)`` of each message of the answer, those
+        that are not None. A dump that changes disturbed is read again, not trusted."""
+        for _ in range(DUMP_ATTEMPTS - 1):
+            try:
+                return self._parse_dump(req, parse)
+            except DumpInterrupted:
+                continue
+        return self._parse_dump(req, parse)
+
+    def _parse_dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
+        found = []
+        for buf, off, length in self._answer(req, NLM_F_DUMP):
+            item = parse(buf, off, length)
+            if item is not None:
+                found.append(item)
+        return found
 
     def batch(self, requests: Sequence[Request | Packed]) -> list[int]:
         """Send every request with an acknowledgement asked for; the errno of each (0: done)."""
@@ -249,7 +296,7 @@ class Netlink:
                 chunk += data
                 i += 1
             self.sock.send(chunk)
-            for seq, code, _, _, length in self._replies(last):
+            for seq, code, _, _, _, length in self._replies(last):
                 if first <= seq <= last and not length:
                     results[seq - first] = code
         return results
@@ -260,7 +307,13 @@ class Netlink:
 
     def dump(self, req: Request) -> list[Any]:
         """A dump request; every message of the answer, decoded."""
-        return [_decode(req[0], buf, off, length) for buf, off, length in self._answer(req, NLM_F_DUMP)]
+        cls = req[0]
+        return self._dump(req, lambda buf, off, length: _decode(cls, buf, off, length))
+
+    def write_sysctl(self, key: str, value: str) -> None:
+        """Write ``/proc/sys/<key>``, of the process's (and the socket's) network namespace."""
+        with open("/proc/sys/" + key, "w") as f:
+            f.write(value)
 
     # -- the look-ups the daemon makes ----------------------------------------------------------------
 
@@ -285,15 +338,12 @@ class Netlink:
         return [m for m in found if not index or m["index"] == index]
 
     def routes(self, table: int = 254) -> list[Route]:
-        """IPv4 routes of a table. Read with :func:`_route`, not decoded whole: a node's table
+        """IPv4 routes of a table. Read with :func:`parse_route`, not decoded whole: a node's table
         holds a route for every other node, and this runs on every reconcile."""
-        found = []
-        for buf, off, length in self._answer(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}),
-                                             NLM_F_DUMP):
+        def parse(buf: bytes, off: int, length: int) -> Route | None:
             r = parse_route(buf, off + _HEADER.size, off + length)
-            if r.table == table:
-                found.append(r)
-        return found
+            return r if r.table == table else None
+        return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}), parse)
 
     def route_get(self, dst: str) -> list[Any]:
         """The route the kernel would use to reach ``dst`` (``ip route get``)."""
@@ -302,16 +352,15 @@ class Netlink:
 
     def neighbours(self, family: int, index: int) -> list[Neighbour]:
         """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries of one link, read as :meth:`routes` are."""
-        found = []
-        for buf, off, length in self._answer(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), NLM_F_DUMP):
+        def parse(buf: bytes, off: int, length: int) -> Neighbour | None:
             n = parse_neighbour(buf, off + _HEADER.size, off + length)
-            if n.ifindex == index:
-                found.append(n)
-        return found
+            return n if n.ifindex == index else None
+        return self._dump(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), parse)
 
 
 def deletions(buf: bytes) -> list[Deletion]:
-    """The neighbour, FDB and IPv4 route deletions in a buffer of rtnetlink notifications.
+    """The neighbour, FDB, IPv4 route, IPv4 address and link deletions, and the links without
+    IFF_UP, in a buffer of rtnetlink notifications.
 
     Only the few fields needed are read, so the many notifications a busy node sends cost little.
     """
@@ -331,17 +380,33 @@ def deletions(buf: bytes) -> list[Deletion]:
         elif msg_type == RTM_DELROUTE and _RTMSG.unpack_from(buf, body)[0] == socket.AF_INET:
             r = parse_route(buf, body, end)
             out.append(("route", r.table, r.dst))
+        elif msg_type == RTM_DELADDR and buf[body] == socket.AF_INET:
+            _, prefixlen, _, _, index = _IFADDRMSG.unpack_from(buf, body)
+            a = parse_attrs(buf, body + _IFADDRMSG.size, end)
+            out.append(("addr", index, "%s/%d" % (_ip(a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)), prefixlen)))
+        elif msg_type == RTM_DELLINK or (msg_type == RTM_NEWLINK and not _IFINFOMSG.unpack_from(buf, body)[3] & IFF_UP):
+            index = _IFINFOMSG.unpack_from(buf, body)[2]
+            name = parse_attrs(buf, body + _IFINFOMSG.size, end).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
+            out.append(("link" if msg_type == RTM_DELLINK else "down", index, name))
         off += (length + 3) & ~3
     return out
 
 
 class Monitor:
-    """Neighbour and IPv4 route notifications from the kernel, for repairing deletions at once."""
+    """Link, IPv4 address, neighbour and IPv4 route notifications from the kernel, for repairing
+    deletions at once.
 
-    def __init__(self) -> None:
+    The receive buffer is raised with SO_RCVBUFFORCE, which plain SO_RCVBUF's cap (rmem_max,
+    208 KiB by default) does not limit; without CAP_NET_ADMIN it is SO_RCVBUF's best.
+    """
+
+    def __init__(self, rcvbuf: int = MONITOR_RCVBUF) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
         self.sock.settimeout(1.0)
 
     def run(self, stop: threading.Event, on_deleted: Callable[[list[Deletion]], None]) -> None:

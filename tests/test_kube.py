@@ -264,3 +264,290 @@ def test_own_node_is_read_alone_before_the_list(api: FakeKubeAPI, manager: tuple
     assert sm.leases() == {} and not sm.synced.is_set()
     lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
     assert lease.subnet == IPv4Network("10.244.1.0/24")
+
+
+# -- one pod-CIDR choice, one paged listing ------------------------------------------------------
+
+def test_ipv4_pod_cidr_is_the_first_ipv4_entry() -> None:
+    assert kube.ipv4_pod_cidr(kube.NodeInfo("a", "10.244.1.0/24", (), {})) == "10.244.1.0/24"
+    assert kube.ipv4_pod_cidr(kube.NodeInfo("a", "fd00::/64", ("fd00::/64", "10.244.1.0/24", "10.244.2.0/24"), {})) \
+        == "10.244.1.0/24"
+    assert kube.ipv4_pod_cidr(kube.NodeInfo("a", "fd00::/64", (), {})) == ""
+    assert kube.ipv4_pod_cidr(kube.NodeInfo("a", "", (), {})) == ""
+
+
+def test_own_lease_takes_the_same_pod_cidr_as_the_other_nodes(
+        api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, _ = manager
+    api.add_node("k8s01")
+    api.patch_node("k8s01", {"spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "10.244.2.0/24"]}})
+    sm.fetch_own_node()
+    own = sm.own_node()
+    assert own is not None
+    lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+    assert str(lease.subnet) == kube.ipv4_pod_cidr(own) == "10.244.1.0/24"
+
+
+def test_list_nodes_pages_oldest_first(api: FakeKubeAPI, client: KubeClient) -> None:
+    for name in ("c", "a", "b"):
+        api.add_node(name)
+        time.sleep(1.05)  # creationTimestamp has whole seconds
+    pages: list[float] = []
+    nodes, rv = kube.list_nodes(client, PREFIX, page_size=2, on_page=lambda: pages.append(time.monotonic()))
+    assert [n.name for n in nodes] == ["c", "a", "b"]
+    assert len(pages) == 2 and rv == api.get_node("b")["metadata"]["resourceVersion"]
+
+
+# -- bad data from other nodes -------------------------------------------------------------------
+
+def bad_node_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == kube.__name__ and r.levelname == "WARNING"]
+
+
+def test_bad_pod_cidrs_never_become_leases(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    sm, rec = manager
+    ann = flannel_annotations
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    api.add_node("k8s02", pod_cidr="10.244.2.0/24", annotations=ann("192.168.56.12", "0a:00:00:00:00:02"))
+    stop = start(sm, rec)
+    try:
+        bad = {
+            "outside": "172.31.5.0/24", "half": "0.0.0.0/1", "whole": "10.244.0.0/16", "bigger": "10.0.0.0/8",
+            "dup": "10.244.2.0/24", "covers": "10.244.2.0/23", "inside": "10.244.2.128/25", "mine": "10.244.1.0/24",
+        }
+        for i, (name, cidr) in enumerate(bad.items()):
+            api.add_node(name, pod_cidr=cidr, annotations=ann("192.168.56.%d" % (50 + i), "0a:00:00:00:01:%02d" % i))
+        api.add_node("v6", annotations=ann("192.168.56.70", "0a:00:00:00:02:00"))
+        api.patch_node("v6", {"spec": {"podCIDR": "fd00::/64", "podCIDRs": ["fd00::/64"]}})
+        api.add_node("k8s03", pod_cidr="10.244.3.0/24", annotations=ann("192.168.56.13", "0a:00:00:00:00:03"))
+        rec.wait_for("k8s03")
+        assert sorted(sm.leases()) == ["k8s02", "k8s03"]
+        assert sm.lease_of("k8s02").subnet == IPv4Network("10.244.2.0/24")
+        warnings = bad_node_warnings(caplog)
+        assert 'Ignoring node "outside": its pod CIDR 172.31.5.0/24 (spec.podCIDR) is outside the Network ' \
+               '10.244.0.0/16' in warnings
+        assert 'Ignoring node "whole": its pod CIDR 10.244.0.0/16 (spec.podCIDR) is the whole Network 10.244.0.0/16' \
+            in warnings
+        assert 'Ignoring node "dup": its pod CIDR 10.244.2.0/24 (spec.podCIDR) overlaps the pod CIDR of node ' \
+               '"k8s02", which held it first' in warnings
+        assert 'Ignoring node "mine": its pod CIDR 10.244.1.0/24 (spec.podCIDR) overlaps the pod CIDR of this node' \
+            in warnings
+        for name in ("half", "bigger", "covers", "inside"):
+            assert sum('"%s"' % name in w for w in warnings) == 1, warnings
+
+        # A relist (410 Gone) says nothing again and changes nothing.
+        before = len(bad_node_warnings(caplog))
+        lists = api.count("GET", "/api/v1/nodes?limit")
+        api.fail_next("GET", r"watch=", status=410, message="too old resource version")
+        api.drop_watches()
+        deadline = time.monotonic() + 10
+        while api.count("GET", "/api/v1/nodes?limit") == lists:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        api.add_node("k8s04", pod_cidr="10.244.4.0/24", annotations=ann("192.168.56.14", "0a:00:00:00:00:04"))
+        rec.wait_for("k8s04")
+        assert len(bad_node_warnings(caplog)) == before
+        assert sorted(sm.leases()) == ["k8s02", "k8s03", "k8s04"]
+
+        # The first holder goes: the node that claimed the same subnet first after it takes it over.
+        api.delete_node("k8s02")
+        rec.wait_for("dup")
+        assert sm.lease_of("dup").subnet == IPv4Network("10.244.2.0/24")
+        assert sm.lease_of("k8s02") is None and sm.lease_of("covers") is None and sm.lease_of("inside") is None
+    finally:
+        stop.set()
+
+
+def test_a_node_that_takes_this_nodes_subnet_later_loses_it(
+        api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, rec = manager
+    api.add_node("k8s02", pod_cidr="10.244.1.0/24", annotations=flannel_annotations("192.168.56.12", "0a:00:00:00:00:02"))
+    api.add_node("k8s01")
+    stop = start(sm, rec)
+    try:
+        assert sorted(sm.leases()) == ["k8s02"]  # this node has no pod CIDR yet
+        api.set_pod_cidr("k8s01", "10.244.1.0/24")
+        rec.wait_for("k8s02")
+        assert sm.leases() == {}
+    finally:
+        stop.set()
+
+
+# -- this node's public-ip-overwrite -------------------------------------------------------------
+
+def test_public_ip_overwrite_that_is_not_an_ip_is_ignored(
+        api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder], caplog: pytest.LogCaptureFixture) -> None:
+    sm, rec = manager
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24", annotations={PREFIX + "public-ip-overwrite": "garbage"})
+    stop = start(sm, rec)
+    try:
+        for _ in range(3):
+            lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            assert lease.public_ip == IPv4Address("192.168.56.11")
+        assert api.get_node("k8s01")["metadata"]["annotations"][PREFIX + "public-ip"] == "192.168.56.11"
+        assert bad_node_warnings(caplog) == [
+            'Ignoring annotation flannel.alpha.coreos.com/public-ip-overwrite="garbage" of this node: it is not an '
+            'IPv4 address; advertising 192.168.56.11']
+    finally:
+        stop.set()
+
+
+# -- API pressure and errors ---------------------------------------------------------------------
+
+def test_backoff_is_exponential_with_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    backoff = kube._Backoff()
+    delays = [backoff.next() for _ in range(200)]
+    caps = [min(kube.INITIAL_BACKOFF * 2 ** i, kube.MAX_BACKOFF) for i in range(200)]
+    assert all(0 <= d <= c for d, c in zip(delays, caps))
+    assert len(set(delays)) == len(delays) and max(delays[10:]) > kube.MAX_BACKOFF / 2
+    backoff.reset()
+    assert backoff.next() <= kube.INITIAL_BACKOFF
+    assert kube.PROGRESS_BOUND == 130.0
+
+
+def test_429_retry_after_is_honoured(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetManager, Recorder]) -> None:
+    sm, rec = manager
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    stop = start(sm, rec)
+    try:
+        api.fail_next("GET", r"watch=", status=429, retry_after=2, message="too many requests, please try again later")
+        watches = api.count("GET", "/api/v1/nodes?watch")
+        api.drop_watches()
+        deadline = time.monotonic() + 5
+        while api.count("GET", "/api/v1/nodes?watch") < watches + 1:  # the one that gets the 429
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = time.monotonic()
+        while api.count("GET", "/api/v1/nodes?watch") < watches + 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waited = time.monotonic() - refused
+        print("retried %.2fs after a 429 with Retry-After: 2" % waited)
+        assert waited >= 1.9
+        api.add_node("k8s02", pod_cidr="10.244.2.0/24", annotations=flannel_annotations("192.168.56.12", "0a:00:00:00:00:02"))
+        rec.wait_for("k8s02")
+    finally:
+        stop.set()
+
+
+def test_forbidden_and_unauthorized_are_said_once(api: FakeKubeAPI, client: KubeClient, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(kube, "MAX_BACKOFF", 0.05)
+    api.add_node("k8s01", pod_cidr="10.244.1.0/24")
+    forbidden = 'nodes is forbidden: User "system:serviceaccount:kube-flannel:flannel" cannot list resource ' \
+                '"nodes" in API group "" at the cluster scope'
+    api.fail_next("GET", r"limit=", status=403, count=5, message=forbidden)
+    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, NETWORK, Recorder())
+    stop = threading.Event()
+    threading.Thread(target=sm.run, args=(stop,), daemon=True).start()
+    try:
+        sm.wait_synced(stop, timeout=10)
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == ["Failed to list nodes: %s: forbidden: the user of %s needs list and watch on nodes "
+                          "(ClusterRole flannel)" % (forbidden, tmp_path / "kubeconfig")]
+    finally:
+        stop.set()
+    with pytest.raises(ApiError) as exc:
+        KubeClient(kube_api_url=api.url).list_nodes(1)
+    assert str(exc.value) == "Unauthorized: this client sent no credentials; give it a --kubeconfig-file"
+
+
+def test_connections_have_timeouts_and_keepalive(api: FakeKubeAPI, client: KubeClient) -> None:
+    import socket
+
+    from pyflannel import kubeclient
+
+    seen: list[float | None] = []
+    conn = kubeclient._HTTPConnection(api.url.removeprefix("http://"), timeout=42)
+    kubeclient._open(conn, lambda: (seen.append(conn.timeout), http_connect(conn)))
+    assert seen == [kubeclient.CONNECT_TIMEOUT]  # the timeout in force while connecting
+    sock = conn.sock
+    assert sock.gettimeout() == 42
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == kubeclient.KEEPALIVE_IDLE
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == kubeclient.USER_TIMEOUT * 1000
+    conn.close()
+
+
+def http_connect(conn: object) -> None:
+    import http.client
+
+    http.client.HTTPConnection.connect(conn)  # type: ignore[arg-type]
+
+
+def test_progress_advances_with_bookmarks(client: KubeClient, tmp_path: Path) -> None:
+    server = FakeKubeAPI(token="t0ken", bookmark_interval=0.2)
+    server.start()
+    try:
+        cfg = tmp_path / "kubeconfig2"
+        cfg.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+            "users": [{"name": "u", "user": {"token": "t0ken"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        }))
+        server.add_node("k8s01", pod_cidr="10.244.1.0/24")
+        rec = Recorder()
+        sm = kube.KubeSubnetManager(KubeClient(kubeconfig_file=str(cfg)), "k8s01", KEYS, PREFIX, NETWORK, rec)
+        stop = start(sm, rec)
+        try:
+            first = sm.progress
+            time.sleep(1)
+            assert sm.progress > first and time.monotonic() - sm.progress < 0.5
+        finally:
+            stop.set()
+    finally:
+        server.stop()
+
+
+# -- in-cluster over HTTPS -----------------------------------------------------------------------
+
+def test_in_cluster_https_with_a_rotating_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools.kubeapi import make_test_certs, tls_context
+
+    ca, cert, key = make_test_certs(str(tmp_path))
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "ca.crt").write_bytes(Path(ca).read_bytes())
+    (sa / "token").write_text("token-1\n")
+    server = FakeKubeAPI(token="token-1")
+    url = server.start(tls=tls_context(cert, key))
+    try:
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", url.rsplit(":", 1)[1])
+        server.add_node("k8s01", pod_cidr="10.244.1.0/24")
+        client = KubeClient(service_account=str(sa))
+        assert client.host == url
+        rec = Recorder()
+        sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, NETWORK, rec)
+        stop = start(sm, rec)
+        try:
+            server.add_node("k8s02", pod_cidr="10.244.2.0/24",
+                            annotations=flannel_annotations("192.168.56.12", "0a:00:00:00:00:02"))
+            rec.wait_for("k8s02")
+            # The kubelet rotates the token; from now on the server takes only the new one.
+            new = sa / "token.new"
+            new.write_text("token-2\n")
+            new.rename(sa / "token")
+            server.token = "token-2"
+            server.drop_watches()
+            server.add_node("k8s03", pod_cidr="10.244.3.0/24",
+                            annotations=flannel_annotations("192.168.56.13", "0a:00:00:00:00:03"))
+            rec.wait_for("k8s03", timeout=10)
+            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            assert server.get_node("k8s01")["metadata"]["annotations"][PREFIX + "public-ip"] == "192.168.56.11"
+        finally:
+            stop.set()
+    finally:
+        server.stop()
+    bad = FakeKubeAPI(token="other")
+    url = bad.start(tls=tls_context(cert, key))
+    try:
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", url.rsplit(":", 1)[1])
+        with pytest.raises(ApiError) as exc:
+            KubeClient(service_account=str(sa)).list_nodes(1)
+        assert str(exc.value) == "Unauthorized: the token at %s was refused" % (sa / "token")
+    finally:
+        bad.stop()

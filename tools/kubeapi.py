@@ -3,9 +3,10 @@
 It serves the node and pod endpoints flannel uses over plain HTTP with the apiserver's
 semantics: paged lists, chunked watch streams that resume from a resourceVersion (or answer
 410 Expired once the history is gone), bookmarks, strategic-merge patches of ``nodes/<name>/status``
-and Status error bodies. Tests drive the state and inject faults through ``FakeKubeAPI``.
+and Status error bodies, over HTTP or HTTPS (``make_test_certs`` makes a test CA). Tests drive the
+state and inject faults through ``FakeKubeAPI``.
 
-Standard library only.
+Standard library only (and the ``openssl`` command for test certificates).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import socket
 import socketserver
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -43,10 +47,11 @@ _STOP_JOIN_TIMEOUT = 0.8
 
 
 class _ApiError(Exception):
-    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+    def __init__(self, code: int, message: str, reason: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason or _REASONS.get(code, "Unknown")
+        self.retry_after = retry_after
 
 
 def _dumps(obj: Any) -> bytes:
@@ -210,7 +215,8 @@ def _shutdown(sock: socket.socket) -> None:
 
 def _client_gone(sock: socket.socket) -> bool:
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        # socket.socket's recv, also on a TLS socket: a peek at the raw stream
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
     except OSError:
@@ -222,6 +228,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(5)
+            self.request.do_handshake()  # here, in the connection's thread, not in the accepting one
+            self.request.settimeout(None)
         super().setup()
         # Each reply and each watch chunk is written whole; Nagle would only delay them.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -241,9 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
-    def reply(self, code: int, body: bytes) -> None:
+    def reply(self, code: int, body: bytes, retry_after: int | None = None) -> None:
         head = "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n" % (
             code, self.responses.get(code, ("",))[0], len(body), self.date_time_string())
+        if retry_after is not None:
+            head += "Retry-After: %d\r\n" % retry_after
         if self.close_connection:
             head += "Connection: close\r\n"
         self.wfile.write(head.encode("latin-1") + b"\r\n" + body)
@@ -263,11 +275,18 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, sock: socket.socket, api: FakeKubeAPI) -> None:
+    def __init__(self, sock: socket.socket, api: FakeKubeAPI, tls: ssl.SSLContext | None) -> None:
         # BaseServer, not HTTPServer: the socket is bound already and getfqdn() could stall on DNS.
         socketserver.BaseServer.__init__(self, sock.getsockname(), _Handler)
         self.socket = sock
         self.api = api
+        self.tls = tls
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = self.socket.accept()
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], OSError):  # a client hanging up is routine
@@ -302,20 +321,21 @@ class FakeKubeAPI:
 
     # ----- lifecycle
 
-    def start(self, sock: socket.socket | None = None, host: str = "127.0.0.1", port: int = 0) -> str:
+    def start(self, sock: socket.socket | None = None, host: str = "127.0.0.1", port: int = 0,
+              tls: ssl.SSLContext | None = None) -> str:
         """Serve in a daemon thread on ``sock`` (bound already) or on host:port; returns the base URL.
 
-        The URL names the address the socket is bound to.
+        The URL names the address the socket is bound to; with ``tls`` (a server context) it is https.
         """
         self._closing = False
         if sock is None:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-        self._server = _Server(sock, self)
+        self._server = _Server(sock, self, tls)
         self._server.server_activate()
         bound_host, bound_port = sock.getsockname()[:2]
-        self.url = "http://%s:%d" % ("[%s]" % bound_host if ":" in bound_host else bound_host, bound_port)
+        self.url = "%s://%s:%d" % ("https" if tls else "http","[%s]" % bound_host if ":" in bound_host else bound_host, bound_port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="kubeapi", daemon=True)
         self._thread.start()
@@ -418,11 +438,13 @@ class FakeKubeAPI:
 
     # ----- fault injection and accounting
 
-    def fail_next(self, method: str, path_regex: str, status: int = 500, count: int = 1) -> None:
+    def fail_next(self, method: str, path_regex: str, status: int = 500, count: int = 1,
+                  message: str = "injected failure", retry_after: int | None = None) -> None:
         """Answer the next ``count`` requests whose method matches and whose path with query matches
-        ``path_regex`` (re.search) with ``status`` and a Status body."""
+        ``path_regex`` (re.search) with ``status`` and a Status body with ``message`` (and a
+        ``Retry-After`` header if given)."""
         with self._cond:
-            self._failures.append([method.upper(), re.compile(path_regex), status, count])
+            self._failures.append([method.upper(), re.compile(path_regex), status, count, message, retry_after])
 
     def compact(self) -> None:
         """Forget the watch history: resuming from any older resourceVersion gets 410 Expired."""
@@ -538,7 +560,7 @@ class FakeKubeAPI:
                         rule[3] -= 1
                         if not rule[3]:
                             self._failures.remove(rule)
-                        raise _ApiError(rule[2], "injected failure")
+                        raise _ApiError(rule[2], rule[4], retry_after=rule[5])
             url = urlsplit(h.path)
             query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
@@ -547,7 +569,8 @@ class FakeKubeAPI:
                 return
             code, body = self._route(method, parts, query, raw, h.headers.get("Content-Type", ""))
         except _ApiError as exc:
-            code, body = exc.code, _dumps(_status(exc.code, str(exc), exc.reason))
+            h.reply(exc.code, _dumps(_status(exc.code, str(exc), exc.reason)), exc.retry_after)
+            return
         h.reply(code, body)
 
     def _route(self, method: str, parts: list[str], query: dict[str, str], raw: bytes,
@@ -717,3 +740,32 @@ def _decode_continue(token: str) -> tuple[int, str]:
         return int(data["rv"]), str(data["start"])
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise _ApiError(400, "continue key is not valid: %s" % exc) from None
+
+
+def make_test_certs(directory: str, ip: str = "127.0.0.1") -> tuple[str, str, str]:
+    """A test CA and a server certificate for ``ip`` signed by it, made with ``openssl`` in ``directory``.
+
+    Returns the paths of the CA certificate, the server certificate and its key.
+    """
+    ca_key, ca, key, csr, cert = (os.path.join(directory, n) for n in ("ca.key", "ca.crt", "server.key",
+                                                                       "server.csr", "server.crt"))
+    ext = os.path.join(directory, "server.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n" % ip)
+    for cmd in (
+        ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", ca_key,
+         "-out", ca, "-days", "2", "-subj", "/CN=kubeapi-test-ca"],
+        ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
+         "-out", csr, "-subj", "/CN=kube-apiserver"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+         "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *cmd], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context for ``FakeKubeAPI.start(tls=...)``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx

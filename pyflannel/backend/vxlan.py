@@ -22,7 +22,7 @@ from ..config import VXLANConfig
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
-from ..netlink import (CREATE, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
+from ..netlink import (CREATE, IFF_UP, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
                        RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Packed, neighbour_request, request, route_request)
 from .._pyroute2 import ifaddrmsg, ifinfmsg
 
@@ -34,9 +34,11 @@ RTNH_F_ONLINK = 0x04
 RTPROT_BOOT = 3
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
-IFF_UP = 0x1
 MAIN_TABLE = 254
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+DEFAULT_PORT = 8472  # the kernel's VXLAN port when none is given (flannel's Port 0)
+_DEVICE_NEWS = ("link", "down", "addr")  # the notifications about a link, among netlink.deletions()
+_NO_DEVICE = (errno.ENODEV, errno.ENETDOWN)  # a request refused because the device is gone or down
 
 
 class DeviceError(Exception):
@@ -75,25 +77,101 @@ def backend_data(vni: int, mac: str) -> str:
     return json.dumps({"VNI": vni, "VtepMAC": mac}, separators=(",", ":"))
 
 
-def _vxlan_data(link: Any) -> tuple[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class VXLANLink:
+    """A link as the kernel reports it, with the fields flannel compares and ``diagnose`` shows."""
+
+    name: str
+    index: int
+    mac: str
+    up: bool
+    mtu: int
+    kind: str  # "vxlan", another link type, or "" when the kernel reports none
+    data: dict[str, Any]  # the IFLA_VXLAN_* attributes
+
+    @property
+    def port(self) -> int:
+        """The UDP port: the kernel reports it always; a device made without one has 8472."""
+        return int(self.data.get("IFLA_VXLAN_PORT") or DEFAULT_PORT)
+
+
+def device_name(vni: int) -> str:
+    """The VXLAN device's name: ``flannel.<VNI>``."""
+    return "flannel.%d" % vni
+
+
+def read_link(link: Any) -> VXLANLink:
+    """The fields of a link message (pyroute2's ``ifinfmsg``) that describe a VXLAN device."""
     info = link.get_attr("IFLA_LINKINFO")
-    if info is None:
-        return "", {}
-    data = info.get_attr("IFLA_INFO_DATA")
-    attrs = dict(data["attrs"]) if data is not None else {}
-    return info.get_attr("IFLA_INFO_KIND") or "", attrs
+    kind, data = "", {}
+    if info is not None:
+        kind = info.get_attr("IFLA_INFO_KIND") or ""
+        found = info.get_attr("IFLA_INFO_DATA")
+        data = dict(found["attrs"]) if found is not None else {}
+    return VXLANLink(link.get_attr("IFLA_IFNAME") or "", int(link["index"]), link.get_attr("IFLA_ADDRESS") or "",
+                     bool(link["flags"] & IFF_UP), int(link.get_attr("IFLA_MTU") or 0), kind, data)
+
+
+def device_attributes(cfg: VXLANConfig, ext: ExternalInterface) -> list[tuple[str, Any]]:
+    """The IFLA_VXLAN_* attributes flanneld gives a new device: no group, no ageing, no MTU (the kernel
+    derives the external interface's less 50), the port only when set, GBP only when on."""
+    data: list[tuple[str, Any]] = [
+        ("IFLA_VXLAN_ID", cfg.vni), ("IFLA_VXLAN_LINK", ext.index),
+        ("IFLA_VXLAN_LOCAL", str(ext.iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
+        ("IFLA_VXLAN_LEARNING", int(cfg.learning)), ("IFLA_VXLAN_PROXY", 0), ("IFLA_VXLAN_RSC", 0),
+        ("IFLA_VXLAN_L2MISS", 0), ("IFLA_VXLAN_L3MISS", 0), ("IFLA_VXLAN_UDP_ZERO_CSUM6_TX", 0),
+        ("IFLA_VXLAN_UDP_ZERO_CSUM6_RX", 0),
+    ]
+    if cfg.port > 0:
+        data.append(("IFLA_VXLAN_PORT", cfg.port))
+    if cfg.gbp:
+        data.append(("IFLA_VXLAN_GBP", True))
+    return data
+
+
+def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface) -> str:
+    """Why an existing device cannot be reused, in flanneld's words (``vni: 2 vs 1``), or '' when it
+    can. Learning, MAC and MTU are not compared, as in flanneld."""
+    d = link.data
+    if link.kind != "vxlan":
+        return "link type: %s vs vxlan" % link.kind
+    if d.get("IFLA_VXLAN_ID") != cfg.vni:
+        return "vni: %s vs %d" % (d.get("IFLA_VXLAN_ID"), cfg.vni)
+    if d.get("IFLA_VXLAN_LINK") and d.get("IFLA_VXLAN_LINK") != ext.index:
+        return "vtep (external) interface: %s vs %d" % (d.get("IFLA_VXLAN_LINK"), ext.index)
+    local = d.get("IFLA_VXLAN_LOCAL")
+    if local and IPv4Address(local) != ext.iface_addr:
+        return "vtep (external) IP: %s vs %s" % (local, ext.iface_addr)
+    if d.get("IFLA_VXLAN_GROUP"):
+        return "vtep group: %s vs <nil>" % d.get("IFLA_VXLAN_GROUP")
+    if d.get("IFLA_VXLAN_L2MISS"):
+        return "l2miss: true vs false"
+    port = d.get("IFLA_VXLAN_PORT") or 0
+    if cfg.port and port and port != cfg.port:
+        return "port: %d vs %d" % (port, cfg.port)
+    if ("IFLA_VXLAN_GBP" in d) != cfg.gbp:
+        return "gbp: %s vs %s" % (str("IFLA_VXLAN_GBP" in d).lower(), str(cfg.gbp).lower())
+    return ""
 
 
 class VXLANBackend:
-    """The device and the per-node kernel entries."""
+    """The device and the per-node kernel entries.
+
+    The device is watched as the entries are: a notification that it went, went down or lost its
+    address, a full reconcile, or a request refused for want of it, looks at it first and restores
+    it (with the MAC this node advertises, so the other nodes need not change anything), then every
+    entry on it. While it cannot be restored :attr:`device_ok` is False and no entry is sent.
+    """
 
     def __init__(self, nl: Netlink, cfg: VXLANConfig, ext: ExternalInterface, network: IPv4Network) -> None:
         self.nl = nl
         self.cfg = cfg
         self.ext = ext
         self.network = network
-        self.name = "flannel.%d" % cfg.vni
+        self.name = device_name(cfg.vni)
         self.device: Device | None = None
+        self.device_ok = False  # flannel.<VNI> is there, up and configured (from configure_device on)
+        self._device_error = ""  # the last failure to restore the device, logged once
         self.own_subnet: IPv4Network | None = None
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
         self._keys: dict[tuple[str, str], str] = {}  # each kernel entry of `applied` -> its node
@@ -108,80 +186,51 @@ class VXLANBackend:
 
     # -- the device --------------------------------------------------------------------------------
 
-    def _incompatibility(self, link: Any) -> str:
-        kind, d = _vxlan_data(link)
-        if kind != "vxlan":
-            return "link type: %s vs vxlan" % kind
-        if d.get("IFLA_VXLAN_ID") != self.cfg.vni:
-            return "vni: %s vs %d" % (d.get("IFLA_VXLAN_ID"), self.cfg.vni)
-        if d.get("IFLA_VXLAN_LINK") and d.get("IFLA_VXLAN_LINK") != self.ext.index:
-            return "vtep (external) interface: %s vs %d" % (d.get("IFLA_VXLAN_LINK"), self.ext.index)
-        local = d.get("IFLA_VXLAN_LOCAL")
-        if local and IPv4Address(local) != self.ext.iface_addr:
-            return "vtep (external) IP: %s vs %s" % (local, self.ext.iface_addr)
-        if d.get("IFLA_VXLAN_GROUP"):
-            return "vtep group: %s vs <nil>" % d.get("IFLA_VXLAN_GROUP")
-        if d.get("IFLA_VXLAN_L2MISS"):
-            return "l2miss: true vs false"
-        port = d.get("IFLA_VXLAN_PORT") or 0
-        if self.cfg.port and port and port != self.cfg.port:
-            return "port: %d vs %d" % (port, self.cfg.port)
-        if ("IFLA_VXLAN_GBP" in d) != self.cfg.gbp:
-            return "gbp: %s vs %s" % (str("IFLA_VXLAN_GBP" in d).lower(), str(self.cfg.gbp).lower())
-        return ""
-
     def create_device(self, mac_hint: str = "") -> Device:
         """Create ``flannel.<VNI>``, or reuse a compatible existing one with its MAC.
 
         A new device takes ``mac_hint`` (the MAC this node last advertised), so a device lost to a
         reboot comes back with the MAC the other nodes already know.
         """
-        nl = self.nl
         try:
-            link = nl.link(name=self.name)
+            link = self.nl.link(name=self.name)
             if link is not None:
-                reason = self._incompatibility(link)
+                found = read_link(link)
+                reason = incompatibility(found, self.cfg, self.ext)
                 if not reason:
                     log.log(V(1), "VXLAN device already exists")
-                    self.device = Device(self.name, link["index"], link.get_attr("IFLA_ADDRESS"))
+                    self.device = Device(self.name, found.index, found.mac)
                     return self.device
                 log.warning('"%s" already exists with incompatible configuration: %s; recreating device',
                             self.name, reason)
-                nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": link["index"]}))
-            data: list[tuple[str, Any]] = [
-                ("IFLA_VXLAN_ID", self.cfg.vni), ("IFLA_VXLAN_LINK", self.ext.index),
-                ("IFLA_VXLAN_LOCAL", str(self.ext.iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
-                ("IFLA_VXLAN_LEARNING", int(self.cfg.learning)), ("IFLA_VXLAN_PROXY", 0), ("IFLA_VXLAN_RSC", 0),
-                ("IFLA_VXLAN_L2MISS", 0), ("IFLA_VXLAN_L3MISS", 0), ("IFLA_VXLAN_UDP_ZERO_CSUM6_TX", 0),
-                ("IFLA_VXLAN_UDP_ZERO_CSUM6_RX", 0),
-            ]
-            if self.cfg.port > 0:
-                data.append(("IFLA_VXLAN_PORT", self.cfg.port))
-            if self.cfg.gbp:
-                data.append(("IFLA_VXLAN_GBP", True))
-            nl.call(request(ifinfmsg, RTM_NEWLINK, CREATE, attrs=[
-                ("IFLA_IFNAME", self.name), ("IFLA_ADDRESS", mac_hint or random_mac()),
-                ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]}),
-            ]))
-            link = nl.link(name=self.name)
+                self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
+            self.device = self._create(mac_hint or random_mac())
         except OSError as exc:
             raise DeviceError(_errstr(exc)) from exc
+        return self.device
+
+    def _create(self, mac: str) -> Device:
+        """Add the device as flanneld does, with flanneld's transmit queue length of 0 too."""
+        self.nl.call(request(ifinfmsg, RTM_NEWLINK, CREATE, attrs=[
+            ("IFLA_IFNAME", self.name), ("IFLA_TXQLEN", 0), ("IFLA_ADDRESS", mac),
+            ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"),
+                                         ("IFLA_INFO_DATA", {"attrs": device_attributes(self.cfg, self.ext)})]}),
+        ]))
+        link = self.nl.link(name=self.name)
         if link is None:
             raise DeviceError("%s vanished right after it was created" % self.name)
         try:
-            with open("/proc/sys/net/ipv6/conf/%s/accept_ra" % self.name, "w") as f:
-                f.write("0")
+            self.nl.write_sysctl("net/ipv6/conf/%s/accept_ra" % self.name, "0")
         except OSError:
             pass
-        self.device = Device(self.name, link["index"], link.get_attr("IFLA_ADDRESS"))
-        return self.device
+        return Device(self.name, link["index"], link.get_attr("IFLA_ADDRESS"))
 
     def configure_device(self, subnet: IPv4Network) -> None:
         """Give the device ``<subnet network address>/32`` (and no other address in the network), and bring it up."""
         assert self.device is not None
         idx = self.device.index
         self.own_subnet = subnet
-        want = IPv4Interface((subnet.network_address, 32))
+        want = _device_address(subnet)
         try:
             present = False
             for m in self.nl.addresses(idx):
@@ -203,6 +252,88 @@ class VXLANBackend:
         except OSError as exc:
             raise DeviceError("failed to configure interface %s: failed to set interface %s to UP state: %s"
                               % (self.name, self.name, _errstr(exc))) from exc
+        self.device_ok = True
+
+    def _device_problem(self) -> str:
+        """What is wrong with the device, read from the kernel (its link and the addresses), or ''."""
+        assert self.device is not None and self.own_subnet is not None
+        link = self.nl.link(name=self.name)
+        if link is None:
+            return "was deleted"
+        found = read_link(link)
+        reason = incompatibility(found, self.cfg, self.ext)
+        if reason:
+            return "was replaced by an incompatible device (%s)" % reason
+        if found.index != self.device.index:
+            return "was re-created"
+        if found.mac != self.device.mac:
+            return "has the MAC %s instead of %s" % (found.mac, self.device.mac)
+        if not found.up:
+            return "was set down"
+        want = _device_address(self.own_subnet)
+        if not any(IPv4Interface((m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"])) == want
+                   for m in self.nl.addresses(found.index)):
+            return "lost its address %s" % want
+        return ""
+
+    def _rebuild_device(self) -> None:
+        """Re-create the device if it is gone or incompatible, else take it with the MAC this node
+        advertises; then its address, and up."""
+        assert self.device is not None and self.own_subnet is not None
+        mac = self.device.mac
+        link = self.nl.link(name=self.name)
+        found = read_link(link) if link is not None else None
+        if found is not None and incompatibility(found, self.cfg, self.ext):
+            self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
+            found = None
+        if found is None:
+            self.device = self._create(mac)
+        else:
+            if found.mac != mac:
+                self.nl.call(request(ifinfmsg, RTM_NEWLINK, fields={"index": found.index},
+                                     attrs=[("IFLA_ADDRESS", mac)]))
+            self.device = Device(self.name, found.index, mac)
+        self.configure_device(self.own_subnet)
+
+    def _repair_device(self, problem: str) -> int:
+        """Restore the device and then every entry on it (a new device has a new index, and a device
+        set down loses its routes and neighbours). One log line says what was wrong and what was
+        done; a failure is logged once and tried again at the next notification or reconcile.
+        Returns how many entries had drifted, as :meth:`_converge`."""
+        assert self.device is not None and self.own_subnet is not None
+        self.device_ok = False
+        for attempt in (1, 2):
+            try:
+                self._rebuild_device()
+                break
+            except (OSError, DeviceError) as exc:
+                if attempt == 1 and _errno(exc.__cause__ or exc) == errno.ENODEV:
+                    # The kernel finished deleting it while we looked: look again.
+                    problem = self._device_problem() or problem
+                    continue
+                error = _errstr(exc) if isinstance(exc, OSError) else str(exc)
+                if error != self._device_error:
+                    log.error("%s %s and could not be restored: %s", self.name, problem, error)
+                    self._device_error = error
+                return 0
+        self._device_error = ""
+        metrics.REPAIRS.inc()
+        repairs = self._converge(self._desired())
+        log.warning("%s %s; restored it (MAC %s, address %s, up) and the kernel entries of %d nodes",
+                    self.name, problem, self.device.mac, _device_address(self.own_subnet), len(self.applied))
+        return repairs
+
+    def _check(self) -> int:
+        """Look at the device, restore it if needed, and compare every entry on it with the leases.
+        Returns how many entries had drifted, as :meth:`_converge`."""
+        problem = self._device_problem()
+        if problem:
+            return self._repair_device(problem)
+        self.device_ok = True
+        repairs = self._converge(self._desired())
+        if repairs:
+            log.info("Reconcile repaired %d kernel entries on %s", repairs, self.name)
+        return repairs
 
     # -- per-node entries -------------------------------------------------------------------------
 
@@ -276,14 +407,20 @@ class VXLANBackend:
         return out
 
     def _send(self, work: list[tuple[str, Packed]]) -> list[bool]:
-        """Send requests in one batch; log failures; whether each succeeded (a missing entry is deleted)."""
+        """Send requests in one batch; log failures; whether each succeeded (a missing entry is deleted).
+
+        Requests refused because the device is gone or down are not logged one by one: they mark
+        the device lost (:attr:`device_ok`), for the caller to restore it."""
         if not work:
             return []
         codes = self.nl.batch([req for _, req in work])
         ok = []
         for (what, req), code in zip(work, codes):
             deleting = req.msg_type in (RTM_DELNEIGH, RTM_DELROUTE)
-            if code and not (deleting and code in (errno.ENOENT, errno.ESRCH)):
+            if code in _NO_DEVICE:
+                self.device_ok = False
+                ok.append(deleting)
+            elif code and not (deleting and code in (errno.ENOENT, errno.ESRCH)):
                 metrics.NETLINK_ERRORS.inc()
                 log.error("%s: %s", what, os.strerror(code).lower())
                 ok.append(False)
@@ -295,18 +432,26 @@ class VXLANBackend:
         """Converge the named nodes' kernel entries to their leases (None: the node is gone).
 
         Returns the names whose entries changed. Entries that failed to program are left out of
-        :attr:`applied`, so the next reconcile tries them again.
+        :attr:`applied`, so the next reconcile tries them again. While the device is lost nothing
+        is sent for a node: the device is looked at, and its repair programs every entry.
         """
         changes: dict[str, tuple[Entry | None, Entry | None]] = {}
         for name, lease in leases.items():
             new, old = self._entry(name, lease), self.applied.get(name)
             if new != old:
                 changes[name] = (old, new)
+        if not changes:
+            return set()
+        if not self.device_ok:
+            self._check()
+            return set(changes) if self.device_ok else set()
         removals = [w for old, new in changes.values() if old is not None for w in self._remove(old, keep=new)]
         self._send(removals)
         for name in changes:
             self._forget(name)
         self._program({name: new for name, (_, new) in changes.items() if new is not None})
+        if not self.device_ok:  # it went while these were sent
+            self._check()
         return set(changes)
 
     def _program(self, entries: dict[str, Entry]) -> None:
@@ -337,27 +482,31 @@ class VXLANBackend:
 
     def restore(self, deleted: list[Deletion]) -> int:
         """Put back the entries the kernel reports deleted that the leases still want (a deletion
-        by hand, say). An empty list means notifications were lost: compare everything.
-        Returns how many entries were programmed again."""
+        by hand, say). An empty list means notifications were lost, and news of the device (gone,
+        down, an address removed) that its entries may be gone with it too: then the device is
+        looked at and everything compared. Returns how many entries were programmed again."""
         assert self.device is not None
-        if not deleted:
-            return self._converge(self.applied)
         idx = self.device.index
+        if not deleted or not self.device_ok or any(kind in _DEVICE_NEWS and where == idx for kind, where, _ in deleted):
+            return self._check()
         lost: dict[str, Entry] = {}
         for kind, where, what in deleted:
-            if (kind == "route" and where == MAIN_TABLE) or (kind != "route" and where == idx):
+            if (kind == "route" and where == MAIN_TABLE) or (kind in ("neigh", "fdb") and where == idx):
                 name = self._keys.get((kind, what))
                 if name is not None:
                     lost[name] = self.applied[name]
         self._program(lost)
+        if not self.device_ok:  # it went while these were sent
+            return self._check()
         if lost:
             metrics.REPAIRS.inc(len(lost))
             log.info("Restored the kernel entries of %d nodes after they were deleted", len(lost))
         return len(lost)
 
     def reconcile(self, leases: dict[str, Lease]) -> int:
-        """Converge the kernel to ``leases``: one dump of the neighbours, FDB entries and routes,
-        then only the requests that change something (a restart with everything in place sends none).
+        """Converge the kernel to ``leases``: the device first, then one dump of the neighbours, FDB
+        entries and routes, and only the requests that change something (a restart with everything
+        in place sends none).
 
         Returns how many kernel entries had drifted: strays removed, and entries that were
         programmed once and had gone missing.
@@ -365,15 +514,16 @@ class VXLANBackend:
         metrics.RECONCILES.inc()
         for name in [n for n in self._built if n not in leases]:
             del self._built[name]
-        desired = {}
         for name, lease in leases.items():
-            e = self._entry(name, lease)
-            if e is not None:
-                desired[name] = e
-        return self._converge(desired)
+            self._entry(name, lease)
+        return self._check()
+
+    def _desired(self) -> dict[str, Entry]:
+        """The entries the current leases ask for, by node name."""
+        return {name: e for name, (_, e) in self._built.items() if e is not None}
 
     def _converge(self, desired: dict[str, Entry]) -> int:
-        desired = dict(desired)
+        """Compare the device's entries with ``desired`` and send the difference; how many had drifted."""
         strays, missing = self._compare(desired)
         drifted = sum(1 for name in missing if self.applied.get(name) == desired[name])
         for name in list(self.applied):
@@ -386,7 +536,6 @@ class VXLANBackend:
         repairs = strays + drifted
         if repairs:
             metrics.REPAIRS.inc(repairs)
-            log.info("Reconcile repaired %d kernel entries on %s", repairs, self.name)
         return repairs
 
     def _compare(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
@@ -464,11 +613,16 @@ def _route(msg_type: int, dst: str, gw: str | None, oif: int | None) -> Packed:
     return route_request(msg_type, 0, address, int(length), gw, oif, MAIN_TABLE, 0, RT_SCOPE_NOWHERE, 0, 0)
 
 
+def _device_address(subnet: IPv4Network) -> IPv4Interface:
+    """The device's address: the subnet's network address, /32, as flanneld gives it."""
+    return IPv4Interface((subnet.network_address, 32))
+
+
 def _addr_fields(idx: int, addr: IPv4Interface) -> dict[str, Any]:
     return {"family": socket.AF_INET, "prefixlen": addr.network.prefixlen, "index": idx}
 
 
-def _errno(exc: Exception) -> int:
+def _errno(exc: BaseException) -> int:
     return int(getattr(exc, "code", 0) or getattr(exc, "errno", 0) or 0)
 
 
