@@ -169,6 +169,38 @@ def test_loop_applies_node_changes_and_kernel_deletions(running: Any) -> None:
     assert backend.calls[1:] == [("restore", [("route", 254, "10.244.2.0/24")]), ("sync", {})]
 
 
+def test_loop_keeps_a_fake_kernel_converged(tmp_path: Path) -> None:
+    """The loop with the real VXLAN backend on a fake kernel: a new node is programmed, an entry
+    deleted by hand is put back, a node that goes is removed."""
+    from tests import test_vxlan
+
+    nl, backend = test_vxlan.node()
+    backend.create_device(test_vxlan.MAC)
+    backend.configure_device(test_vxlan.OWN)
+    d = make_daemon(tmp_path)
+    sm: Any = d.sm
+    sm._leases = {"k8s02": test_vxlan.lease(2)}
+    backend.reconcile(sm.leases())
+    d.backend = backend
+    thread = threading.Thread(target=d.loop, args=(d.stop,))
+    thread.start()
+    try:
+        sm._leases["k8s03"] = test_vxlan.lease(3)
+        d._on_change({"k8s03"})
+        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(2, 3))
+        nl.take_events()
+        nl.ip_route_del("10.244.2.0/24")
+        d._on_deleted(nl.take_events())  # as the kernel-events listener hands them on
+        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(2, 3))
+        del sm._leases["k8s02"]
+        d._on_change({"k8s02"})
+        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(3))
+    finally:
+        d.stop.set()
+        d._wake.set()
+        thread.join(5)
+
+
 def test_a_change_of_this_node_publishes_the_lease_again(running: Any, klog: io.StringIO) -> None:
     d, backend, _ = running
     sm = d.sm
