@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = flags.parse_or_exit_code(args, os.environ, "pyflannel")
     if isinstance(opts, int):
         return opts
-    log.setup(opts.v, opts.log_format)
+    log.setup(opts.v, opts.log_format, opts.vmodule)
     from .daemon import main as run
 
     return run(opts)

@@ -1,7 +1,9 @@
 """net-conf.json: flannel's network configuration (flanneld v0.20.2 ``subnet/config.go``).
 
 Keys are matched case-insensitively and unknown keys are ignored, as Go's ``encoding/json`` does.
-A JSON ``null`` is treated as if the key were absent.
+A JSON ``null`` is treated as if the key were absent. :func:`parse` accepts everything flanneld
+accepts; :func:`load`, which the daemon uses, then refuses what pyflannel does not implement
+(:func:`check_supported`), naming the key.
 """
 
 from __future__ import annotations
@@ -12,18 +14,26 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
-__all__ = ["SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "load", "parse"]
+__all__ = ["OVERHEAD", "SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "check_supported",
+           "default_subnet_len", "load", "parse"]
 
 SUPPORTED_BACKENDS = ("vxlan",)
+OVERHEAD = 50  # VXLAN over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+MIN_MTU, MAX_MTU = 68 + OVERHEAD, 65535  # the device's MTU must be at least IPv4's minimum, 68
 
 
 class ConfigError(ValueError):
     """net-conf.json could not be read, parsed or validated; the message is one line."""
 
+    def __init__(self, message: str) -> None:
+        # Values are quoted as given (flanneld's texts); a newline in one must not split the log line.
+        super().__init__("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                                 for c in message))
+
 
 @dataclass(frozen=True)
 class VXLANConfig:
-    """The VXLAN backend's keys from ``Backend`` (``MTU`` is HEAD's; 0 = derive from the interface)."""
+    """The VXLAN backend's keys from ``Backend`` (``MTU`` is flannel v0.21.3's; 0 = the interface's)."""
 
     vni: int = 1
     port: int = 0  # 0 = the kernel's default, 8472
@@ -31,6 +41,14 @@ class VXLANConfig:
     learning: bool = False
     direct_routing: bool = False
     mtu: int = 0
+
+    def device_mtu(self, iface_mtu: int) -> int:
+        """The MTU of ``flannel.<VNI>`` and of the pods (``FLANNEL_MTU``): ``MTU`` less the VXLAN overhead.
+
+        Without ``MTU`` the external interface's ``iface_mtu`` counts, and never more than it: the
+        kernel caps the device there, and pods above the device's MTU would lose their large packets.
+        """
+        return min(self.mtu or iface_mtu, iface_mtu) - OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,9 @@ class Config:
     backend_type: str  # lower-cased Backend.Type; "udp" when Backend is absent
     backend: dict[str, Any] = field(hash=False)  # the raw Backend object
     vxlan: VXLANConfig | None  # set when backend_type is "vxlan"
+    networks: tuple[IPv4Network, ...] = ()  # v0.20.x multi-network keys, refused by check_supported
+    ipv6_networks: tuple[IPv6Network, ...] = ()
+    enable_nftables: bool = False  # flannel v0.25's key, refused by check_supported when true
 
 
 class _FieldError(Exception):
@@ -116,6 +137,18 @@ def _cidr(version: int) -> Callable[[Any], IPv4Network | IPv6Network]:
     return decode
 
 
+def _cidr_list(version: int) -> Callable[[Any], tuple[IPv4Network | IPv6Network, ...]]:
+    """A decoder of a JSON array of CIDR strings of IP ``version``."""
+    one = _cidr(version)
+
+    def decode(value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
+        if not isinstance(value, list):
+            raise _FieldError("expected an array, got %s" % _what(value))
+        return tuple(one(item) for item in value)
+
+    return decode
+
+
 def _address(version: int) -> Callable[[Any], IPv4Address | IPv6Address]:
     """A decoder of an IP address of IP ``version`` (flannel's ``ParseIP4``/``ParseIP6``)."""
 
@@ -144,6 +177,9 @@ _TOP_LEVEL: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
         ("IPv6SubnetLen", "ipv6_subnet_len", _uint),
         ("IPv6SubnetMin", "ipv6_subnet_min", _address(6)),
         ("IPv6SubnetMax", "ipv6_subnet_max", _address(6)),
+        ("Networks", "networks", _cidr_list(4)),
+        ("IPv6Networks", "ipv6_networks", _cidr_list(6)),
+        ("EnableNFTables", "enable_nftables", _bool),
     )
 }
 _VXLAN_KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
@@ -199,6 +235,15 @@ _V6 = _Family("IPv6Network", "IPv6SubnetMin", "IPv6SubnetMax", 126, 64,
               "IPv6Network is too small. Minimum useful network prefix is /124")
 
 
+def default_subnet_len(network: IPv4Network | IPv6Network) -> int:
+    """CheckNetworkConfig's subnet length when SubnetLen is not given: 24 (IPv6: 64), or the
+    network's prefix + 2 in small networks; raises ConfigError when the network is too small."""
+    fam = _V4 if network.version == 4 else _V6
+    if network.prefixlen > fam.max_subnet_len - 2:
+        raise ConfigError(fam.too_small)
+    return max(fam.default_subnet_len, network.prefixlen + 2)
+
+
 def _derive(fam: _Family, net: IPv4Network | IPv6Network, subnet_len: int,
             lo: IPv4Address | IPv6Address | None,
             hi: IPv4Address | IPv6Address | None) -> tuple[int, Any, Any]:
@@ -208,12 +253,11 @@ def _derive(fam: _Family, net: IPv4Network | IPv6Network, subnet_len: int,
             raise _FieldError("SubnetLen must be less than /%d" % (fam.max_subnet_len + 1))
         if subnet_len < net.prefixlen + 2:
             raise _FieldError("network must be able to accommodate at least four subnets")
-    elif net.prefixlen > fam.max_subnet_len - 2:
-        raise _FieldError(fam.too_small)
-    elif net.prefixlen <= fam.default_subnet_len - 2:
-        subnet_len = fam.default_subnet_len
     else:
-        subnet_len = net.prefixlen + 2
+        try:
+            subnet_len = default_subnet_len(net)
+        except ConfigError as exc:
+            raise _FieldError(str(exc)) from None
     size = 1 << (net.max_prefixlen - subnet_len)
     first = net.network_address
     if lo is None or int(lo) == 0:
@@ -291,15 +335,20 @@ def _build(doc: Any, kube: bool) -> Config:
             raise _FieldError("Backend.VNI: %d is out of range 0..16777215" % vxlan.vni)
         if not 0 <= vxlan.port <= 0xFFFF:
             raise _FieldError("Backend.Port: %d is out of range 0..65535" % vxlan.port)
+        if vxlan.mtu and not MIN_MTU <= vxlan.mtu <= MAX_MTU:
+            raise _FieldError("Backend.MTU: %d is out of range %d..%d (or 0 for the interface's MTU)"
+                              % (vxlan.mtu, MIN_MTU, MAX_MTU))
     return Config(backend_type=backend_type, backend=backend, vxlan=vxlan, **values)
 
 
 def _parse(text: str, kube: bool, source: str | None) -> Config:
+    where = source + ": " if source else ""
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        where = source + ": " if source else ""
         raise ConfigError("error parsing subnet config: %s%s" % (where, exc)) from None
+    except RecursionError:
+        raise ConfigError("error parsing subnet config: %sarrays or objects nested too deeply" % where) from None
     try:
         return _build(doc, kube)
     except _FieldError as exc:
@@ -316,8 +365,28 @@ def parse(text: str, kube: bool = False) -> Config:
     return _parse(text, kube, None)
 
 
+def check_supported(cfg: Config) -> None:
+    """Refuse, naming the key, what flanneld accepts and pyflannel does not implement yet; raises ConfigError.
+
+    pyflannel runs IPv4-only networks: a dual-stack or IPv6-only configuration must fail at start-up
+    rather than leave the pods without IPv6.
+    """
+    if not cfg.enable_ipv4:
+        raise ConfigError('EnableIPv4: pyflannel does not support IPv6-only networks yet '
+                          '("EnableIPv4": false); run flanneld for them')
+    if cfg.enable_ipv6:
+        raise ConfigError('EnableIPv6: pyflannel does not support dual-stack networks yet ("EnableIPv6": true); '
+                          'set it to false for IPv4 only, or run flanneld')
+    for key, value in (("Networks", cfg.networks), ("IPv6Networks", cfg.ipv6_networks)):
+        if value:
+            raise ConfigError("%s: pyflannel does not support multiple networks; use Network alone" % key)
+    if cfg.enable_nftables:
+        raise ConfigError('EnableNFTables: pyflannel does not support nftables rules yet; set it to false '
+                          '(pyflannel writes iptables rules, through iptables-nft where that is the iptables in use)')
+
+
 def load(path: str, kube: bool = False) -> Config:
-    """Read ``path`` and :func:`parse` it; raises :class:`ConfigError` with flanneld's texts."""
+    """Read ``path``, :func:`parse` it and :func:`check_supported`; raises :class:`ConfigError` with flanneld's texts."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -326,4 +395,6 @@ def load(path: str, kube: bool = False) -> Config:
         reason = exc.strerror or str(exc)  # Go spells errno texts in lower case
         raise ConfigError("failed to read net conf: %s %s: %s"
                           % (op, path, reason[:1].lower() + reason[1:])) from None
-    return _parse(data.decode("utf-8", errors="replace"), kube, path)
+    cfg = _parse(data.decode("utf-8", errors="replace"), kube, path)
+    check_supported(cfg)
+    return cfg

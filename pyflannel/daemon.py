@@ -501,7 +501,7 @@ def _vtep_mac(data: str) -> str:
     """The VtepMAC in a backend-data annotation, or ''."""
     try:
         return str(json.loads(data)["VtepMAC"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return ""
 
 

@@ -22,23 +22,21 @@ from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
 from . import flags, ip, subnetfile
-from .backend.vxlan import OVERHEAD
-from .config import Config, ConfigError, VXLANConfig, load
+from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_len, load
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError
-from .subnet.kube import NodeInfo, node_info
+from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
+from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info
 
 __all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
 
-DEFAULT_VXLAN_PORT = 8472
-LIST_PAGE_SIZE = 500
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 SUBNET_ENV_KEYS = ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
 IP_FORWARD = "sys/net/ipv4/ip_forward"
 BRIDGE_NF_CALL_IPTABLES = "sys/net/bridge/bridge-nf-call-iptables"
-FLANNEL_RBAC = "nodes: get, list, watch; nodes/status: patch; pods: get"
+FLANNEL_RBAC = "nodes: list, watch; nodes/status: patch; pods: get"
 
 T = TypeVar("T")
 
@@ -141,14 +139,7 @@ class Context:
             prefix = self.keys().prefix
         except Unavailable:
             prefix = ""
-        nodes: list[NodeInfo] = []
-        cont = ""
-        while True:
-            page = client.list_nodes(LIST_PAGE_SIZE, cont)
-            nodes.extend(node_info(item, prefix) for item in page.get("items") or ())
-            cont = (page.get("metadata") or {}).get("continue") or ""
-            if not cont:
-                return nodes
+        return list_nodes(client, prefix)[0]
 
     def node_name(self) -> tuple[str, str]:
         """This node's name and where it came from, found the way the daemon finds it."""
@@ -171,15 +162,24 @@ class Context:
         return name, "the spec of pod %s/%s" % (ns, pod)
 
     def own_node(self) -> NodeInfo:
-        """This node as the API shows it."""
-        def find() -> NodeInfo:
-            name = self.node_name()[0]
-            for node in self.nodes():
-                if node.name == name:
-                    return node
-            raise _NotFound('node "%s" not found' % name)
+        """This node as the API shows it, read as the daemon reads it: a node list with a field selector
+        (flannel's RBAC grants list and watch on nodes, not get)."""
+        return self._once("own_node", "this node in the node list", self._fetch_own_node)
 
-        return self._once("own_node", "this node in the node list", find)
+    def _fetch_own_node(self) -> NodeInfo:
+        name = self.node_name()[0]
+        client = self.client()
+        try:
+            prefix = self.keys().prefix
+        except Unavailable:
+            prefix = ""
+        try:
+            page = client.list_nodes(1, field_selector="metadata.name=" + name)
+        except ApiError as exc:
+            raise Unavailable("the node list from the API server", exc) from exc
+        for item in page.get("items") or ():
+            return node_info(item, prefix)
+        raise _NotFound('node "%s" not found' % name)
 
     def interface(self) -> ip.ExternalInterface:
         """The external interface chosen by the daemon's rules; its log lines go to ``interface_log``."""
@@ -239,15 +239,12 @@ class Context:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _pod_cidr(node: NodeInfo) -> str:
-    """The IPv4 pod CIDR the daemon takes: the last IPv4 entry of podCIDRs, else podCIDR."""
-    v4 = [c for c in node.pod_cidrs if ":" not in c]
-    return v4[-1] if v4 else node.pod_cidr
-
-
 def _free_subnet(network: IPv4Network, used: list[IPv4Network]) -> IPv4Network | None:
     """The first node-sized subnet of ``network`` (/24, or prefix+2 in small networks) no node uses."""
-    prefix = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    try:
+        prefix = default_subnet_len(network)
+    except ConfigError:
+        return None
     size = 1 << (32 - prefix)
     start = int(network.network_address)
     for net in sorted(used, key=lambda n: int(n.network_address)):
@@ -265,7 +262,7 @@ def _used_subnets(nodes: list[NodeInfo]) -> list[IPv4Network]:
     used = []
     for node in nodes:
         try:
-            net = ip_network(_pod_cidr(node), strict=False)
+            net = ip_network(ipv4_pod_cidr(node), strict=False)
         except ValueError:
             continue
         if isinstance(net, IPv4Network):
@@ -294,18 +291,9 @@ def _pod_cidr_fixes(ctx: Context, names: list[str]) -> list[str]:
     return fixes
 
 
-def _vxlan_links(nl: Netlink) -> list[tuple[str, int, bool, int]]:
-    """Every VXLAN device: name, UDP port, whether it is up, MTU."""
-    links = []
-    for link in nl.links():
-        info = link.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
-            continue
-        data = info.get_attr("IFLA_INFO_DATA")
-        port = (data.get_attr("IFLA_VXLAN_PORT") if data is not None else None) or DEFAULT_VXLAN_PORT
-        links.append((link.get_attr("IFLA_IFNAME"), int(port), bool(link["flags"] & IFF_UP),
-                      int(link.get_attr("IFLA_MTU") or 0)))
-    return links
+def _vxlan_links(nl: Netlink) -> list[VXLANLink]:
+    """Every VXLAN device, as the backend reads it."""
+    return [link for link in map(read_link, nl.links()) if link.kind == "vxlan"]
 
 
 def _existing_subnet_env(ctx: Context) -> str:
@@ -361,7 +349,7 @@ def check_net_conf(ctx: Context) -> Result:
              'a minimal net-conf.json: {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'])]
     vx = ctx.vxlan()
     return "net-conf.json %s: Network %s, backend %s, VNI %d, UDP port %d" % (
-        ctx.opts.net_config_path, cfg.network, cfg.backend_type, vx.vni, vx.port or DEFAULT_VXLAN_PORT)
+        ctx.opts.net_config_path, cfg.network, cfg.backend_type, vx.vni, vx.port or DEFAULT_PORT)
 
 
 def check_api(ctx: Context) -> Result:
@@ -390,7 +378,8 @@ def _api_problem(url: str, error: Exception) -> Problem:
             "after 10 minutes." % (url, error),
             ["grant flannel's ClusterRole (%s) and bind it to the service account or user in use "
              "(the ClusterRole and ClusterRoleBinding of kube-flannel.yml)" % FLANNEL_RBAC,
-             "test it: kubectl auth can-i list nodes --as=system:serviceaccount:kube-flannel:flannel"])
+             "test it: kubectl auth can-i list nodes --as=system:serviceaccount:kube-flannel:flannel, and the same "
+             "with watch nodes"])
     if status == 401:
         return Problem(
             "the API server at %s rejects the credentials (HTTP 401): %s" % (url, error),
@@ -435,7 +424,7 @@ def check_node_name(ctx: Context) -> Result:
 def check_own_pod_cidr(ctx: Context) -> Result:
     """This node has a pod CIDR."""
     node = ctx.own_node()
-    cidr = _pod_cidr(node)
+    cidr = ipv4_pod_cidr(node)
     if cidr:
         return 'node "%s" has the pod CIDR %s' % (node.name, cidr)
     return [Problem(
@@ -450,7 +439,7 @@ def check_other_pod_cidrs(ctx: Context) -> Result:
     """The other nodes have pod CIDRs."""
     own = ctx.node_name()[0]
     others = [n for n in ctx.nodes() if n.name != own]
-    missing = [n.name for n in others if not _pod_cidr(n)]
+    missing = [n.name for n in others if not ipv4_pod_cidr(n)]
     if not missing:
         return "the other %d nodes have pod CIDRs" % len(others)
     return [Problem(
@@ -465,7 +454,7 @@ def check_pod_cidrs_in_network(ctx: Context) -> Result:
     network = ctx.config().network
     outside: list[tuple[str, str]] = []
     for node in ctx.nodes():
-        cidr = _pod_cidr(node)
+        cidr = ipv4_pod_cidr(node)
         if not cidr:
             continue
         try:
@@ -538,7 +527,7 @@ def check_subnet_env_network(ctx: Context) -> Result:
 def check_subnet_env_subnet(ctx: Context) -> Result:
     """subnet.env's FLANNEL_SUBNET is this node's pod CIDR."""
     path = _existing_subnet_env(ctx)
-    cidr = _pod_cidr(ctx.own_node())
+    cidr = ipv4_pod_cidr(ctx.own_node())
     if not cidr:
         raise Unavailable("a pod CIDR of this node", LookupError("no pod CIDR"))
     _, previous = subnetfile.read_previous(path)
@@ -633,8 +622,8 @@ def check_network_overlap(ctx: Context) -> Result:
 def check_vxlan_port(ctx: Context) -> Result:
     """The VXLAN UDP port is free, or used by flannel's own device."""
     vx = ctx.vxlan()
-    port = vx.port or DEFAULT_VXLAN_PORT
-    ours = "flannel.%d" % vx.vni
+    port = vx.port or DEFAULT_PORT
+    ours = device_name(vx.vni)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.bind(("0.0.0.0", port))
@@ -645,7 +634,7 @@ def check_vxlan_port(ctx: Context) -> Result:
         return "UDP port %d is free for %s" % (port, ours)
     finally:
         probe.close()
-    users = [(name, up) for name, p, up, _ in _vxlan_links(ctx.nl) if p == port]
+    users = [(link.name, link.up) for link in _vxlan_links(ctx.nl) if link.port == port]
     if (ours, True) in users:
         return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, ours)
     others = [name for name, up in users if up and name != ours]
@@ -662,38 +651,45 @@ def check_vxlan_port(ctx: Context) -> Result:
 
 
 def check_mtu(ctx: Context) -> Result:
-    """flannel.<VNI> and subnet.env's MTU fit the interface's MTU."""
+    """flannel.<VNI> and subnet.env's MTU fit net-conf's MTU and the interface's."""
     vx = ctx.vxlan()
     ext = ctx.interface()
-    ours = "flannel.%d" % vx.vni
-    want = ext.mtu - OVERHEAD
+    ours = device_name(vx.vni)
+    want = vx.device_mtu(ext.mtu)
+    source = "net-conf.json's MTU %d" % vx.mtu if 0 < vx.mtu < ext.mtu else "%s's MTU %d" % (ext.name, ext.mtu)
     problems = []
-    device = [mtu for name, _, _, mtu in _vxlan_links(ctx.nl) if name == ours]
+    if vx.mtu > ext.mtu:
+        problems.append(Problem(
+            "net-conf.json's Backend MTU %d is more than %s's MTU %d: pyflannel uses %d (%s and the pods %d)\n"
+            "Packets larger than the interface's MTU cannot leave the node; flanneld would give the pods MTU %d "
+            "and lose their large packets." % (vx.mtu, ext.name, ext.mtu, ext.mtu, ours, want, vx.mtu - OVERHEAD),
+            ["set \"MTU\" in net-conf.json's Backend to at most the smallest interface MTU of the nodes, or "
+             "remove it to use each node's interface MTU"]))
+    device = [link.mtu for link in _vxlan_links(ctx.nl) if link.name == ours]
     if device and device[0] > want:
         problems.append(Problem(
-            "%s has MTU %d, more than %s's MTU %d allows (%d = %d - %d bytes of VXLAN headers)\n"
+            "%s has MTU %d, more than %s allows (%d = %d - %d bytes of VXLAN headers)\n"
             "Full-size packets between pods on different nodes are dropped: pings work, large transfers "
-            "hang." % (ours, device[0], ext.name, ext.mtu, want, ext.mtu, OVERHEAD),
+            "hang." % (ours, device[0], source, want, want + OVERHEAD, OVERHEAD),
             ["ip link set dev %s mtu %d, or delete %s (ip link del %s) and restart pyflannel, which creates it "
              "again with the right MTU" % (ours, want, ours, ours),
              "then recreate the pods on this node: a pod keeps the MTU it was created with"]))
     elif device and device[0] < want:
         problems.append(Problem(
-            "%s has MTU %d, but %s's MTU %d allows %d: %s's MTU changed since %s was created"
-            % (ours, device[0], ext.name, ext.mtu, want, ext.name, ours),
+            "%s has MTU %d, but %s allows %d: the MTU changed since %s was created"
+            % (ours, device[0], source, want, ours),
             ["delete %s (ip link del %s) and restart pyflannel, which creates it again with MTU %d"
              % (ours, ours, want)]))
     env = ctx.subnet_env() or {}
     written = env.get("FLANNEL_MTU")
     if written is not None and written != str(want):
         problems.append(Problem(
-            "%s says FLANNEL_MTU=%s, but %s's MTU %d gives %d: %s's MTU changed since pyflannel started\n"
-            "Pods created from now on get MTU %s." % (ctx.opts.subnet_file, written, ext.name, ext.mtu, want,
-                                                      ext.name, written),
+            "%s says FLANNEL_MTU=%s, but %s gives %d: the MTU changed since pyflannel started\n"
+            "Pods created from now on get MTU %s." % (ctx.opts.subnet_file, written, source, want, written),
             ["restart pyflannel on this node so that it writes FLANNEL_MTU=%d, then recreate the pods on this "
              "node" % want]))
-    return problems or "MTU: %s %d, %s %s, pods %s (%d - %d)" % (
-        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, ext.mtu, OVERHEAD)
+    return problems or "MTU: %s %d, %s %s, pods %s (%s less %d)" % (
+        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, source, OVERHEAD)
 
 
 def check_ip_forward(ctx: Context) -> Result:
@@ -775,7 +771,7 @@ def check_nodes_registered(ctx: Context) -> Result:
     missing = []
     for node in ctx.nodes():
         ann = node.annotations
-        if not _pod_cidr(node):
+        if not ipv4_pod_cidr(node):
             continue
         if ann.get(keys.subnet_kube_managed) != "true" or not ann.get(keys.backend_public_ip):
             missing.append(node.name + (" (this node)" if node.name == own else ""))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
+from . import __version__, log
 
 __all__ = ["FlagError", "HelpRequested", "Options", "describe", "parse", "usage"]
 
@@ -176,32 +176,17 @@ def _klog_level(s: str) -> int:
 
 def _klog_vmodule(s: str) -> str:
     """klog's ``moduleSpec.Set`` (``-vmodule pattern=N,...``); the text is kept as given."""
-    for pat in s.split(","):
-        if not pat:
-            continue
-        fields = pat.split("=")
-        if len(fields) != 2 or not fields[0] or not fields[1]:
-            raise _BadValue("syntax error: expect comma-separated list of filename=N")
-        try:
-            level = _parse_int(fields[1], 32, base=10)
-        except _BadValue:
-            raise _BadValue("syntax error: expect comma-separated list of filename=N") from None
-        if level < 0:
-            raise _BadValue("negative value for vmodule level")
+    try:
+        log.parse_vmodule(s)
+    except ValueError as exc:
+        raise _BadValue(str(exc)) from None
     return s
 
 
 def _klog_trace(s: str) -> str:
-    """klog's ``traceLocation.Set`` (``-log_backtrace_at file.go:N``); the text is kept as given."""
-    fields = s.split(":")
-    if len(fields) != 2 or "." not in fields[0]:
-        raise _BadValue("syntax error: expect file.go:234")
-    try:
-        line = _parse_int(fields[1], 64, base=10)
-    except _BadValue:
-        raise _BadValue("syntax error: expect file.go:234") from None
-    if line <= 0:
-        raise _BadValue("negative or zero value for level")
+    """klog's ``traceLocation.Set`` (``-log_backtrace_at file.go:N``): pyflannel accepts only the empty value."""
+    if s:
+        raise _BadValue("pyflannel does not support -log_backtrace_at; leave it empty")
     return s
 
 
@@ -290,7 +275,8 @@ _FLAGS = (
     _Flag("subnet-file", _STRING, "/run/flannel/subnet.env",
           "filename where env variables (subnet, MTU, ... ) will be written to"),
     _Flag("public-ip", _STRING, "", "IP accessible by other nodes for inter-host communication"),
-    _Flag("public-ipv6", _STRING, "", "IPv6 accessible by other nodes for inter-host communication"),
+    _Flag("public-ipv6", _STRING, "",
+          "IPv6 accessible by other nodes for inter-host communication (pyflannel: IPv6 is not supported yet)"),
     _Flag("subnet-lease-renew-margin", _INT, 60,
           "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     _Flag("ip-masq", _BOOL, False,
@@ -313,8 +299,10 @@ _FLAGS = (
           "path to the network configuration file"),
     _Flag("set-node-network-unavailable", _BOOL, True, "set NodeNetworkUnavailable after ready"),
     _Flag("v", _LEVEL, 0, "number for the log level verbosity"),
-    _Flag("vmodule", _VMODULE, "", "comma-separated list of pattern=N settings for file-filtered logging"),
-    _Flag("log_backtrace_at", _TRACE, "", "when logging hits line file:N, emit a stack trace"),
+    _Flag("vmodule", _VMODULE, "", "comma-separated list of pattern=N settings for file-filtered logging "
+          "(pyflannel: patterns match its source file names, e.g. kube=4,vxlan=2)"),
+    _Flag("log_backtrace_at", _TRACE, "",
+          "when logging hits line file:N, emit a stack trace (pyflannel: not supported, must be empty)"),
     # pyflannel's own flags
     _Flag("log-format", _STRING, "klog", "log format: klog or json", _log_format),
     _Flag("metrics-port", _INT, 0,
@@ -402,6 +390,8 @@ def parse(argv: list[str], environ: Mapping[str, str]) -> Options:
                 family(values[field])
             except ValueError:
                 raise FlagError("invalid public %s address: %s" % (what, values[field])) from None
+    if values["public_ipv6"]:
+        raise FlagError("-public-ipv6: pyflannel does not support IPv6 yet; leave it empty")
     return Options(**values)
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyflannel.config import Config, ConfigError, VXLANConfig, load, parse
+from pyflannel.config import Config, ConfigError, VXLANConfig, check_supported, load, parse
+from tests.conftest import needs_netns
 
 VXLAN = {"Type": "vxlan"}
 
@@ -124,6 +128,81 @@ def test_vxlan_ranges(kube: bool) -> None:
     assert keys_error(kube, Network="10.244.0.0/16", Backend={"Type": "vxlan", "Port": 65536}) == \
         "error parsing subnet config: Backend.Port: 65536 is out of range 0..65535"
     assert conf(kube, Network="10.244.0.0/16", Backend={"Type": "vxlan", "Port": 65535}).vxlan == VXLANConfig(port=65535)
+
+
+@pytest.mark.parametrize("kube", [True, False])
+def test_vxlan_mtu_range(kube: bool) -> None:
+    for mtu in (0, 118, 1500, 9000, 65535):
+        assert conf(kube, Network="10.244.0.0/16", Backend={"Type": "vxlan", "MTU": mtu}).vxlan == VXLANConfig(mtu=mtu)
+    for mtu in (-1, 1, 117, 65536):
+        assert keys_error(kube, Network="10.244.0.0/16", Backend={"Type": "vxlan", "MTU": mtu}) == \
+            "error parsing subnet config: Backend.MTU: %d is out of range 118..65535 (or 0 for the interface's MTU)" % mtu
+
+
+@pytest.mark.parametrize("mtu,iface_mtu,device_mtu", [
+    (0, 1500, 1450),  # flanneld v0.20.2: the interface's MTU less 50
+    (0, 9000, 8950),
+    (1400, 1500, 1350),  # flannel v0.21.3's MTU key
+    (9000, 9001, 8950),
+    (9000, 1500, 1450),  # never above the interface's: the kernel caps the device there
+    (1500, 1500, 1450),
+])
+def test_vxlan_device_mtu(mtu: int, iface_mtu: int, device_mtu: int) -> None:
+    assert VXLANConfig(mtu=mtu).device_mtu(iface_mtu) == device_mtu
+
+
+MTU_PROBE = r"""
+import json, subprocess, sys
+from ipaddress import IPv4Address, IPv4Network
+from pyflannel.backend.vxlan import VXLANBackend
+from pyflannel.config import VXLANConfig
+from pyflannel.ip import ExternalInterface
+from pyflannel.netlink import Netlink
+
+subprocess.run("ip link add eth1 type veth peer name eth1p".split(), check=True)
+subprocess.run("ip addr add 192.168.56.11/24 dev eth1".split(), check=True)
+nl = Netlink()
+addr = IPv4Address("192.168.56.11")
+ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, addr, addr)
+out = []
+for mtu in json.loads(sys.argv[1]):
+    backend = VXLANBackend(nl, VXLANConfig(mtu=mtu), ext, IPv4Network("10.244.0.0/16"))
+    device = backend.create_device()
+    out.append([backend.mtu, nl.link(name=device.name).get_attr("IFLA_MTU")])
+    subprocess.run(["ip", "link", "del", device.name], check=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+@needs_netns
+def test_vxlan_mtu_reaches_the_device_and_subnet_env_alike() -> None:
+    """The MTU pyflannel writes to subnet.env (backend.mtu) is the device's, as the kernel made it."""
+    ns = "pfcf" + secrets.token_hex(2)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", MTU_PROBE, "[1400, 0, 9000, 1500]"],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=30)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [[1350, 1350], [1450, 1450], [1450, 1450], [1450, 1450]]
+    assert "MTU 9000 in net-conf.json's Backend is more than eth1's MTU 1500 allows; the device and the pods get " \
+           "1450" in res.stderr
+
+
+def test_multi_network_and_nftables_keys_are_parsed() -> None:
+    c = conf(Network="10.244.0.0/16", Networks=["10.1.0.0/16", "10.2.0.1/16"], IPv6Networks=["fd00::/48"],
+             EnableNFTables=True, Backend=VXLAN)
+    assert c.networks == (IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
+    assert c.ipv6_networks == (IPv6Network("fd00::/48"),) and c.enable_nftables is True
+    assert conf(Network="10.244.0.0/16", Networks=None, Backend=VXLAN).networks == ()
+    assert keys_error(Network="10.244.0.0/16", Networks="10.1.0.0/16", Backend=VXLAN) == \
+        'error parsing subnet config: Networks: expected an array, got string "10.1.0.0/16"'
+    assert keys_error(Network="10.244.0.0/16", IPv6Networks=["10.1.0.0/16"], Backend=VXLAN) == \
+        "error parsing subnet config: IPv6Networks: not an IPv6 network: 10.1.0.0/16"
+    assert keys_error(Network="10.244.0.0/16", EnableNFTables="yes", Backend=VXLAN) == \
+        'error parsing subnet config: EnableNFTables: expected true or false, got string "yes"'
 
 
 @pytest.mark.parametrize("keys,reason", [
@@ -316,3 +395,44 @@ def test_load_validation_error(tmp_path: Path) -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
+     'EnableIPv6: pyflannel does not support dual-stack networks yet ("EnableIPv6": true); '
+     "set it to false for IPv4 only, or run flanneld"),
+    ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
+     'EnableIPv4: pyflannel does not support IPv6-only networks yet ("EnableIPv4": false); run flanneld for them'),
+    ({"Networks": ["10.244.0.0/16"]}, "Networks: pyflannel does not support multiple networks; use Network alone"),
+    ({"IPv6Networks": ["fd00::/48"]}, "IPv6Networks: pyflannel does not support multiple networks; use Network alone"),
+    ({"EnableNFTables": True},
+     "EnableNFTables: pyflannel does not support nftables rules yet; set it to false (pyflannel writes iptables "
+     "rules, through iptables-nft where that is the iptables in use)"),
+])
+def test_load_refuses_what_pyflannel_does_not_implement(tmp_path: Path, keys: dict[str, Any], message: str) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": VXLAN, **keys}))
+    for kube in (True, False):
+        with pytest.raises(ConfigError) as exc:
+            load(str(path), kube=kube)
+        assert str(exc.value) == message
+    with pytest.raises(ConfigError):
+        check_supported(parse(path.read_text(), kube=True))
+
+
+def test_load_accepts_ipv4_only_with_ipv6_keys_off(tmp_path: Path) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(json.dumps({"Network": "10.244.0.0/16", "EnableIPv4": True, "EnableIPv6": False,
+                                "IPv6Network": "fd00::/48", "Networks": [], "EnableNFTables": False,
+                                "Backend": {"Type": "vxlan", "MTU": 1400}}))
+    c = load(str(path), kube=True)
+    assert c.ipv6_network == IPv6Network("fd00::/48") and c.vxlan == VXLANConfig(mtu=1400)
+
+
+def test_load_checks_ipv6_keys_before_refusing(tmp_path: Path) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00::1",
+                                "Backend": VXLAN}))
+    with pytest.raises(ConfigError) as exc:
+        load(str(path), kube=True)
+    assert str(exc.value) == "error parsing subnet config: IPv6Network: invalid CIDR address: fd00::1"

@@ -394,12 +394,15 @@ def test_api_unreachable(cluster: Cluster) -> None:
 @needs_netns
 def test_api_forbidden(cluster: Cluster) -> None:
     assert cluster.api is not None
-    cluster.api.fail_next("GET", r"^/api/v1/nodes\?", status=403)
+    # The whole list is forbidden; this node is read as the daemon reads it, by a list with a field selector.
+    cluster.api.fail_next("GET", r"^/api/v1/nodes\?(?!.*fieldSelector)", status=403)
     code, out = run_diagnose(cluster, cluster.nodes["k8s01"])
     assert code == 1
     block = the_block(out, "the API server at http://192.168.56.1:6443 forbids listing the nodes (HTTP 403)")
-    assert "nodes: get, list, watch" in block and "kubectl auth can-i list nodes" in block
+    assert "nodes: list, watch; nodes/status: patch; pods: get" in block and "get, list" not in block
+    assert "kubectl auth can-i list nodes" in block and "watch nodes" in block
     assert "skip  other nodes' backend: needs the node list from the API server" in out
+    assert 'ok    node "k8s01" has the pod CIDR 10.244.1.0/24' in out.splitlines(), out
 
 
 @pytest.mark.netns
@@ -412,3 +415,34 @@ def test_net_conf_invalid(cluster: Cluster, tmp_path: Path) -> None:
     block = the_block(out, "net-conf.json is invalid: error parsing subnet config: %s:" % bad)
     assert "kube-flannel-cfg" in block
     assert "skip  VXLAN UDP port: needs a valid net-conf.json" in out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_mtu_from_net_conf(cluster: Cluster, tmp_path: Path) -> None:
+    n3 = cluster.nodes["k8s03"]
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan", "MTU": 1400}}))
+    code, out = run_diagnose(cluster, n3, net_conf=conf)
+    assert code == 1
+    assert "restart pyflannel on this node so that it writes FLANNEL_MTU=1350" in \
+        the_block(out, "says FLANNEL_MTU=1450, but net-conf.json's MTU 1400 gives 1350")
+    assert len(fail_blocks(out)) == 1, out
+    conf.write_text(json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan", "MTU": 9000}}))
+    code, out = run_diagnose(cluster, n3, net_conf=conf)
+    assert code == 1
+    block = the_block(out, "net-conf.json's Backend MTU 9000 is more than eth1's MTU 1500: pyflannel uses 1500 "
+                           "(flannel.1 and the pods 1450)")
+    assert "flanneld would give the pods MTU 8950" in block
+    assert len(fail_blocks(out)) == 1, out
+
+
+@pytest.mark.netns
+@needs_netns
+def test_net_conf_dual_stack_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(json.dumps({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
+                                "Backend": {"Type": "vxlan"}}))
+    code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
+    assert code == 1
+    the_block(out, "net-conf.json is invalid: EnableIPv6: pyflannel does not support dual-stack networks yet")

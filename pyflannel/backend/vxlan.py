@@ -35,7 +35,6 @@ RTPROT_BOOT = 3
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
 MAIN_TABLE = 254
-OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 DEFAULT_PORT = 8472  # the kernel's VXLAN port when none is given (flannel's Port 0)
 _DEVICE_NEWS = ("link", "down", "addr")  # the notifications about a link, among netlink.deletions()
 _NO_DEVICE = (errno.ENODEV, errno.ENETDOWN)  # a request refused because the device is gone or down
@@ -113,8 +112,8 @@ def read_link(link: Any) -> VXLANLink:
 
 
 def device_attributes(cfg: VXLANConfig, ext: ExternalInterface) -> list[tuple[str, Any]]:
-    """The IFLA_VXLAN_* attributes flanneld gives a new device: no group, no ageing, no MTU (the kernel
-    derives the external interface's less 50), the port only when set, GBP only when on."""
+    """The IFLA_VXLAN_* attributes flanneld gives a new device: no group, no ageing, the port only when
+    set, GBP only when on. (The device's MTU is a link attribute, set by the backend's ``mtu``.)"""
     data: list[tuple[str, Any]] = [
         ("IFLA_VXLAN_ID", cfg.vni), ("IFLA_VXLAN_LINK", ext.index),
         ("IFLA_VXLAN_LOCAL", str(ext.iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
@@ -178,11 +177,14 @@ class VXLANBackend:
         self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
         log.info("VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s", cfg.vni, cfg.port,
                  str(cfg.gbp).lower(), str(cfg.learning).lower(), str(cfg.direct_routing).lower())
+        if cfg.mtu > ext.mtu:
+            log.warning("MTU %d in net-conf.json's Backend is more than %s's MTU %d allows; the device and the pods "
+                        "get %d", cfg.mtu, ext.name, ext.mtu, self.mtu)
 
     @property
     def mtu(self) -> int:
-        """The MTU pods get: the external interface's less the VXLAN overhead."""
-        return self.ext.mtu - OVERHEAD
+        """The MTU of the device and the pods: net-conf's MTU (default: the external interface's) less the overhead."""
+        return self.cfg.device_mtu(self.ext.mtu)
 
     # -- the device --------------------------------------------------------------------------------
 
@@ -210,9 +212,10 @@ class VXLANBackend:
         return self.device
 
     def _create(self, mac: str) -> Device:
-        """Add the device as flanneld does, with flanneld's transmit queue length of 0 too."""
+        """Add the device as flanneld does, with flanneld's transmit queue length of 0 too, and the MTU
+        of flannel v0.21.3's MTU key (the external interface's by default)."""
         self.nl.call(request(ifinfmsg, RTM_NEWLINK, CREATE, attrs=[
-            ("IFLA_IFNAME", self.name), ("IFLA_TXQLEN", 0), ("IFLA_ADDRESS", mac),
+            ("IFLA_IFNAME", self.name), ("IFLA_TXQLEN", 0), ("IFLA_ADDRESS", mac), ("IFLA_MTU", self.mtu),
             ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"),
                                          ("IFLA_INFO_DATA", {"attrs": device_attributes(self.cfg, self.ext)})]}),
         ]))
@@ -357,9 +360,10 @@ class VXLANBackend:
         try:
             data = json.loads(lease.backend_data)
             mac = str(data["VtepMAC"]).lower()
-            if len(bytes.fromhex(mac.replace(":", ""))) != 6 or mac.count(":") != 5:
+            raw = bytes.fromhex(mac.replace(":", ""))
+            if len(raw) != 6 or ":".join("%02x" % b for b in raw) != mac:
                 raise ValueError("invalid MAC address %r" % data["VtepMAC"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             log.error("error decoding subnet lease JSON: %s (node %s)", exc, name)
             return None
         public_ip = str(lease.public_ip)

@@ -1,0 +1,288 @@
+"""Property-based tests: any input gives a valid value or the module's own clean error, never an
+unexpected exception (net-conf.json, flags and FLANNELD_* variables, annotations, subnet math)."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyflannel import diagnose, log
+from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
+                              default_subnet_len, parse)
+from pyflannel.flags import _FLAGS, FlagError, HelpRequested, Options, describe
+from pyflannel.flags import parse as parse_flags
+from pyflannel.ip import ExternalInterface
+from pyflannel.lease import Lease
+from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
+from pyflannel.subnet.kube import node_info, node_to_lease
+
+SETTINGS = settings(max_examples=150, deadline=None, database=None)
+
+# --- shared strategies ---------------------------------------------------------------------------------
+
+json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(max_size=12)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+deep_json = st.integers(1, 5000).flatmap(lambda n: st.sampled_from(["[" * n + "]" * n, '{"a":' * n + "1" + "}" * n,
+                                                                    "[" * n]))
+ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(IPv4Address(n)))
+ipv6 = st.integers(0, 2**128 - 1).map(lambda n: str(IPv6Network((n, 128)).network_address))
+cidr4 = st.builds(lambda a, p: "%s/%d" % (a, p), ipv4, st.integers(0, 33))
+cidr6 = st.builds(lambda a, p: "%s/%d" % (a, p), ipv6, st.integers(0, 129))
+odd_text = st.sampled_from(["", " ", "-1", "0x10", "1e3", "10.0.0.0", "10.0.0.0/8/8", "10.0.0.0/+8", "::/0",
+                            "0.0.0.0/0", "10.0.0.0/255.0.0.0", "１０.0.0.0/8", "10.0.0.0/8\n", "\udcff"]) \
+    | st.text(max_size=20)
+
+
+def any_case(key: str) -> st.SearchStrategy[str]:
+    """``key`` in a random mix of upper and lower case (Go's JSON matches keys case-insensitively)."""
+    return st.lists(st.booleans(), min_size=len(key), max_size=len(key)).map(
+        lambda upper: "".join(c.upper() if u else c.lower() for c, u in zip(key, upper)))
+
+
+def maybe(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly plausible values, sometimes any JSON value."""
+    return st.one_of(values, values, values, json_values)
+
+
+# --- net-conf.json ------------------------------------------------------------------------------------
+
+TOP_LEVEL = {
+    "Network": maybe(cidr4 | odd_text),
+    "IPv6Network": maybe(cidr6 | odd_text),
+    "EnableIPv4": maybe(st.booleans()),
+    "EnableIPv6": maybe(st.booleans()),
+    "SubnetLen": maybe(st.integers(-1, 40)),
+    "SubnetMin": maybe(ipv4 | odd_text),
+    "SubnetMax": maybe(ipv4 | odd_text),
+    "IPv6SubnetLen": maybe(st.integers(-1, 140)),
+    "IPv6SubnetMin": maybe(ipv6 | odd_text),
+    "IPv6SubnetMax": maybe(ipv6 | odd_text),
+    "Networks": maybe(st.lists(cidr4 | odd_text, max_size=2)),
+    "IPv6Networks": maybe(st.lists(cidr6 | odd_text, max_size=2)),
+    "EnableNFTables": maybe(st.booleans()),
+    "Other": json_values,
+}
+BACKEND = {
+    "Type": maybe(st.sampled_from(["vxlan", "VXLAN", "host-gw", "udp", ""])),
+    "VNI": maybe(st.integers(-2, 2**24 + 1)),
+    "Port": maybe(st.integers(-2, 2**16 + 1)),
+    "GBP": maybe(st.booleans()),
+    "Learning": maybe(st.booleans()),
+    "DirectRouting": maybe(st.booleans()),
+    "MTU": maybe(st.integers(-2, 70000)),
+}
+
+
+@st.composite
+def net_conf(draw: st.DrawFn) -> str:
+    """A net-conf.json document: some known keys in any case, with plausible or arbitrary values."""
+    doc: dict[str, Any] = {}
+    for key in draw(st.lists(st.sampled_from(sorted(TOP_LEVEL)), unique=True)):
+        doc[draw(any_case(key))] = draw(TOP_LEVEL[key])
+    if draw(st.booleans()):
+        backend: dict[str, Any] = {}
+        for key in draw(st.lists(st.sampled_from(sorted(BACKEND)), unique=True)):
+            backend[draw(any_case(key))] = draw(BACKEND[key])
+        doc[draw(any_case("Backend"))] = draw(st.one_of(st.just(backend), st.just(backend), json_values))
+    return json.dumps(doc)
+
+
+def check_config(c: Config, kube: bool) -> None:
+    """What a Config promises."""
+    assert c.enable_ipv4 or c.enable_ipv6
+    if c.enable_ipv4:
+        assert isinstance(c.network, IPv4Network) and (c.network.prefixlen > 0 or int(c.network.network_address) > 0)
+    if c.enable_ipv4 and not kube:
+        net = c.network
+        assert net is not None and c.subnet_min is not None and c.subnet_max is not None
+        assert net.prefixlen + 2 <= c.subnet_len <= 30
+        for addr in (c.subnet_min, c.subnet_max):
+            assert addr in net and int(addr) % (1 << (32 - c.subnet_len)) == 0
+    if c.enable_ipv6 and not kube:
+        assert c.ipv6_network is not None and c.ipv6_subnet_min in c.ipv6_network
+        assert c.ipv6_network.prefixlen + 2 <= c.ipv6_subnet_len <= 126
+    assert c.backend_type == "vxlan" and c.vxlan is not None
+    assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
+    assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
+    for iface_mtu in (68, 1280, 1500, 9000, 65535):
+        assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
+    try:
+        check_supported(c)
+    except ConfigError:
+        assert not c.enable_ipv4 or c.enable_ipv6 or c.networks or c.ipv6_networks or c.enable_nftables
+    else:
+        assert isinstance(c.network, IPv4Network) and not c.enable_ipv6
+
+
+@SETTINGS
+@given(net_conf(), st.booleans())
+def test_net_conf_gives_a_config_or_a_config_error(text: str, kube: bool) -> None:
+    try:
+        c = parse(text, kube=kube)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    else:
+        check_config(c, kube)
+
+
+@SETTINGS
+@given(st.text(max_size=60) | deep_json | json_values.map(json.dumps), st.booleans())
+def test_any_text_gives_a_config_or_a_config_error(text: str, kube: bool) -> None:
+    try:
+        check_config(parse(text, kube=kube), kube)
+    except ConfigError:
+        pass
+
+
+@SETTINGS
+@given(st.integers(0, 2**31) | st.sampled_from([0, MIN_MTU, MAX_MTU]), st.integers(68, 65535))
+def test_device_mtu_never_exceeds_the_interface(mtu: int, iface_mtu: int) -> None:
+    got = VXLANConfig(mtu=mtu).device_mtu(iface_mtu)
+    assert got == min(mtu or iface_mtu, iface_mtu) - OVERHEAD
+
+
+# --- flags and FLANNELD_* -------------------------------------------------------------------------------
+
+flag_values = st.sampled_from(["", "0", "1", "-1", "true", "false", "T", "0x1f", "010", "08", "1_000", "1__0",
+                               "99999999999999999999", "65536", "klog", "json", "10.0.0.1", "::1", "fd00::1",
+                               "a.go:1", "kube=2", "kube=-1", "x=1,y=2", "=", " 1"]) | st.text(max_size=10)
+flag_names = st.sampled_from([f.name for f in _FLAGS] + ["h", "help", "nope", "-", ""])
+
+
+@st.composite
+def argv_item(draw: st.DrawFn) -> list[str]:
+    name = draw(flag_names)
+    dashes = draw(st.sampled_from(["-", "--"]))
+    form = draw(st.sampled_from(["bare", "eq", "next", "junk"]))
+    if form == "bare":
+        return [dashes + name]
+    if form == "eq":
+        return [dashes + name + "=" + draw(flag_values)]
+    if form == "next":
+        return [dashes + name, draw(flag_values)]
+    return [draw(st.text(max_size=6))]
+
+
+env_text = st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=12) | flag_values.filter(bool)
+
+
+@SETTINGS
+@given(st.lists(argv_item(), max_size=6).map(lambda items: [a for item in items for a in item]),
+       st.dictionaries(st.sampled_from([f.env for f in _FLAGS] + ["FLANNELD_NOPE", "PATH"]), env_text, max_size=4))
+def test_flags_give_options_or_a_flag_error(argv: list[str], environ: dict[str, str]) -> None:
+    try:
+        o = parse_flags(argv, environ)
+    except (FlagError, HelpRequested) as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(o, Options)
+    describe(o)
+    if o.version:
+        return
+    assert 0 <= o.healthz_port <= 65535 and 0 <= o.metrics_port <= 65535
+    assert o.iptables_resync >= 1 and o.datapath_resync >= 1 and 1 <= o.subnet_lease_renew_margin < 1440
+    assert o.log_format in ("klog", "json")
+    assert o.public_ipv6 == "" and o.log_backtrace_at == ""
+    if o.public_ip:
+        IPv4Address(o.public_ip)
+    log.parse_vmodule(o.vmodule)
+
+
+@SETTINGS
+@given(st.text(max_size=30))
+def test_vmodule_parses_or_raises_value_error(spec: str) -> None:
+    try:
+        pairs = log.parse_vmodule(spec)
+    except ValueError:
+        return
+    assert all(pattern and 0 <= n < 2**31 for pattern, n in pairs)
+
+
+# --- annotations ---------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.text(max_size=30) | st.sampled_from(["flannel.alpha.coreos.com", "example.com/flannel", "a/b/c", "a.b/"]))
+def test_annotation_prefix_gives_keys_or_a_prefix_error(prefix: str) -> None:
+    try:
+        keys = AnnotationKeys.from_prefix(prefix)
+    except PrefixError:
+        return
+    assert keys.prefix == normalize_prefix(keys.prefix) and keys.prefix.endswith(("/", "-"))
+    assert keys.backend_data == keys.prefix + "backend-data"
+
+
+KEYS = AnnotationKeys.from_prefix("flannel.alpha.coreos.com")
+mac = st.binary(min_size=6, max_size=6).map(lambda b: ":".join("%02x" % x for x in b))
+backend_data_text = maybe(st.builds(backend_data, st.integers(0, 2**24 - 1), mac)
+                          | st.builds(lambda m: json.dumps({"VNI": 1, "VtepMAC": m}),
+                                      mac.map(str.upper) | odd_text | st.sampled_from(
+                                          ["0a00:00:00:00:00:02", "0a:00:00:00:00:0 2", "0a-00-00-00-00-02", " 0a:00:00:00:00:02",
+                                           "0a: 00:00:00:00:02", "0a:00:00:00:00:02:"])))
+backend_data_text = backend_data_text.map(lambda v: v if isinstance(v, str) else json.dumps(v)) | deep_json
+
+
+@st.composite
+def node_object(draw: st.DrawFn) -> dict[str, Any]:
+    """A node as the API returns it, with flannel's annotations holding plausible or arbitrary strings."""
+    annotations = {
+        KEYS.backend_type: draw(st.sampled_from(["vxlan", "host-gw", ""]) | st.text(max_size=6)),
+        KEYS.backend_data: draw(backend_data_text),
+        KEYS.backend_public_ip: draw(ipv4 | ipv6 | odd_text),
+        KEYS.subnet_kube_managed: draw(st.sampled_from(["true", "false"])),
+        "other.example.com/x": draw(st.text(max_size=5)),
+    }
+    spec: dict[str, Any] = {}
+    if draw(st.booleans()):
+        spec["podCIDR"] = draw(cidr4 | cidr6 | odd_text)
+    if draw(st.booleans()):
+        spec["podCIDRs"] = draw(st.lists(cidr4 | cidr6 | odd_text, max_size=3))
+    chosen = draw(st.lists(st.sampled_from(sorted(annotations)), unique=True))
+    return {"metadata": {"name": draw(st.text(min_size=1, max_size=8)),
+                         "annotations": {k: annotations[k] for k in chosen}}, "spec": spec}
+
+
+@SETTINGS
+@given(node_object())
+def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> None:
+    node = node_info(obj, KEYS.prefix)
+    assert all(k.startswith(KEYS.prefix) for k in node.annotations)
+    try:
+        lease = node_to_lease(node, KEYS)
+    except ValueError:
+        return
+    assert isinstance(lease.subnet, IPv4Network) and isinstance(lease.public_ip, IPv4Address)
+
+
+@SETTINGS
+@given(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text)
+def test_backend_data_gives_an_entry_with_a_valid_mac_or_none(n: int, public_ip: str, kind: str, data: str) -> None:
+    ext = ExternalInterface("eth1", 2, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
+    backend = VXLANBackend(None, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
+    backend.own_subnet = IPv4Network("10.244.0.0/24")
+    entry = backend._entry("node", Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(public_ip), kind, data))
+    if entry is None:
+        return
+    assert kind == "vxlan"
+    assert entry.mac == ":".join("%02x" % b for b in bytes.fromhex(entry.mac.replace(":", "")))
+    assert json.loads(data)["VtepMAC"].lower() == entry.mac
+
+
+# --- subnet math ---------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(cidr4.filter(lambda c: int(c.rsplit("/", 1)[1]) <= 32).map(lambda c: IPv4Network(c, strict=False)),
+       st.lists(cidr4.filter(lambda c: int(c.rsplit("/", 1)[1]) <= 32).map(lambda c: IPv4Network(c, strict=False)),
+                max_size=6))
+def test_free_subnet_is_inside_the_network_and_unused(network: IPv4Network, used: list[IPv4Network]) -> None:
+    free = diagnose._free_subnet(network, used)
+    if free is None:
+        return
+    assert free.subnet_of(network) and not any(free.overlaps(u) for u in used)
+    assert free.prefixlen == default_subnet_len(network)
