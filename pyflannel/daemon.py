@@ -7,26 +7,38 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Network
-from types import FrameType
-from typing import Any
+from types import FrameType, TracebackType
 
 from . import __version__, config, health, ip, metrics, subnetfile
 from .backend.vxlan import DeviceError, VXLANBackend, backend_data
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError
+from .log import V
 from .netlink import Deletion, Monitor, Netlink
 from .subnet.annotations import AnnotationKeys, normalize_prefix
-from .subnet.kube import KubeSubnetManager
+from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
 
 log = logging.getLogger(__name__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5
 LEASE_RETRY = 10.0  # seconds between lease attempts when nothing on the node changes
+SYNC_TIMEOUT = 600.0  # seconds to wait for the first node list, as flanneld
+# The most seconds one step of the start-up, or one turn of the loop, may work: an API request with
+# its connect and read timeouts (40 s), or a full reconcile of 5,000 nodes under 100m CPU (about 10 s).
+# /healthz says the main thread stalled when it has not beaten for its wait plus this.
+STEP_BOUND = 60.0
+RESTART_DELAY = 1.0  # seconds before a failed worker runs again; doubled at each failure in a row
+MAX_RESTARTS = 5  # restarts in a row, after which the process exits for the kubelet to restart it
+HEALTHY_RUN = 60.0  # seconds a worker must run for its next failure to count as the first
 
 POD_CIDR_HINT = (
     'Node "%s" has no pod CIDR: the controller-manager assigns them only with --allocate-node-cidrs=true and '
@@ -39,22 +51,130 @@ class Fatal(Exception):
     """A start-up error that ends the daemon with exit code 1; the message is flanneld's."""
 
 
+class NodeNameError(Exception):
+    """This node's name cannot be found; the message is flanneld's (after "Failed to create SubnetManager: ")."""
+
+
+def node_name(client: KubeClient, environ: Mapping[str, str] = os.environ) -> str:
+    """This node's name: NODE_NAME, or the spec.nodeName of the pod POD_NAME in POD_NAMESPACE.
+
+    Raises NodeNameError."""
+    name = environ.get("NODE_NAME", "")
+    if name:
+        return name
+    pod, ns = environ.get("POD_NAME", ""), environ.get("POD_NAMESPACE", "")
+    if not pod or not ns:
+        raise NodeNameError("env variables POD_NAME and POD_NAMESPACE must be set")
+    try:
+        name = (client.get_pod(ns, pod).get("spec") or {}).get("nodeName") or ""
+    except ApiError as exc:
+        raise NodeNameError("error retrieving pod spec for '%s/%s': %s" % (ns, pod, exc)) from exc
+    if not name:
+        raise NodeNameError("node name not present in pod spec '%s/%s'" % (ns, pod))
+    return name
+
+
+def log_exception(what: str, exc: BaseException, outcome: str = "") -> None:
+    """One error line: what failed, the exception and where it was raised (the innermost frame in
+    pyflannel, if any), then ``outcome``.
+
+    The traceback follows at -v=2, one log line per line, so that the log stays in its format."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    frame = next((f for f in reversed(frames) if f.filename.startswith(_PACKAGE_DIR)), frames[-1] if frames else None)
+    where = " (at %s:%s in %s)" % (os.path.basename(frame.filename), frame.lineno, frame.name) if frame else ""
+    log.error("%s failed: %s: %s%s%s", what, type(exc).__name__, str(exc).replace("\n", " "), where, outcome)
+    if log.isEnabledFor(V(2)):
+        for part in traceback.format_exception(type(exc), exc, exc.__traceback__):
+            for line in part.rstrip("\n").split("\n"):
+                log.log(V(2), "%s", line)
+
+
+def install_excepthooks() -> None:
+    """Log an exception that nothing caught, in any thread, in the log's format instead of Python's."""
+
+    def main_hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        log_exception("pyflannel", exc, "; exiting")
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and not isinstance(args.exc_value, SystemExit):
+            log_exception("Thread %s" % (args.thread.name if args.thread else "?"), args.exc_value)
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook
+
+
+class Supervisor:
+    """Runs the daemon's workers and restarts one that fails with an unexpected exception.
+
+    A worker is a function ``target(stop)`` that works until ``stop`` is set. When it raises, the
+    error is logged and the worker runs again after RESTART_DELAY seconds, doubled at every failure
+    in a row (a run of HEALTHY_RUN seconds ends a row). After MAX_RESTARTS restarts in a row,
+    ``give_up()`` is called: the process then exits non-zero and the kubelet restarts it afresh,
+    while the datapath stays in the kernel.
+    """
+
+    def __init__(self, stop: threading.Event, give_up: Callable[[], None], first_delay: float = RESTART_DELAY,
+                 max_restarts: int = MAX_RESTARTS, healthy_run: float = HEALTHY_RUN) -> None:
+        self.stop = stop
+        self.give_up = give_up
+        self.first_delay = first_delay
+        self.max_restarts = max_restarts
+        self.healthy_run = healthy_run
+
+    def spawn(self, name: str, target: Callable[[threading.Event], None]) -> threading.Thread:
+        """Run the worker in a daemon thread of its own."""
+        thread = threading.Thread(target=self.run, args=(name, target), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def run(self, name: str, target: Callable[[threading.Event], None]) -> None:
+        """Run the worker in this thread until it returns, ``stop`` is set, or it failed too often."""
+        failures = 0
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                target(self.stop)
+                return
+            except Exception as exc:
+                if time.monotonic() - started >= self.healthy_run:
+                    failures = 0
+                failures += 1
+                if failures > self.max_restarts:
+                    log_exception("The %s" % name, exc, "; it failed %d times in a row: exiting, for the kubelet "
+                                  "to restart pyflannel (the datapath stays in place)" % failures)
+                    self.give_up()
+                    return
+                delay = self.first_delay * 2 ** (failures - 1)
+                log_exception("The %s" % name, exc, "; restarting it in %gs" % delay)
+                metrics.WORKER_RESTARTS.labels(name).inc()
+                self.stop.wait(delay)
+
+
 class Daemon:
     """One pyflannel process in kube mode."""
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.stop = threading.Event()
+        self.exit_code = 0
+        self.supervisor = Supervisor(self.stop, self._give_up)
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._dirty: dict[str, float] = {}  # node name -> when its change arrived
         self._deleted: list[Deletion] | None = None  # kernel deletions to check, [] = compare all
+        self._next_full = 0.0  # time.monotonic() of the next full reconcile
+        self._beat_at = time.monotonic()  # the main thread's heartbeat ...
+        self._beat_bound = STEP_BOUND  # ... and the most seconds until its next one
+        self._stalled = False  # /healthz says a stall: logged once
+        self._listened = False  # the kernel-events worker ran before
         self.datapath_ready = False
         self.sm: KubeSubnetManager | None = None
         self.backend: VXLANBackend | None = None
         self.iptables: IPTablesManager | None = None
         self.lease: Lease | None = None
         self.ext: ip.ExternalInterface | None = None
+        self.subnet_file: subnetfile.Keeper | None = None
+        self._subnet_error = ""  # the last failure to write subnet.env, logged once
         self._warned_subnet: IPv4Network | None = None
 
     # -- signals and readiness -----------------------------------------------------------------------
@@ -64,16 +184,47 @@ class Daemon:
         # A second signal kills at once, as in flanneld.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        self._shut_down(0)
+
+    def _give_up(self) -> None:
+        self.exit_code = 1
+        self._shut_down(1)
+
+    def _shut_down(self, code: int) -> None:
+        """Stop every worker; exit with ``code`` if that takes longer than SHUTDOWN_GRACE."""
         self.stop.set()
         self._wake.set()
-        threading.Thread(target=self._deadline, daemon=True).start()
+        threading.Thread(target=self._deadline, args=(code,), daemon=True).start()
 
     @staticmethod
-    def _deadline() -> None:
+    def _deadline(code: int) -> None:
         time.sleep(SHUTDOWN_GRACE)
         log.warning("Shutdown took longer than %.0fs; exiting now", SHUTDOWN_GRACE)
         logging.shutdown()
-        os._exit(0)
+        os._exit(code)
+
+    def _beat(self, bound: float) -> None:
+        """The main thread makes progress, and will beat again within ``bound`` seconds."""
+        self._beat_at = time.monotonic()
+        self._beat_bound = bound
+
+    def stalled(self) -> str:
+        """What has made no progress within its bound ('' while everything works), for /healthz.
+
+        The main thread beats at each step of the start-up and each turn of the loop; the node
+        watch's progress counts until kube.PROGRESS_BOUND. Waiting for a pod CIDR is progress."""
+        now = time.monotonic()
+        what = ""
+        if now - self._beat_at > self._beat_bound:
+            what = "the %s made no progress for %.0fs (at most %.0fs allowed)" % (
+                "main loop" if self.datapath_ready else "start-up", now - self._beat_at, self._beat_bound)
+        elif self.sm is not None and now - self.sm.progress > PROGRESS_BOUND:
+            what = "the node watch made no progress for %.0fs (at most %.0fs allowed)" % (now - self.sm.progress,
+                                                                                        PROGRESS_BOUND)
+        if what and not self._stalled:
+            log.error("/healthz fails from now on: %s", what)
+        self._stalled = bool(what)
+        return what
 
     def ready(self) -> bool:
         """subnet.env written, the datapath programmed, flannel.<VNI> there and up, and the iptables rules in place."""
@@ -99,30 +250,13 @@ class Daemon:
 
     def _take_dirty(self) -> tuple[dict[str, float], list[Deletion] | None]:
         with self._lock:
+            # Under the lock, before the swap: a change that arrives after the swap sets it again.
+            self._wake.clear()
             dirty, self._dirty = self._dirty, {}
             deleted, self._deleted = self._deleted, None
-        self._wake.clear()
         return dirty, deleted
 
-    def _spawn(self, name: str, target: Any) -> None:
-        threading.Thread(target=target, args=(self.stop,), name=name, daemon=True).start()
-
     # -- start-up ------------------------------------------------------------------------------------
-
-    def _node_name(self, client: KubeClient) -> str:
-        name = os.environ.get("NODE_NAME", "")
-        if name:
-            return name
-        pod, ns = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
-        if not pod or not ns:
-            raise Fatal("Failed to create SubnetManager: env variables POD_NAME and POD_NAMESPACE must be set")
-        try:
-            name = (client.get_pod(ns, pod).get("spec") or {}).get("nodeName") or ""
-        except ApiError as exc:
-            raise Fatal("Failed to create SubnetManager: error retrieving pod spec for '%s/%s': %s" % (ns, pod, exc)) from exc
-        if not name:
-            raise Fatal("Failed to create SubnetManager: node name not present in pod spec '%s/%s'" % (ns, pod))
-        return name
 
     def _subnet_manager(self) -> tuple[config.Config, KubeSubnetManager]:
         opts = self.opts
@@ -140,9 +274,13 @@ class Daemon:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         if cfg.network is None or cfg.vxlan is None:
             raise Fatal("Failed to create SubnetManager: pyflannel needs an IPv4 Network and the vxlan backend")
-        node = self._node_name(client)
+        try:
+            node = node_name(client)
+        except NodeNameError as exc:
+            raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.network, self._on_change)
-        self._spawn("node-watch", sm.run)
+        self.supervisor.spawn("node watch", sm.run)
+        self._beat(STEP_BOUND)
         sm.fetch_own_node()
         return cfg, sm
 
@@ -152,6 +290,7 @@ class Daemon:
         data = backend_data(backend.cfg.vni, backend.device.mac)
         last_error = ""
         while not self.stop.is_set():
+            self._beat(LEASE_RETRY + STEP_BOUND)
             self._take_dirty()
             try:
                 return sm.acquire_lease(ext.ext_addr, "vxlan", data)
@@ -199,6 +338,7 @@ class Daemon:
         if lease is None:
             return
         self.lease = lease
+        self._beat(STEP_BOUND)
         try:
             backend.configure_device(lease.subnet)
         except DeviceError as exc:
@@ -208,34 +348,39 @@ class Daemon:
         if opts.ip_masq or opts.iptables_forward_rules:
             self.iptables = IPTablesManager(network, lease.subnet, prev_network, prev_subnet, opts.ip_masq,
                                             opts.iptables_forward_rules, opts.iptables_resync)
-        env = subnetfile.SubnetEnv(network, lease.subnet, backend.mtu, opts.ip_masq)
+        self.subnet_file = subnetfile.Keeper(opts.subnet_file,
+                                             subnetfile.SubnetEnv(network, lease.subnet, backend.mtu, opts.ip_masq))
         try:
-            subnetfile.write(opts.subnet_file, env)
+            self.subnet_file.write()
             log.info("Wrote subnet file to %s", opts.subnet_file)
         except OSError as exc:
             log.warning("Failed to write subnet file: %s", exc)
+            self._subnet_error = str(exc)
         log.info("Running backend.")
         log.info("watching for new subnet leases")
+        self._beat(SYNC_TIMEOUT + STEP_BOUND)
         try:
-            sm.wait_synced(self.stop)  # the other nodes' leases; deciding without them would remove their routes
+            # the other nodes' leases; deciding without them would remove their routes
+            sm.wait_synced(self.stop, SYNC_TIMEOUT)
         except LeaseError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         if self.stop.is_set():
             return
+        self._beat(STEP_BOUND)
         self._take_dirty()
         gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
         try:
             backend.reconcile(sm.leases())
         finally:
             gc.enable()
+        self._next_full = time.monotonic() + self.opts.datapath_resync
         gc.freeze()  # the node cache and kernel entries live on: later collections need not scan them
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
-        monitor = Monitor()
-        self._spawn("kernel-events", lambda stop: monitor.run(stop, self._on_deleted))
+        self.supervisor.spawn("kernel-events listener", self._kernel_events)
         if self.iptables is not None:
             # After the routes, which pods need first; /readyz waits for both.
-            self._spawn("iptables", self.iptables.run)
+            self.supervisor.spawn("iptables check", self.iptables.run)
         self.datapath_ready = True
         metrics.READY.set(1)
         if opts.set_node_network_unavailable:
@@ -259,28 +404,59 @@ class Daemon:
                         self.lease.subnet, lease.subnet)
             self._warned_subnet = lease.subnet
 
-    def loop(self) -> None:
-        """Apply node changes as they arrive, and reconcile the whole datapath every --datapath-resync seconds."""
+    def _kernel_events(self, stop: threading.Event) -> None:
+        """Hand the kernel's deletion notifications to the loop until ``stop`` is set."""
+        monitor = Monitor()
+        if self._listened:
+            self._on_deleted([])  # notifications were lost while no one listened: compare everything
+        self._listened = True
+        try:
+            monitor.run(stop, self._on_deleted)
+        finally:
+            monitor.sock.close()
+
+    def _keep_subnet_file(self) -> None:
+        """Write subnet.env again if it was deleted or changed; say so once."""
+        assert self.subnet_file is not None
+        try:
+            why = self.subnet_file.check()
+        except OSError as exc:
+            if str(exc) != self._subnet_error:
+                log.warning("Failed to write subnet file: %s", exc)
+                self._subnet_error = str(exc)
+            return
+        self._subnet_error = ""
+        if why:
+            log.warning("Wrote subnet file to %s again: %s", self.subnet_file.path, why)
+
+    def loop(self, stop: threading.Event) -> None:
+        """Apply node changes as they arrive, and every --datapath-resync seconds reconcile the whole
+        datapath and check subnet.env."""
         sm, backend = self.sm, self.backend
         assert sm is not None and backend is not None
         interval = float(self.opts.datapath_resync)
-        next_full = time.monotonic() + interval
-        while not self.stop.is_set():
-            self._wake.wait(max(0.0, next_full - time.monotonic()))
-            if self.stop.is_set():
+        while not stop.is_set():
+            self._beat(interval + STEP_BOUND)
+            self._wake.wait(max(0.0, self._next_full - time.monotonic()))
+            if stop.is_set():
                 break
             dirty, deleted = self._take_dirty()
-            if deleted is not None:
-                backend.restore(deleted)
-            if dirty.pop(sm.node_name, None) is not None:
-                self._own_node_changed()
-            changed = backend.sync({name: sm.lease_of(name) for name in dirty})
-            now = time.monotonic()
-            for name in changed:
-                metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
-            if time.monotonic() >= next_full:
-                backend.reconcile(sm.leases())
-                next_full = time.monotonic() + interval
+            try:
+                if deleted is not None:
+                    backend.restore(deleted)
+                if dirty.pop(sm.node_name, None) is not None:
+                    self._own_node_changed()
+                changed = backend.sync({name: sm.lease_of(name) for name in dirty})
+                now = time.monotonic()
+                for name in changed:
+                    metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
+                if time.monotonic() >= self._next_full:
+                    backend.reconcile(sm.leases())
+                    self._keep_subnet_file()
+                    self._next_full = time.monotonic() + interval
+            except BaseException:
+                self._next_full = 0.0  # this turn's changes are lost: compare everything when the loop runs again
+                raise
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; the exit code."""
@@ -293,7 +469,7 @@ class Daemon:
             if opts.metrics_port:
                 registry = metrics.enable(__version__)
             if opts.healthz_port:
-                routes = health.health_routes(self.ready)
+                routes = health.health_routes(self.ready, self.stalled)
                 if opts.metrics_port == opts.healthz_port:
                     routes.update(health.metrics_routes(registry))
                 addr = "[%s]:%d" % (opts.healthz_ip, opts.healthz_port) if ":" in opts.healthz_ip else \
@@ -308,14 +484,19 @@ class Daemon:
         try:
             self.start()
             if not self.stop.is_set():
-                self.loop()
+                self.supervisor.run("main loop", self.loop)
         except Fatal as exc:
             log.error("%s", exc)
+            return 1
+        except Exception as exc:  # start-up cannot be resumed half-way: the kubelet restarts the process
+            log_exception("Start-up", exc, "; exiting")
             return 1
         finally:
             self.stop.set()
             for server in servers:
                 server.shutdown()
+        if self.exit_code:
+            return self.exit_code
         log.info("Exiting cleanly...")
         return 0
 
@@ -330,5 +511,6 @@ def _vtep_mac(data: str) -> str:
 
 def main(opts: Options) -> int:
     """Log the configuration and run the daemon."""
+    install_excepthooks()
     log.info("CLI flags config: %s", describe(opts))
     return Daemon(opts).run()

@@ -36,12 +36,13 @@ REPAIRS: Any = _NOOP
 IPTABLES_RESYNCS: Any = _NOOP
 IPTABLES_REPAIRS: Any = _NOOP
 NETLINK_ERRORS: Any = _NOOP
+WORKER_RESTARTS: Any = _NOOP
 READY: Any = _NOOP
 REGISTRY: Any = None
 
 
 _NAMES = ("LEASES", "LEASE_EVENTS", "WATCH_RESTARTS", "API_ERRORS", "PROGRAMMING_LATENCY", "RECONCILES", "REPAIRS",
-          "IPTABLES_RESYNCS", "IPTABLES_REPAIRS", "NETLINK_ERRORS", "READY")
+          "IPTABLES_RESYNCS", "IPTABLES_REPAIRS", "NETLINK_ERRORS", "WORKER_RESTARTS", "READY")
 
 
 def disable() -> None:
@@ -55,7 +56,7 @@ def disable() -> None:
 def enable(version: str) -> Any:
     """Create the metrics in a registry of their own and return that registry."""
     global LEASES, LEASE_EVENTS, WATCH_RESTARTS, API_ERRORS, PROGRAMMING_LATENCY, RECONCILES, REPAIRS
-    global IPTABLES_RESYNCS, IPTABLES_REPAIRS, NETLINK_ERRORS, READY, REGISTRY
+    global IPTABLES_RESYNCS, IPTABLES_REPAIRS, NETLINK_ERRORS, WORKER_RESTARTS, READY, REGISTRY
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
     reg = CollectorRegistry(auto_describe=True)
@@ -77,6 +78,8 @@ def enable(version: str) -> Any:
     IPTABLES_REPAIRS = Counter(PREFIX + "_iptables_repairs_total", "iptables checks that found rules "
                                "missing and put them back.", registry=reg)
     NETLINK_ERRORS = Counter(PREFIX + "_netlink_errors_total", "Failed netlink requests.", registry=reg)
+    WORKER_RESTARTS = Counter(PREFIX + "_worker_restarts_total", "Workers restarted after an unexpected error, "
+                              "by worker.", ["worker"], registry=reg)
     READY = Gauge(PREFIX + "_ready", "1 once subnet.env is written and the datapath is programmed.",
                   registry=reg)
     REGISTRY = reg

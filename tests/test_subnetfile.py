@@ -39,3 +39,34 @@ def test_read_previous(tmp_path: Path) -> None:
     assert subnetfile.read_previous(str(path)) == (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"))
     path.write_text("FLANNEL_NETWORK=garbage\nFLANNEL_SUBNET=10.244.3.1/24\n")
     assert subnetfile.read_previous(str(path)) == (None, IPv4Network("10.244.3.0/24"))
+
+
+def test_parse_reads_as_the_cni_plugin_does(tmp_path: Path) -> None:
+    assert subnetfile.parse(ENV.render()) == {"FLANNEL_NETWORK": "10.244.0.0/16", "FLANNEL_SUBNET": "10.244.1.1/24",
+                                              "FLANNEL_MTU": "1450", "FLANNEL_IPMASQ": "true"}
+    assert subnetfile.parse("# comment\nA=b=c\n\nnoequals\r\nB=\n") == {"A": "b=c", "B": ""}
+    assert subnetfile.read(str(tmp_path / "missing")) is None
+    (tmp_path / "subnet.env").write_text(ENV.render())
+    assert subnetfile.read(str(tmp_path / "subnet.env")) == subnetfile.parse(ENV.render())
+    (tmp_path / "subnet.env").write_bytes(b"FLANNEL_MTU=\xff\n")
+    assert subnetfile.read(str(tmp_path / "subnet.env")) == {"FLANNEL_MTU": "\ufffd"}
+
+
+def test_keeper_puts_the_file_back_only_when_it_differs(tmp_path: Path) -> None:
+    path = tmp_path / "subnet.env"
+    keeper = subnetfile.Keeper(str(path), ENV)
+    assert keeper.check() == "it was missing"  # never written yet, e.g. the first write failed
+    inode = path.stat().st_ino
+    assert keeper.check() == ""
+    os.utime(path)  # touched, same contents: read once, not written
+    assert keeper.check() == "" and path.stat().st_ino == inode
+    path.unlink()
+    assert keeper.check() == "it was missing"
+    assert path.read_text() == ENV.render()
+    path.write_text(ENV.render().replace("1450", "1500"))
+    assert keeper.check() == "its contents had changed"
+    path.write_bytes(b"\xff")
+    assert keeper.check() == "its contents had changed"
+    assert path.read_text() == ENV.render()
+    inode = path.stat().st_ino
+    assert keeper.check() == "" and path.stat().st_ino == inode

@@ -473,7 +473,8 @@ class KubeSubnetManager:
         """List, then watch, until ``stop`` is set.
 
         Re-lists after 410 Gone and retries errors after a jittered exponential backoff (at least
-        a 429's Retry-After); an authorization error is logged once until it changes.
+        a 429's Retry-After); an authorization error is logged once until it changes. Any other
+        exception is a bug and propagates: the daemon's supervisor logs it and restarts the watch.
         """
         log.info("Starting kube subnet manager")
         backoff = _Backoff()
@@ -510,10 +511,6 @@ class KubeSubnetManager:
                     elif message != auth_error:
                         log.error("%s", message)
                         auth_error = message
-            except Exception:
-                metrics.WATCH_RESTARTS.labels("error").inc()
-                log.exception("Unexpected error in the node watch")
-                delay = backoff.next()
             stop.wait(delay)
 
     def fetch_own_node(self) -> None:

@@ -1,0 +1,420 @@
+"""The daemon's life without root: its loop, supervision and heartbeats, against fake collaborators."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pyflannel import daemon, flags, subnetfile
+from pyflannel.kubeclient import ApiError
+from pyflannel.lease import Lease
+from pyflannel.log import KlogFormatter, V
+from pyflannel.subnet.kube import PROGRESS_BOUND
+from tests.test_deploy import container
+
+KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
+ENV = subnetfile.SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"), 1450, True)
+
+
+@pytest.fixture
+def klog() -> Iterator[io.StringIO]:
+    """pyflannel's log, formatted as klog, at -v=0."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(KlogFormatter())
+    logger = logging.getLogger("pyflannel")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(V(0))
+    yield out
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def wait_until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# -- node_name ----------------------------------------------------------------------------------------
+
+
+class FakeClient:
+    def __init__(self, pod: dict[str, Any] | ApiError) -> None:
+        self.pod = pod
+
+    def get_pod(self, ns: str, name: str) -> dict[str, Any]:
+        if isinstance(self.pod, ApiError):
+            raise self.pod
+        return self.pod
+
+
+def test_node_name() -> None:
+    client: Any = FakeClient({"spec": {"nodeName": "k8s02"}})
+    assert daemon.node_name(client, {"NODE_NAME": "k8s01", "POD_NAME": "p", "POD_NAMESPACE": "ns"}) == "k8s01"
+    assert daemon.node_name(client, {"POD_NAME": "p", "POD_NAMESPACE": "ns"}) == "k8s02"
+    with pytest.raises(daemon.NodeNameError, match="^env variables POD_NAME and POD_NAMESPACE must be set$"):
+        daemon.node_name(client, {"POD_NAME": "p"})
+    pod_env = {"POD_NAME": "p", "POD_NAMESPACE": "ns"}
+    with pytest.raises(daemon.NodeNameError, match="^node name not present in pod spec 'ns/p'$"):
+        daemon.node_name(FakeClient({"spec": {}}), pod_env)  # type: ignore[arg-type]
+    with pytest.raises(daemon.NodeNameError, match="^error retrieving pod spec for 'ns/p': "):
+        daemon.node_name(FakeClient(ApiError(403, "forbidden")), pod_env)  # type: ignore[arg-type]
+
+
+# -- the loop, with a fake subnet manager and a fake backend --------------------------------------------
+
+
+def lease(i: int) -> Lease:
+    return Lease(IPv4Network("10.244.%d.0/24" % i), IPv4Address("192.168.56.%d" % (10 + i)), "vxlan", "{}")
+
+
+class FakeSubnetManager:
+    node_name = "self"
+
+    def __init__(self) -> None:
+        self.progress = time.monotonic()
+        self._leases = {"k8s02": lease(2)}
+        self.own = lease(1)  # what this node's record in the API says
+        self.acquired: list[tuple[Any, ...]] = []
+
+    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
+        self.acquired.append((public_ip, backend_type, backend_data))
+        return self.own
+
+    def leases(self) -> dict[str, Lease]:
+        return dict(self._leases)
+
+    def lease_of(self, name: str) -> Lease | None:
+        return self._leases.get(name)
+
+
+class FakeBackend:
+    """Records what the loop asks of the datapath; ``fail`` makes the next sync raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.fail: Exception | None = None
+        self.device = SimpleNamespace(mac="0a:58:0a:f4:01:00")
+        self.cfg = SimpleNamespace(vni=1)
+
+    def sync(self, leases: dict[str, Lease | None]) -> set[str]:
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        self.calls.append(("sync", leases))
+        return set(leases)
+
+    def restore(self, deleted: list[Any]) -> int:
+        self.calls.append(("restore", deleted))
+        return 0
+
+    def reconcile(self, leases: dict[str, Lease]) -> int:
+        self.calls.append(("reconcile", leases))
+        return 0
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.calls]
+
+
+def make_daemon(tmp_path: Path, resync: int = 3600) -> daemon.Daemon:
+    opts = flags.parse(["--kube-subnet-mgr", "--datapath-resync=%d" % resync,
+                        "--subnet-file=%s" % (tmp_path / "subnet.env")], {})
+    d = daemon.Daemon(opts)
+    d.sm = FakeSubnetManager()  # type: ignore[assignment]
+    d.backend = FakeBackend()  # type: ignore[assignment]
+    d.subnet_file = subnetfile.Keeper(opts.subnet_file, ENV)
+    d.lease = lease(1)
+    d.ext = SimpleNamespace(ext_addr=IPv4Address("192.168.56.11"))  # type: ignore[assignment]
+    d.subnet_file.write()
+    d._next_full = time.monotonic() + resync
+    d.datapath_ready = True  # as after start()
+    return d
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[daemon.Daemon, FakeBackend, threading.Thread]]:
+    """A daemon whose loop runs under its supervisor in a thread, as after start-up."""
+    d = make_daemon(tmp_path)
+    d.supervisor.first_delay = 0.05
+    backend: Any = d.backend
+    thread = threading.Thread(target=d.supervisor.run, args=("main loop", d.loop))
+    thread.start()
+    yield d, backend, thread
+    d.stop.set()
+    d._wake.set()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_loop_applies_node_changes_and_kernel_deletions(running: Any) -> None:
+    d, backend, _ = running
+    d._on_change({"k8s02", "gone"})
+    wait_until(lambda: backend.calls)
+    assert backend.calls == [("sync", {"k8s02": lease(2), "gone": None})]
+    d._on_deleted([("route", 254, "10.244.2.0/24")])
+    wait_until(lambda: len(backend.calls) == 3)
+    assert backend.calls[1:] == [("restore", [("route", 254, "10.244.2.0/24")]), ("sync", {})]
+
+
+def test_loop_keeps_a_fake_kernel_converged(tmp_path: Path) -> None:
+    """The loop with the real VXLAN backend on a fake kernel: a new node is programmed, an entry
+    deleted by hand is put back, a node that goes is removed."""
+    from tests import test_vxlan
+
+    nl, backend = test_vxlan.node()
+    backend.create_device(test_vxlan.MAC)
+    backend.configure_device(test_vxlan.OWN)
+    d = make_daemon(tmp_path)
+    sm: Any = d.sm
+    sm._leases = {"k8s02": test_vxlan.lease(2)}
+    backend.reconcile(sm.leases())
+    d.backend = backend
+    thread = threading.Thread(target=d.loop, args=(d.stop,))
+    thread.start()
+    try:
+        sm._leases["k8s03"] = test_vxlan.lease(3)
+        d._on_change({"k8s03"})
+        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(2, 3))
+        nl.take_events()
+        nl.ip_route_del("10.244.2.0/24")
+        d._on_deleted(nl.take_events())  # as the kernel-events listener hands them on
+        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(2, 3))
+        del sm._leases["k8s02"]
+        d._on_change({"k8s02"})
+        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(3))
+    finally:
+        d.stop.set()
+        d._wake.set()
+        thread.join(5)
+
+
+def test_a_change_of_this_node_publishes_the_lease_again(running: Any, klog: io.StringIO) -> None:
+    d, backend, _ = running
+    sm = d.sm
+    d._on_change({"self"})
+    wait_until(lambda: backend.calls)
+    assert sm.acquired == [(IPv4Address("192.168.56.11"), "vxlan", '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}')]
+    assert backend.calls == [("sync", {})]
+    sm.own = lease(7)  # someone changed this node's pod CIDR: said once, applied at the next start
+    d._on_change({"self"})
+    wait_until(lambda: len(backend.calls) == 2)
+    d._on_change({"self"})
+    wait_until(lambda: len(backend.calls) == 3)
+    assert len(sm.acquired) == 3
+    assert klog.getvalue().count("The pod CIDR of this node changed from 10.244.1.0/24 to 10.244.7.0/24") == 1
+
+
+def test_a_failed_turn_restarts_the_loop_with_a_full_reconcile(running: Any, klog: io.StringIO) -> None:
+    d, backend, _ = running
+    backend.fail = RuntimeError("kernel says no")
+    d._on_change({"k8s02"})
+    wait_until(lambda: "reconcile" in backend.kinds())
+    lines = klog.getvalue().splitlines()
+    assert len(lines) == 1 and KLOG.match(lines[0]), lines
+    assert re.search(r"\] The main loop failed: RuntimeError: kernel says no \(at daemon\.py:\d+ in loop\); "
+                     r"restarting it in 0\.05s$", lines[0])
+    assert not d.stop.is_set()
+
+
+def test_no_lost_wake_up_when_a_change_arrives_during_the_swap(tmp_path: Path) -> None:
+    """A change that arrives the moment _take_dirty has swapped the pending changes wakes the loop."""
+    d = make_daemon(tmp_path)
+
+    class ChangeOnRelease:
+        """The daemon's lock, with a node change arriving the moment the swap releases it (once)."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+            self.armed = True
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+            if self.armed:
+                self.armed = False
+                d._on_change({"k8s02"})
+
+    d._on_change({"k8s03"})
+    d._lock = ChangeOnRelease(d._lock)  # type: ignore[assignment]
+    dirty, _ = d._take_dirty()
+    assert list(dirty) == ["k8s03"]
+    assert d._wake.is_set(), "the change that arrived after the swap must wake the loop"
+    assert list(d._take_dirty()[0]) == ["k8s02"]
+
+
+def test_the_loop_writes_subnet_env_again(tmp_path: Path, klog: io.StringIO) -> None:
+    d = make_daemon(tmp_path, resync=1)
+    path = tmp_path / "subnet.env"
+    thread = threading.Thread(target=d.loop, args=(d.stop,))
+    thread.start()
+    try:
+        path.unlink()
+        started = time.monotonic()
+        wait_until(path.exists, 5)
+        print("subnet.env back after %.2fs" % (time.monotonic() - started))
+        assert path.read_text() == ENV.render()
+        assert "Wrote subnet file to %s again: it was missing" % path in klog.getvalue()
+    finally:
+        d.stop.set()
+        d._wake.set()
+        thread.join(5)
+
+
+# -- heartbeats -------------------------------------------------------------------------------------
+
+
+def test_stalled_tells_which_part_stopped(tmp_path: Path, klog: io.StringIO) -> None:
+    d = make_daemon(tmp_path, resync=30)
+    sm: Any = d.sm
+    assert d.stalled() == ""
+    d._beat(30 + daemon.STEP_BOUND)
+    d._beat_at -= 30 + daemon.STEP_BOUND + 5
+    assert d.stalled() == "the main loop made no progress for 95s (at most 90s allowed)"
+    assert d.stalled()  # logged once
+    assert klog.getvalue().count("/healthz fails from now on: the main loop made no progress") == 1
+    d._beat(30 + daemon.STEP_BOUND)
+    assert d.stalled() == ""
+    sm.progress -= PROGRESS_BOUND + 1
+    assert re.fullmatch(r"the node watch made no progress for \d+s \(at most \d+s allowed\)", d.stalled())
+    d.sm = None  # not created yet: only the main thread counts
+    assert d.stalled() == ""
+
+
+def test_waiting_for_a_pod_cidr_is_progress(tmp_path: Path) -> None:
+    """The lease loop beats at every attempt, so /healthz stays 200 while the node has no pod CIDR."""
+    d = make_daemon(tmp_path)
+    d.datapath_ready = False
+    d._beat_at -= daemon.STEP_BOUND + 1
+    assert d.stalled() == "the start-up made no progress for 61s (at most 60s allowed)"
+    d._beat(daemon.LEASE_RETRY + daemon.STEP_BOUND)
+    assert d.stalled() == ""
+
+
+# -- supervision ------------------------------------------------------------------------------------
+
+
+def supervisor(**kw: Any) -> tuple[daemon.Supervisor, list[str]]:
+    gave_up: list[str] = []
+    stop = threading.Event()
+    sup = daemon.Supervisor(stop, lambda: gave_up.append("gave up"), first_delay=0.01, **kw)
+    return sup, gave_up
+
+
+def test_a_failed_worker_is_restarted_with_backoff(klog: io.StringIO) -> None:
+    sup, gave_up = supervisor()
+    runs: list[float] = []
+
+    def worker(stop: threading.Event) -> None:
+        runs.append(time.monotonic())
+        if len(runs) <= 3:
+            subnetfile.parse(None)  # type: ignore[arg-type]
+        stop.wait()
+
+    thread = sup.spawn("kernel events", worker)
+    wait_until(lambda: len(runs) == 4)
+    sup.stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and not gave_up
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert gaps[0] >= 0.01 and gaps[1] >= 0.02 and gaps[2] >= 0.04
+    lines = klog.getvalue().splitlines()
+    assert len(lines) == 3 and all(KLOG.match(line) for line in lines)
+    assert re.search(r"\] The kernel events failed: AttributeError: 'NoneType' object has no attribute "
+                     r"'splitlines' \(at subnetfile\.py:\d+ in parse\); restarting it in 0\.01s$", lines[0])
+    assert lines[2].endswith("; restarting it in 0.04s")
+
+
+def test_a_worker_that_keeps_failing_makes_the_process_exit(klog: io.StringIO) -> None:
+    sup, gave_up = supervisor(max_restarts=2)
+
+    def worker(stop: threading.Event) -> None:
+        raise OSError(105, "No buffer space available")
+
+    sup.run("iptables", worker)
+    assert gave_up == ["gave up"]
+    lines = klog.getvalue().splitlines()
+    assert len(lines) == 3
+    assert re.search(r"\] The iptables failed: OSError: \[Errno 105\] No buffer space available "
+                     r"\(at daemon\.py:\d+ in run\); it failed 3 times in a row: exiting, for the kubelet "
+                     r"to restart pyflannel \(the datapath stays in place\)$", lines[2])
+
+
+def test_a_long_healthy_run_forgives_earlier_failures() -> None:
+    sup, gave_up = supervisor(max_restarts=1, healthy_run=0.05)
+    runs: list[int] = []
+
+    def worker(stop: threading.Event) -> None:
+        runs.append(1)
+        if len(runs) < 5:
+            time.sleep(0.06)  # ran long enough: each failure is the first of its row
+            raise RuntimeError("again")
+
+    sup.run("node watch", worker)
+    assert len(runs) == 5 and not gave_up
+
+
+def test_a_worker_that_returns_is_not_restarted() -> None:
+    sup, gave_up = supervisor()
+    runs: list[int] = []
+    sup.run("iptables", lambda stop: runs.append(1))  # e.g. iptables gave up: no binary
+    assert runs == [1] and not gave_up
+
+
+def test_the_traceback_follows_at_v2(klog: io.StringIO) -> None:
+    logging.getLogger("pyflannel").setLevel(V(2))
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError as exc:
+        daemon.log_exception("The main loop", exc)
+    lines = klog.getvalue().splitlines()
+    assert re.search(r"\] The main loop failed: ValueError: bad value \(at test_daemon\.py:\d+ in "
+                     r"test_the_traceback_follows_at_v2\)$", lines[0])
+    assert all(KLOG.match(line) for line in lines)
+    assert lines[1].endswith("] Traceback (most recent call last):") and lines[-1].endswith("] value")
+
+
+def test_uncaught_exceptions_in_threads_are_logged_in_klog(klog: io.StringIO) -> None:
+    hooks = (daemon.sys.excepthook, threading.excepthook)
+    daemon.install_excepthooks()
+    try:
+        def boom() -> None:
+            raise RuntimeError("uncaught")
+
+        thread = threading.Thread(target=boom, name="worker-x")
+        thread.start()
+        thread.join()
+    finally:
+        daemon.sys.excepthook, threading.excepthook = hooks
+    lines = klog.getvalue().splitlines()
+    assert len(lines) == 1 and KLOG.match(lines[0])
+    assert "] Thread worker-x failed: RuntimeError: uncaught (at test_daemon.py:" in lines[0]
+
+
+# -- the manifest's probe -----------------------------------------------------------------------------
+
+
+def test_liveness_probe_restarts_a_stall_but_not_a_slow_start() -> None:
+    """The kubelet restarts the container after failureThreshold failed probes in a row: a stall is
+    caught within a few minutes, and a probe answered slowly under 100m CPU is not a failure."""
+    probe = container("kube-flannel")["livenessProbe"]
+    assert probe["httpGet"]["path"] == "/healthz"
+    assert probe["timeoutSeconds"] >= 5
+    assert probe["failureThreshold"] >= 3
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 60
+    # /healthz itself turns 503 only after a bound: --datapath-resync (30 s) + STEP_BOUND for the main loop.
+    assert 30 + daemon.STEP_BOUND + probe["periodSeconds"] * probe["failureThreshold"] <= 180

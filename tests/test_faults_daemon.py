@@ -1,0 +1,138 @@
+"""Faults in a node's life, injected from outside running pyflannel processes: subnet.env deleted or
+changed, and a worker that fails with an unexpected error (an iptables binary that answers garbage)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_netns
+from tools.netcluster import Cluster, Node
+
+pytestmark = [needs_netns, pytest.mark.netns]
+
+KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
+BINARIES = ("iptables", "iptables-save", "iptables-restore")
+
+
+def wrap_iptables(folder: Path, flag: Path) -> None:
+    """iptables binaries that run the real ones, but print bytes that are not UTF-8 while ``flag`` exists."""
+    folder.mkdir()
+    for name in BINARIES:
+        real = shutil.which(name)
+        assert real is not None
+        script = folder / name
+        script.write_text("#!/bin/sh\nif [ -e '%s' ]; then printf '\\377\\376garbage\\n'; exit 0; fi\nexec %s \"$@\"\n"
+                          % (flag, real))
+        script.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("faults")) as c:
+        n1, n2 = c.add_node("k8s01"), c.add_node("k8s02")
+        wrap_iptables(n1.dir / "bin", n1.dir / "iptables-broken")
+        start(c, n1)
+        c.start(n2)
+        c.wait_ready(n1)
+        c.wait_ready(n2)
+        yield c
+
+
+def start(cluster: Cluster, node: Node) -> None:
+    """k8s01 runs with the wrapped iptables binaries first in its PATH."""
+    cluster.start(node, env={"PATH": "%s:/usr/sbin:/usr/bin:/sbin:/bin" % (node.dir / "bin")})
+
+
+def healthz(node: Node) -> int:
+    res = Cluster.ns_run(node.netns, "python3", "-c",
+                         "import urllib.request,urllib.error\n"
+                         "try: print(urllib.request.urlopen('http://127.0.0.1:8471/healthz', timeout=5).status)\n"
+                         "except urllib.error.HTTPError as e: print(e.code)", check=False)
+    return int(res.stdout.strip() or 0)
+
+
+def masq_rules(node: Node) -> list[str]:
+    saved = Cluster.ns_run(node.netns, "iptables-save", "-t", "nat").stdout
+    return [line for line in saved.splitlines() if line.startswith("-A FLANNEL-POSTRTG")]
+
+
+def routes(node: Node) -> str:
+    return Cluster.ns_run(node.netns, "ip", "route", "show", "dev", "flannel.1").stdout
+
+
+def test_deleted_subnet_env_is_written_again(cluster: Cluster) -> None:
+    n1 = cluster.nodes["k8s01"]
+    before = n1.subnet_file.read_text()
+    n1.subnet_file.unlink()
+    started = time.monotonic()
+    cluster.wait_for("subnet.env to come back", lambda: n1.subnet_file.exists(), 60, 0.2)
+    took = time.monotonic() - started
+    print("deleted subnet.env back in %.1fs" % took)
+    assert n1.subnet_file.read_text() == before
+    n1.subnet_file.write_text(before.replace("FLANNEL_MTU=1450", "FLANNEL_MTU=9000"))
+    started = time.monotonic()
+    cluster.wait_for("subnet.env to be put right", lambda: n1.subnet_file.read_text() == before, 60, 0.2)
+    print("changed subnet.env put right in %.1fs" % (time.monotonic() - started))
+    log = n1.log()
+    assert log.count("Wrote subnet file to %s again: it was missing" % n1.subnet_file) == 1
+    assert log.count("Wrote subnet file to %s again: its contents had changed" % n1.subnet_file) == 1
+
+
+def test_a_failing_worker_is_restarted_and_recovers(cluster: Cluster) -> None:
+    """The iptables worker fails on output it cannot decode; it is restarted, and once the binary
+    behaves again the rules flushed meanwhile are back. The log stays klog, /healthz stays 200."""
+    n1 = cluster.nodes["k8s01"]
+    flag = n1.dir / "iptables-broken"
+    rules = masq_rules(n1)
+    assert rules
+    offset = len(n1.log())
+    flag.touch()
+    try:
+        Cluster.ns_run(n1.netns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+        cluster.wait_for("the iptables worker to fail twice",
+                         lambda: n1.log()[offset:].count("] The iptables check failed: UnicodeDecodeError") >= 2, 30)
+        assert healthz(n1) == 200  # the node watch and the main loop still work
+    finally:
+        flag.unlink()
+    started = time.monotonic()
+    cluster.wait_for("the rules to come back", lambda: masq_rules(n1) == rules, 60, 0.2)
+    print("iptables worker restarted and rules back %.1fs after the binary was fixed" % (time.monotonic() - started))
+    assert n1.proc is not None and n1.proc.poll() is None
+    lines = n1.log()[offset:].splitlines()
+    assert lines and all(KLOG.match(line) for line in lines), "\n".join(lines)
+    assert re.search(r"\] The iptables check failed: UnicodeDecodeError: .* \(at iptables\.py:\d+ in _run\); "
+                     r"restarting it in 1s$", lines[0]), lines[0]
+
+
+def test_a_worker_that_keeps_failing_ends_the_process_and_the_datapath_stays(cluster: Cluster) -> None:
+    n1 = cluster.nodes["k8s01"]
+    flag = n1.dir / "iptables-broken"
+    before = routes(n1)
+    assert "10.244.2.0/24" in before
+    offset = len(n1.log())
+    flag.touch()
+    started = time.monotonic()
+    try:
+        proc = n1.proc
+        assert proc is not None
+        cluster.wait_for("pyflannel to exit", lambda: proc.poll() is not None, 120, 0.2)
+        print("a worker failing for good ended the process after %.1fs" % (time.monotonic() - started))
+        assert proc.returncode == 1
+        lines = n1.log()[offset:].splitlines()
+        assert all(KLOG.match(line) for line in lines), "\n".join(lines)
+        assert any(line.endswith("; it failed 6 times in a row: exiting, for the kubelet to restart pyflannel "
+                                 "(the datapath stays in place)") for line in lines), "\n".join(lines)
+        assert routes(n1) == before
+        assert n1.subnet_file.exists()
+    finally:
+        flag.unlink()
+    n1.proc = None
+    start(cluster, n1)  # as the kubelet would
+    cluster.wait_ready(n1)
+    assert routes(n1) == before
