@@ -172,6 +172,19 @@ def test_restore_puts_back_entries_deleted_by_hand(running: tuple[FakeNetlink, V
     assert nl.datapath("flannel.1") == expected(2, 3)
 
 
+def test_a_deletion_reported_after_a_comparison_put_it_back_changes_nothing(
+        running: tuple[FakeNetlink, VXLANBackend], caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = running
+    nl.ip_neigh_del("10.244.2.0", "flannel.1")
+    late = nl.take_events()
+    assert b.reconcile({"k8s02": lease(2), "k8s03": lease(3)}) == 1
+    nl.take_writes()
+    with caplog.at_level(logging.INFO):
+        assert b.restore(late) == 0
+    assert "Restored" not in caplog.text
+    assert nl.datapath("flannel.1") == expected(2, 3)
+
+
 def test_restore_of_lost_notifications_compares_everything(running: tuple[FakeNetlink, VXLANBackend]) -> None:
     nl, b = running
     nl.ip_route_del("10.244.2.0/24")

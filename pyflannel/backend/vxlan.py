@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..config import VXLANConfig
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
-from ..netlink import (CREATE, IFF_UP, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
+from ..netlink import (CREATE, IFF_UP, NLM_F_EXCL, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
                        RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Packed, neighbour_request, request, route_request)
 from .._pyroute2 import ifaddrmsg, ifinfmsg
 
@@ -412,27 +412,29 @@ class VXLANBackend:
             out.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)))
         return out
 
-    def _send(self, work: list[tuple[str, Packed]]) -> list[bool]:
-        """Send requests in one batch; log failures; whether each succeeded (a missing entry is deleted).
+    def _send(self, work: list[tuple[str, Packed]]) -> list[int]:
+        """Send requests in one batch and log failures. Each request's outcome: 0 when done (a missing
+        entry counts as deleted), EEXIST when an exclusive create found the entry in place, else the
+        errno it failed with.
 
         Requests refused because the device is gone or down are not logged one by one: they mark
         the device lost (:attr:`device_ok`), for the caller to restore it."""
         if not work:
             return []
         codes = self.nl.batch([req for _, req in work])
-        ok = []
+        out = []
         for (what, req), code in zip(work, codes):
             deleting = req.msg_type in (RTM_DELNEIGH, RTM_DELROUTE)
             if code in _NO_DEVICE:
                 self.device_ok = False
-                ok.append(deleting)
-            elif code and not (deleting and code in (errno.ENOENT, errno.ESRCH)):
+                code = 0 if deleting else code
+            elif deleting and code in (errno.ENOENT, errno.ESRCH):
+                code = 0
+            elif code and not (code == errno.EEXIST and req.flags & NLM_F_EXCL):
                 metrics.NETLINK_ERRORS.inc()
                 log.error("%s: %s", what, os.strerror(code).lower())
-                ok.append(False)
-            else:
-                ok.append(True)
-        return ok
+            out.append(code)
+        return out
 
     def sync(self, leases: dict[str, Lease | None]) -> set[str]:
         """Converge the named nodes' kernel entries to their leases (None: the node is gone).
@@ -460,19 +462,27 @@ class VXLANBackend:
             self._check()
         return set(changes)
 
-    def _program(self, entries: dict[str, Entry]) -> None:
-        """Program entries in one batch and record in :attr:`applied` those that succeeded whole."""
+    def _program(self, entries: dict[str, Entry], missing_only: bool = False) -> set[str]:
+        """Program entries in one batch and record in :attr:`applied` those that succeeded whole.
+
+        With ``missing_only`` each part is created only where it is absent (an exclusive create, which
+        the kernel answers with EEXIST for a part in place): a deletion reported after a comparison
+        already put the entry back then changes nothing. Returns the names of which a part was created."""
         work: list[tuple[str, Packed]] = []
         owners: list[str] = []
         for name, e in entries.items():
             requests = self._add(e)
+            if missing_only:
+                requests = [(what, replace(req, flags=CREATE)) for what, req in requests]
             work += requests
             owners += [name] * len(requests)
-        failed = {owner for owner, ok in zip(owners, self._send(work)) if not ok}
+        codes = self._send(work)
+        failed = {owner for owner, code in zip(owners, codes) if code not in (0, errno.EEXIST)}
         for name, e in entries.items():
             self._forget(name)
             if name not in failed:
                 self._remember(name, e)
+        return {owner for owner, code in zip(owners, codes) if code == 0}
 
     def _remember(self, name: str, e: Entry) -> None:
         self.applied[name] = e
@@ -501,13 +511,13 @@ class VXLANBackend:
                 name = self._keys.get((kind, what))
                 if name is not None:
                     lost[name] = self.applied[name]
-        self._program(lost)
+        restored = self._program(lost, missing_only=True)
         if not self.device_ok:  # it went while these were sent
             return self._check()
-        if lost:
-            metrics.REPAIRS.inc(len(lost))
-            log.info("Restored the kernel entries of %d nodes after they were deleted", len(lost))
-        return len(lost)
+        if restored:
+            metrics.REPAIRS.inc(len(restored))
+            log.info("Restored the kernel entries of %d nodes after they were deleted", len(restored))
+        return len(restored)
 
     def reconcile(self, leases: dict[str, Lease]) -> int:
         """Converge the kernel to ``leases``: the device first, then one dump of the neighbours, FDB
