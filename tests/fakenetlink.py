@@ -345,6 +345,7 @@ class FakeNetlink:
     def _packed(self, req: Packed) -> None:
         """A request netlink.py packs itself: neighbours, FDB entries and routes."""
         body = req.body
+        exclusive = req.msg_type in (RTM_NEWNEIGH, RTM_NEWROUTE) and bool(req.flags & NLM_F_EXCL)
         if req.msg_type in (RTM_NEWNEIGH, RTM_DELNEIGH):
             n = parse_neighbour(body, 0, len(body))
             self.writes.append("%s %s dev %d %s %s" % ("RTM_NEWNEIGH" if req.msg_type == RTM_NEWNEIGH else "RTM_DELNEIGH",
@@ -352,6 +353,9 @@ class FakeNetlink:
                                                       n.lladdr))
             self._link_index(n.ifindex)
             assert n.dst is not None and n.lladdr is not None
+            table: dict[Any, str] = self.fdb_table if n.family == AF_BRIDGE else self.neigh_table
+            if exclusive and ((n.ifindex, n.lladdr) if n.family == AF_BRIDGE else (n.ifindex, n.dst)) in table:
+                raise NetlinkError(errno.EEXIST)  # the kernel's answer to an exclusive create of an entry in place
             if n.family == AF_BRIDGE:
                 if req.msg_type == RTM_NEWNEIGH:
                     self.fdb_table[(n.ifindex, n.lladdr)] = n.dst
@@ -373,6 +377,8 @@ class FakeNetlink:
                     raise NetlinkError(errno.ESRCH)
                 del self.route_table[r.dst]
                 return
+            if exclusive and r.dst in self.route_table:
+                raise NetlinkError(errno.EEXIST)
             oif = r.oif
             if oif:
                 if not self._link_index(oif).up:
