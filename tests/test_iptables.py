@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 from bench.kubeproxy import binary, kube_proxy_restore, load
 from pyflannel.trafficmngr.iptables import (
     IPTablesManager,
+    Network,
     forward_rules,
     legacy_forward_rules,
     legacy_masq_rules,
@@ -32,6 +33,8 @@ N = IPv4Network("10.244.0.0/16")
 S = IPv4Network("10.244.0.0/24")
 OLD_N = IPv4Network("10.245.0.0/16")
 OLD_S = IPv4Network("10.245.3.0/24")
+N6 = IPv6Network("fd00:10:244::/56")
+S6 = IPv6Network("fd00:10:244::/64")
 
 # Spec §10: `iptables-save` on node A (flannel parts only, iptables >= 1.6.2).
 SPEC_SAVE = """\
@@ -62,6 +65,26 @@ def section(saved: str, table: str) -> list[str]:
 
 SPEC_NAT, SPEC_FILTER = section(SPEC_SAVE, "nat"), section(SPEC_SAVE, "filter")
 
+# Dual-stack spec §10: `ip6tables-save` on node A (flannel parts only).
+SPEC6_SAVE = """\
+*nat
+:FLANNEL-POSTRTG - [0:0]
+-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s fd00:10:244::/56 -d fd00:10:244::/56 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+-A FLANNEL-POSTRTG ! -s fd00:10:244::/56 -d fd00:10:244::/64 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG ! -s fd00:10:244::/56 -d fd00:10:244::/56 -m comment --comment "flanneld masq" -j MASQUERADE \
+--random-fully
+COMMIT
+*filter
+:FLANNEL-FWD - [0:0]
+-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD
+-A FLANNEL-FWD -s fd00:10:244::/56 -m comment --comment "flanneld forward" -j ACCEPT
+-A FLANNEL-FWD -d fd00:10:244::/56 -m comment --comment "flanneld forward" -j ACCEPT
+COMMIT
+"""
+
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records]
@@ -85,6 +108,13 @@ def test_masq_rules_without_random_fully() -> None:
         '-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/24 -m comment --comment "flanneld masq" -j RETURN',
         '-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE',
     ]
+
+
+def test_ipv6_rules_are_the_ipv4_rules_with_ff00() -> None:
+    assert [r.text for r in masq_rules(N6, S6, True)] == section(SPEC6_SAVE, "nat")[1:]
+    assert [r.text for r in forward_rules(N6)] == section(SPEC6_SAVE, "filter")[1:]
+    assert ("-A POSTROUTING -s fd00:10:244::/56 ! -d ff00::/8 -j MASQUERADE"
+            in {r.text for r in legacy_masq_rules(N6, S6)})
 
 
 def test_forward_rules() -> None:
@@ -126,20 +156,21 @@ esac
 """
 
 
-def fake_manager(tmp_path: Path, version: str = "1.8.9", forward: bool = True, missing: str = "") -> IPTablesManager:
+def fake_manager(tmp_path: Path, version: str = "1.8.9", forward: bool = True, missing: str = "",
+                 network: Network = N, subnet: Network = S) -> IPTablesManager:
     """A manager with fake binaries. ``iptables -S <chain>`` and ``-L <chain>`` append their arguments to
     iptables.args and print the file iptables.<chain>; without one, a built-in chain's policy, or for
-    another chain exit status 1 as for a chain that does not exist. While iptables.status exists it exits with the status
-    in it, while iptables.killed exists it is killed. iptables-restore appends its arguments to
-    iptables-restore.args and its input to iptables-restore.in, or fails while iptables-restore.fail
-    exists. The binary named ``missing`` does not exist."""
+    another chain exit status 1 as for a chain that does not exist. While iptables.status exists it
+    exits with the status in it, while iptables.killed exists it is killed. iptables-restore appends
+    its arguments to iptables-restore.args and its input to iptables-restore.in, or fails while
+    iptables-restore.fail exists. The binary named ``missing`` does not exist."""
 
     def binary(name: str, script: str) -> tuple[str, ...]:
         path = tmp_path / name  # $0 of the script; the real arguments are in $@
         return (str(tmp_path / "bin" / name),) if name == missing else ("sh", "-c", script, str(path))
 
     return IPTablesManager(
-        N, S, None, None, True, forward, 5,
+        network, subnet, None, None, True, forward, 5,
         iptables=binary("iptables", "VERSION=%s\n%s" % (version, FAKE_IPTABLES)),
         iptables_restore=binary("iptables-restore", 'if [ -e "$0.fail" ]; then echo "iptables-restore: line 3 '
                                 'failed" >&2; exit 1; fi; echo "$@" >> "$0.args"; cat >> "$0.in"'))
@@ -253,13 +284,17 @@ def test_a_failed_listing_is_an_error_and_never_a_repair(tmp_path: Path, caplog:
                                 % (stderr, status)]
 
 
-@pytest.mark.parametrize("missing", ["iptables", "iptables-restore"])
-def test_missing_binary_gives_up(tmp_path: Path, caplog: pytest.LogCaptureFixture, missing: str) -> None:
-    m = fake_manager(tmp_path, missing=missing)
+@pytest.mark.parametrize(("network", "subnet", "missing", "line"), [
+    (N, S, "iptables", "Failed to setup IPTables. iptables binary was not found: "),
+    (N, S, "iptables-restore", "Failed to setup IPTables. iptables-restore binary was not found: "),
+    (N6, S6, "iptables", "Failed to setup IP6Tables. iptables binary was not found: "),
+    (N6, S6, "iptables-restore", "Failed to setup iptables-restore: "),
+], ids=["iptables", "iptables-restore", "ip6tables", "ip6tables-restore"])
+def test_missing_binary_gives_up(tmp_path: Path, caplog: pytest.LogCaptureFixture, network: Network,
+                                 subnet: Network, missing: str, line: str) -> None:
+    m = fake_manager(tmp_path, missing=missing, network=network, subnet=subnet)
     assert m.ensure() is False and not m.ready
-    assert messages(caplog)[-1] == (
-        "Failed to setup IPTables. %s binary was not found: [Errno 2] No such file or directory: '%s'"
-        % (missing, tmp_path / "bin" / missing))
+    assert messages(caplog)[-1] == line + "[Errno 2] No such file or directory: '%s'" % (tmp_path / "bin" / missing)
     caplog.clear()
     runner = threading.Thread(target=m.run, args=(threading.Event(),))
     runner.start()
@@ -537,3 +572,26 @@ class TestInNamespace:
         assert [e for e in syncs if e] == [] and len(syncs) >= 20
         assert m.resyncs == checks + 1 and m.repairs == 1
         assert flannel_saved(ns, backend) == SPEC_SAVE
+
+    def test_ipv6_rules_with_ip6tables(self, ns: str, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.INFO, logger="pyflannel")
+        wrap = ("ip", "netns", "exec", ns)
+        m = IPTablesManager(N6, S6, None, None, True, True, 5, iptables=(*wrap, "ip6tables-nft"),
+                            iptables_restore=(*wrap, "ip6tables-nft-restore"))
+        assert m.ensure() is True and m.ensure() is False
+
+        def saved6() -> str:
+            return "".join("*%s\n%sCOMMIT\n" % (t, "".join(
+                line + "\n" for line in in_ns(ns, "ip6tables-nft-save", "-t", t).splitlines()
+                if line.startswith(("-A ", ":FLANNEL")))) for t in ("nat", "filter"))
+
+        assert saved6() == SPEC6_SAVE and state(ns, "nat") == [] and state(ns, "filter") == []
+        assert messages(caplog) == [
+            "Current ipv6 network or subnet (fd00:10:244::/56, fd00:10:244::/64) is not equal to previous one "
+            "(::/0, ::/0), trying to recycle old ip6tables rules",
+            "Setting up masking ip6 rules",
+            "IPv6: Changing default FORWARD chain policy to ACCEPT",
+            "bootstrap done",
+        ]
+        in_ns(ns, "ip6tables-nft", "-t", "nat", "-D", "FLANNEL-POSTRTG", "3")
+        assert m.ensure() is True and saved6() == SPEC6_SAVE and m.repairs == 1

@@ -3,10 +3,11 @@
 flanneld (``network/iptables.go``) keeps the chain FLANNEL-POSTRTG in nat, jumped to from the first rule
 of POSTROUTING (with ``--ip-masq``), and the chain FLANNEL-FWD in filter, jumped to from the first rule
 of FORWARD (with ``--iptables-forward-rules``). Every rule carries the comment ``flanneld masq`` or
-``flanneld forward``. pyflannel installs the same rules. It checks a table by listing only the chains it
-writes to (see ``IPTablesManager._check``), and it repairs a table in one ``iptables-restore --noflush``
-transaction. That transaction also removes the rules that flanneld v0.15 to v0.19 left directly in
-POSTROUTING and FORWARD.
+``flanneld forward``; the IPv6 rules are the same with ip6tables (``Family`` holds what differs).
+pyflannel installs the same rules. It checks a table by listing only the chains it writes to (see
+``IPTablesManager._check``), and it repairs a table in one ``iptables-restore --noflush`` transaction.
+That transaction also removes the rules that flanneld v0.15 to v0.19 left directly in POSTROUTING and
+FORWARD.
 
 Listing chains, not saving tables, keeps the check's cost independent of other agents' rules:
 iptables-nft fetches only the chain it lists from the kernel (beside kube-proxy's 50,000 nat rules,
@@ -23,7 +24,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from .. import metrics
 from ..log import V
@@ -35,13 +36,45 @@ FORWARD_CHAIN = "FLANNEL-FWD"
 MASQ_COMMENT = "flanneld masq"
 FORWARD_COMMENT = "flanneld forward"
 KUBE_PROXY_MARK = "0x4000/0x4000"
-MULTICAST = "224.0.0.0/4"
 RANDOM_FULLY_VERSION = (1, 6, 2)  # go-iptables: --random-fully and iptables-restore --wait from this version
 WAIT_VERSION = (1, 4, 20)  # go-iptables: iptables --wait from this version
-ANY = IPv4Network("0.0.0.0/0")  # flanneld's previous network and subnet when subnet.env has none
 COMMAND_TIMEOUT = 60.0  # seconds; iptables-restore --wait may wait for the xtables lock
 
+Network = IPv4Network | IPv6Network
 _Body = tuple[tuple[str, ...], tuple[str, ...]]  # (match, target) of a rule, without its comment
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the IPv4 and the IPv6 rules, and flanneld's wording of each family's log lines.
+
+    flanneld's IPv6 rules are its IPv4 rules with ip6tables and ``ff00::/8`` for the multicast range.
+    """
+
+    iptables: str
+    iptables_restore: str
+    multicast: str
+    any: str  # flanneld's previous network and subnet when subnet.env has none
+    recycling: str  # the log line's format, given (network, subnet, previous network, previous subnet)
+    masking: str
+    forwarding: str
+    missing_iptables: str  # the log line's format when iptables, or iptables-restore, cannot be run
+    missing_restore: str
+
+
+FAMILIES = {
+    4: Family("iptables", "iptables-restore", "224.0.0.0/4", "0.0.0.0/0",
+              "Current network or subnet (%s, %s) is not equal to previous one (%s, %s), "
+              "trying to recycle old iptables rules",
+              "Setting up masking rules", "Changing default FORWARD chain policy to ACCEPT",
+              "Failed to setup IPTables. iptables binary was not found: %s",
+              "Failed to setup IPTables. iptables-restore binary was not found: %s"),
+    6: Family("ip6tables", "ip6tables-restore", "ff00::/8", "::/0",
+              "Current ipv6 network or subnet (%s, %s) is not equal to previous one (%s, %s), "
+              "trying to recycle old ip6tables rules",
+              "Setting up masking ip6 rules", "IPv6: Changing default FORWARD chain policy to ACCEPT",
+              "Failed to setup IP6Tables. iptables binary was not found: %s", "Failed to setup iptables-restore: %s"),
+}
 
 
 @dataclass(frozen=True)
@@ -69,22 +102,23 @@ def _rule(table: str, chain: str, body: _Body, comment: str | None) -> Rule:
     return Rule(table, chain, (*match, *note, *target))
 
 
-def _masq_bodies(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[_Body]:
+def _masq_bodies(network: Network, subnet: Network, random_fully: bool) -> list[_Body]:
     n, s = str(network), str(subnet)
+    multicast = FAMILIES[network.version].multicast
     masquerade = ("-j", "MASQUERADE", "--random-fully") if random_fully else ("-j", "MASQUERADE")
     return [
         (("-s", n, "-d", n), ("-j", "RETURN")),  # traffic inside the overlay keeps its source
-        (("-s", n, "!", "-d", MULTICAST), masquerade),  # pods to the outside, but not multicast
+        (("-s", n, "!", "-d", multicast), masquerade),  # pods to the outside, but not multicast
         (("!", "-s", n, "-d", s), ("-j", "RETURN")),  # the outside to this node's pods
         (("!", "-s", n, "-d", n), masquerade),  # the host to other nodes' pods
     ]
 
 
-def _forward_bodies(network: IPv4Network) -> list[_Body]:
+def _forward_bodies(network: Network) -> list[_Body]:
     return [(("-s", str(network)), ("-j", "ACCEPT")), (("-d", str(network)), ("-j", "ACCEPT"))]
 
 
-def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
+def masq_rules(network: Network, subnet: Network, random_fully: bool) -> list[Rule]:
     """flanneld v0.20.2's masquerade rules: the POSTROUTING jump first, then FLANNEL-POSTRTG's rules in order."""
     return [
         _rule("nat", "POSTROUTING", ((), ("-j", MASQ_CHAIN)), MASQ_COMMENT),
@@ -93,7 +127,7 @@ def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) ->
     ]
 
 
-def forward_rules(network: IPv4Network) -> list[Rule]:
+def forward_rules(network: Network) -> list[Rule]:
     """flanneld v0.20.2's forward rules: the FORWARD jump first, then FLANNEL-FWD's rules in order."""
     return [
         _rule("filter", "FORWARD", ((), ("-j", FORWARD_CHAIN)), FORWARD_COMMENT),
@@ -101,8 +135,9 @@ def forward_rules(network: IPv4Network) -> list[Rule]:
     ]
 
 
-def legacy_masq_rules(network: IPv4Network, subnet: IPv4Network) -> list[Rule]:
-    """Every masquerade rule that flanneld v0.15.x to v0.19 may have left in nat POSTROUTING."""
+def legacy_masq_rules(network: Network, subnet: Network) -> list[Rule]:
+    """Every masquerade rule that flanneld v0.15.x to v0.19 may have left in nat POSTROUTING (for IPv6 too,
+    although only the IPv4 set had the typo: a rule that is not there is not deleted)."""
     rules = [
         _rule("nat", "POSTROUTING", body, comment)
         for random_fully in (False, True)
@@ -114,7 +149,7 @@ def legacy_masq_rules(network: IPv4Network, subnet: IPv4Network) -> list[Rule]:
     return rules
 
 
-def legacy_forward_rules(network: IPv4Network) -> list[Rule]:
+def legacy_forward_rules(network: Network) -> list[Rule]:
     """Every forward rule that flanneld v0.15.x to v0.19 may have left in filter FORWARD."""
     return [_rule("filter", "FORWARD", body, comment)
             for comment in (None, FORWARD_COMMENT) for body in _forward_bodies(network)]
@@ -160,7 +195,7 @@ class _SetupError(Exception):
 
     def __init__(self, cmd: Sequence[str], err: object) -> None:
         super().__init__(err)
-        self.binary = os.path.basename(cmd[-1])
+        self.cmd = tuple(cmd)
 
 
 class _CommandError(Exception):
@@ -175,17 +210,18 @@ class _CommandError(Exception):
 class IPTablesManager:
     """Keeps flanneld v0.20.2's masquerade and/or forward rules in place, as flanneld's iptables goroutines do.
 
-    Each binary is given as an argument-list prefix, so a caller can use the ip6tables binaries or run
-    them elsewhere, e.g. ``("ip", "netns", "exec", "ns1", "iptables")``. The position of a jump rule is
+    The network's family picks the rules, the log lines and, by default, the binaries (iptables or
+    ip6tables); one manager keeps one family's rules. Each binary can be given as an argument-list
+    prefix, to run it elsewhere, e.g. ``("ip", "netns", "exec", "ns1", "iptables")``. The position of a jump rule is
     not checked (flanneld checks only that it exists). This means other agents that insert rules at
     the top of POSTROUTING or FORWARD do not make the rules flap.
     Call ensure() and run() from one thread at a time.
     """
 
-    def __init__(self, network: IPv4Network, subnet: IPv4Network, prev_network: IPv4Network | None,
-                 prev_subnet: IPv4Network | None, ip_masq: bool, forward_rules: bool, resync_seconds: float,
-                 on_repair: Callable[[], None] | None = None, iptables: Sequence[str] = ("iptables",),
-                 iptables_restore: Sequence[str] = ("iptables-restore",)) -> None:
+    def __init__(self, network: Network, subnet: Network, prev_network: Network | None,
+                 prev_subnet: Network | None, ip_masq: bool, forward_rules: bool, resync_seconds: float,
+                 on_repair: Callable[[], None] | None = None, iptables: Sequence[str] | None = None,
+                 iptables_restore: Sequence[str] | None = None) -> None:
         self.network = network
         self.subnet = subnet
         self.prev_network = prev_network
@@ -197,22 +233,23 @@ class IPTablesManager:
         self.ready = False
         self.resyncs = 0
         self.repairs = 0
-        self._iptables = tuple(iptables)
-        self._iptables_restore = tuple(iptables_restore)
+        self.family = FAMILIES[network.version]
+        self._iptables = tuple(iptables or (self.family.iptables,))
+        self._iptables_restore = tuple(iptables_restore or (self.family.iptables_restore,))
         self._tables: list[_Table] | None = None  # set once `iptables --version` has run
         self._wait: tuple[str, ...] = ()  # also known from the version
         self._restore_flags: tuple[str, ...] = ()
         self._gave_up = False  # a binary is missing: flanneld's goroutine returns in that case
         if ip_masq:
-            prev_n, prev_s = prev_network or ANY, prev_subnet or ANY
+            prev_n = prev_network or ip_network(self.family.any)
+            prev_s = prev_subnet or ip_network(self.family.any)
             if prev_n != network and prev_s != subnet:
                 # Our chain is rewritten whole, so the old rule set inside it goes away by itself.
-                log.info("Current network or subnet (%s, %s) is not equal to previous one (%s, %s), "
-                         "trying to recycle old iptables rules", network, subnet, prev_n, prev_s)
-            log.info("Setting up masking rules")
+                log.info(self.family.recycling, network, subnet, prev_n, prev_s)
+            log.info(self.family.masking)
         if forward_rules:
             # flanneld's wording; like flanneld, pyflannel adds ACCEPT rules and leaves the policy alone.
-            log.info("Changing default FORWARD chain policy to ACCEPT")
+            log.info(self.family.forwarding)
 
     def ensure(self) -> bool:
         """Check the rules and rewrite every table that differs; True if iptables-restore ran.
@@ -232,7 +269,8 @@ class IPTablesManager:
                 log.log(V(6), "trying to run iptables-restore < %s", payload)
                 self._run(self._iptables_restore, *self._restore_flags, stdin=payload)
         except _SetupError as exc:
-            log.error("Failed to setup IPTables. %s binary was not found: %s", exc.binary, exc)
+            missing = self.family.missing_restore if exc.cmd == self._iptables_restore else self.family.missing_iptables
+            log.error(missing, exc)
             self._gave_up = True
             return False
         except _CommandError as exc:
