@@ -348,8 +348,9 @@ def bench(args: argparse.Namespace) -> None:
                 "mem peak MiB", "vs 0 Services MiB", "OOM kills", "iptables errors", "rules in place", "outcome"],
                rows))
     emit("\nGoals (the issue's, under the limits, nf_tables, this tree): idle ≤ %g millicores, memory peak within "
-         "%g MiB of the peak without kube-proxy's rules, no OOM kill. %s means the daemon was OOM-killed."
-         % (IDLE_GOAL, MEMORY_GOAL, OOM))
+         "%g MiB of the peak without kube-proxy's rules, no OOM kill. OOM kills count the daemon's children too; "
+         "the outcome is the daemon's own (%s if it was killed). \"rules in place\": FLANNEL-POSTRTG and its jump "
+         "were there at the end." % (IDLE_GOAL, MEMORY_GOAL, OOM))
 
 
 def main(argv: list[str] | None = None) -> int:
