@@ -1,7 +1,7 @@
 """pyflannel's iptables check beside kube-proxy's rules, under the kube-flannel manifest's limits.
 
     python -m bench.kubeproxy [--services 0,10000,20000] [--backends nft,legacy] [--limits both|on|off]
-                              [--designs new,old] [--nodes 100] [--idle-seconds 30] [--runs 1]
+                              [--designs new,old] [--nodes 100] [--idle-seconds 60] [--runs 1]
 
 Run from the repository root, as root. Each run is bench.footprint's set-up (one real node namespace,
 the other nodes only as API objects, the daemon in a fresh cgroup with or without the manifest's limits,
@@ -295,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", default=BASELINE, help="the commit whose iptables.py is the old design")
     p.add_argument("--nodes", type=int, default=100, help="nodes in the cluster (the daemon's and N-1 API-only)")
     p.add_argument("--runs", type=int, default=1, help="runs per figure; tables show medians")
-    p.add_argument("--idle-seconds", type=float, default=30.0)
+    p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a daemon may take to be ready")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after ready before idling starts")
     args = p.parse_args(argv)
