@@ -264,8 +264,8 @@ def run(case: Case, args: argparse.Namespace, work: Path, pythonpath: dict[str, 
         fmt(start.all_peers))
     if after is not None:
         line += ", idle %s millicores, mem peak %s MiB" % (fmt(after.millicores, 1), fmt(after.mem_end, 1))
-    emit(line + ", OOM kills %d, iptables errors %d, rules %s, %s" % (
-        res.oom_kills, res.errors, "in place" if res.rules_ok else "MISSING", after.outcome if after else start.outcome))
+    emit(line + ", OOM kills %d, iptables errors %d, rules %s, %s" % (res.oom_kills, res.errors, "in place"
+         if res.rules_ok else "MISSING", after.outcome if after else start.outcome))
     return res
 
 

@@ -506,10 +506,12 @@ class TestInNamespace:
         in_ns(ns, "ip", "link", "set", "lo", "up")
         in_ns(ns, "ip", "addr", "add", "10.244.0.1/32", "dev", "lo")
         in_ns(ns, "ping", "-c", "1", "-W", "2", "10.244.0.1")  # -s N -d N: RETURN, the second rule, counts it
-        assert " 1 " in in_ns(ns, "iptables-nft", "-t", "nat", "-L", "FLANNEL-POSTRTG", "-n", "-v", "-x").splitlines()[3]
+        listed = in_ns(ns, "iptables-nft", "-t", "nat", "-L", "FLANNEL-POSTRTG", "-n", "-v", "-x")
+        assert " 1 " in listed.splitlines()[3]
         commands.clear()
         assert m.ensure() is False
-        assert [c[4:] for c in commands] == [["iptables-nft", "--wait", "-t", "nat", "-L", "FLANNEL-POSTRTG", "-n", "-v"]]
+        assert [c[4:] for c in commands] == [["iptables-nft", "--wait", "-t", "nat", "-L", "FLANNEL-POSTRTG", "-n",
+                                              "-v"]]
 
     def test_run_repairs_and_stops_promptly(self, ns: str) -> None:
         repaired = threading.Event()

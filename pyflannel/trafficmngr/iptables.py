@@ -1,4 +1,4 @@
-"""flanneld v0.20.2's masquerade and forward rules, kept in place with ``iptables -S`` and iptables-restore.
+"""flanneld v0.20.2's masquerade and forward rules, kept in place by listing our chains and iptables-restore.
 
 flanneld (``network/iptables.go``) keeps the chain FLANNEL-POSTRTG in nat, jumped to from the first rule
 of POSTROUTING (with ``--ip-masq``), and the chain FLANNEL-FWD in filter, jumped to from the first rule
@@ -212,9 +212,9 @@ class IPTablesManager:
 
     The network's family picks the rules, the log lines and, by default, the binaries (iptables or
     ip6tables); one manager keeps one family's rules. Each binary can be given as an argument-list
-    prefix, to run it elsewhere, e.g. ``("ip", "netns", "exec", "ns1", "iptables")``. The position of a jump rule is
-    not checked (flanneld checks only that it exists). This means other agents that insert rules at
-    the top of POSTROUTING or FORWARD do not make the rules flap.
+    prefix, to run it elsewhere, e.g. ``("ip", "netns", "exec", "ns1", "iptables")``. The position of a
+    jump rule is not checked (flanneld checks only that it exists). This means other agents that insert
+    rules at the top of POSTROUTING or FORWARD do not make the rules flap.
     Call ensure() and run() from one thread at a time.
     """
 
