@@ -364,6 +364,7 @@ class Setup:
         self._next_mac = 1
         self.t0 = 0.0
         self.ended_at: float | None = None
+        self.env: dict[str, str] = {}  # more environment for the daemon
 
     def __enter__(self) -> "Setup":
         stack = self._stack
@@ -414,7 +415,7 @@ class Setup:
 
     def start(self) -> None:
         """Spawn the daemon (in the cgroup) and note the time."""
-        env = {"BENCH_CGROUP_PROCS": " ".join(self.cgroup.procs_files)}
+        env = {**self.env, "BENCH_CGROUP_PROCS": " ".join(self.cgroup.procs_files)}
         self.t0 = time.time()
         self.cluster.start(self.node, *DAEMON_FLAGS, env=env)
 

@@ -29,3 +29,17 @@ def test_footprint_bench_runs_and_prints_its_tables() -> None:
     assert len(rows) == 2 and all("| off " in row for row in rows), out
     churn = out.split("## Churn")[1].split("##")[0]
     assert "| off " in churn, out
+
+
+def test_kubeproxy_bench_runs_and_prints_its_table() -> None:
+    cmd = [sys.executable, "-m", "bench.kubeproxy", "--services", "0,30", "--backends", "nft,legacy", "--designs",
+           "new,old", "--limits", "off", "--nodes", "2", "--idle-seconds", "1", "--settle", "0.5"]
+    res = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for heading in ("- command: `python -m bench.kubeproxy --services 0,30", "- machine: nproc",
+                    "## Idle beside kube-proxy's rules: 2 nodes"):
+        assert heading in out, out
+    rows = [line for line in out.split("## Idle beside")[1].splitlines() if line.startswith(("| nft ", "| legacy "))]
+    assert len(rows) == 8, out
+    assert all("| off " in row and "| yes " in row for row in rows), out  # flannel's rules were in place
