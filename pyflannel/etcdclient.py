@@ -6,10 +6,11 @@ numbers as strings). pyflannel speaks the JSON with the standard library's ``htt
 the daemon loads anyway: a gRPC client (python-etcd3, or etcd3gw with requests) costs three times
 the CPU and twice the memory to import (see the README's Performance section).
 
-Bounds, as for the Kubernetes API: CONNECT_TIMEOUT for the TCP connect and the TLS handshake,
-REQUEST_TIMEOUT between two reads of an answer, WATCH_READ_TIMEOUT between two messages of a
-watch (an idle watch then ends and is opened again from its revision), and TCP keepalive with a
-user timeout, so a peer that vanished without a reset is noticed within USER_TIMEOUT seconds.
+The connections are the Kubernetes client's, with its bounds: CONNECT_TIMEOUT for the TCP connect
+and the TLS handshake, REQUEST_TIMEOUT between two reads of an answer, and TCP keepalive with a
+user timeout, so a peer that vanished without a reset is noticed within USER_TIMEOUT seconds. A
+watch waits WATCH_READ_TIMEOUT between two messages; an idle watch then ends and is opened again
+from its revision (etcd 3.4 sends no progress on a quiet watch more often than every 10 minutes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import base64
 import http.client
 import json
 import logging
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -26,15 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-log = logging.getLogger(__name__)
+from .kubeclient import CONNECT_TIMEOUT, REQUEST_TIMEOUT, WATCH_READ_TIMEOUT
+from .kubeclient import _HTTPConnection as HTTPConnection
+from .kubeclient import _HTTPSConnection as HTTPSConnection
 
-CONNECT_TIMEOUT = 10.0
-REQUEST_TIMEOUT = 30.0
-WATCH_READ_TIMEOUT = 90.0
-KEEPALIVE_IDLE = 15
-KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT = 3
-USER_TIMEOUT = 30
+log = logging.getLogger(__name__)
 
 # gRPC status codes the gateway returns in its error body.
 OUT_OF_RANGE = 11  # "mvcc: required revision has been compacted"
@@ -101,14 +97,6 @@ def _revision(doc: dict[str, Any]) -> int:
     return int((doc.get("header") or {}).get("revision") or 0)
 
 
-def _keepalive(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT * 1000)
-
-
 @dataclass(frozen=True)
 class _Endpoint:
     url: str
@@ -152,15 +140,13 @@ class EtcdClient:
 
     # -- transport -----------------------------------------------------------------------------------
 
-    def _new_connection(self, ep: _Endpoint) -> http.client.HTTPConnection:
+    def _new_connection(self, ep: _Endpoint, timeout: float) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
         if ep.https:
-            conn = http.client.HTTPSConnection(ep.netloc, timeout=CONNECT_TIMEOUT, context=self._ctx)
+            conn = HTTPSConnection(ep.netloc, timeout=timeout, context=self._ctx)
         else:
-            conn = http.client.HTTPConnection(ep.netloc, timeout=CONNECT_TIMEOUT)
+            conn = HTTPConnection(ep.netloc, timeout=timeout)
         conn.connect()
-        assert conn.sock is not None
-        _keepalive(conn.sock)
         return conn
 
     def _send(self, path: str, body: dict[str, Any], timeout: float,
@@ -186,9 +172,7 @@ class EtcdClient:
             for attempt in (0, 1):
                 try:
                     if conn is None:
-                        conn = self._new_connection(ep)
-                    assert conn.sock is not None
-                    conn.sock.settimeout(timeout)
+                        conn = self._new_connection(ep, timeout)
                     conn.request("POST", path, body=data, headers=headers)
                     resp = conn.getresponse()
                     self._current = index

@@ -27,8 +27,10 @@ from ipaddress import IPv4Address, IPv4Network
 from .. import config, metrics
 from ..config import Config, ConfigError
 from ..etcdclient import Compacted, EtcdClient, EtcdError, Event, KeyValue
+from ..kubeclient import CONNECT_TIMEOUT, WATCH_READ_TIMEOUT
 from ..lease import Lease, LeaseError
 from ..log import V
+from .kube import MAX_BACKOFF, _Backoff
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ RACE_RETRIES = 10
 MAX_CANDIDATES = 100  # flanneld picks at random among the first 100 free subnets
 CONFIG_RETRY = 1.0
 RENEW_RETRY = 60.0
-MAX_BACKOFF = 30.0
+# The most seconds between two updates of EtcdSubnetManager.progress while the watch works or
+# retries: an idle watch that times out, then the longest wait, then a connection attempt.
+PROGRESS_BOUND = WATCH_READ_TIMEOUT + MAX_BACKOFF + CONNECT_TIMEOUT
 
 CONFIG_NOT_FOUND = "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
 CONFIG_HINT = ("Create it with: etcdctl --endpoints=%s put %s/config "
@@ -105,7 +109,9 @@ class EtcdSubnetManager:
     """Leases in etcd (flannel's ``subnet/etcd`` LocalManager).
 
     ``node_name`` is the key of this node's lease once acquired: the daemon receives changes of it
-    like those of any lease, and ``revoked`` is set when someone deleted it.
+    like those of any lease, and ``revoked`` is set when someone deleted it. ``progress`` is the
+    ``time.monotonic()`` of the watch's last sign of progress (a list, a watch message, a connection
+    attempt); it advances at least every PROGRESS_BOUND seconds while the watch works or retries.
     """
 
     def __init__(self, client: EtcdClient, prefix: str, previous: IPv4Network | None, renew_margin: float,
@@ -304,7 +310,7 @@ class EtcdSubnetManager:
 
     def run(self, stop: threading.Event) -> None:
         """List, then watch, until ``stop`` is set: resume after a failure, list again after compaction."""
-        backoff = 1.0
+        backoff = _Backoff()
         need_list = True
         while not stop.is_set():
             self.progress = time.monotonic()
@@ -313,14 +319,17 @@ class EtcdSubnetManager:
                     self._list()
                     need_list = False
                     self.synced.set()
+                started = time.monotonic()
                 for events in self.client.watch(self.prefix + "/", self._rev + 1):
                     self.progress = time.monotonic()
                     if stop.is_set():
                         return
+                    backoff.reset()
                     if events:
                         self._apply(events)
-                    backoff = 1.0
                 metrics.WATCH_RESTARTS.labels("timeout").inc()
+                if time.monotonic() - started < 1:
+                    stop.wait(1)  # a server that ends watches at once must not make us spin
                 continue
             except Compacted as exc:
                 log.warning("Watch of subnet leases failed because etcd index outside history window "
@@ -335,8 +344,7 @@ class EtcdSubnetManager:
             except Exception:  # a malformed message must not end the watch for good
                 metrics.WATCH_RESTARTS.labels("error").inc()
                 log.exception("Unexpected error in the lease watch")
-            stop.wait(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            stop.wait(backoff.next())
 
     def wait_synced(self, stop: threading.Event) -> None:
         """Block until the first list is in the cache (or ``stop``)."""
