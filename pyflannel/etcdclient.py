@@ -300,8 +300,10 @@ class EtcdClient:
             while True:
                 try:
                     line = resp.readline()
-                except TimeoutError:
-                    return
+                except TimeoutError as exc:
+                    if exc.errno is None:  # the read timeout of an idle watch, not a dead connection
+                        return
+                    raise EtcdError(0, "watch of %s: %s" % (prefix, exc)) from exc
                 except (OSError, http.client.HTTPException) as exc:
                     raise EtcdError(0, "watch of %s: %s" % (prefix, exc)) from exc
                 if not line:
