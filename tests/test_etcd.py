@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyflannel.etcdclient import EtcdClient, EtcdError
-from pyflannel.lease import Lease, LeaseError
+from pyflannel.lease import Lease, LeaseError, LeaseRevoked
 from pyflannel.subnet import etcd
 from tools.etcdserver import EtcdServer
 
@@ -74,6 +74,7 @@ class Manager:
     def start(self) -> "Manager":
         assert self.sm.get_network_config(self.stop) is not None
         threading.Thread(target=self.sm.run, args=(self.stop,), daemon=True).start()
+        threading.Thread(target=self.sm.keep_lease, args=(self.stop,), daemon=True).start()
         self.sm.wait_synced(self.stop)
         return self
 
@@ -257,7 +258,6 @@ def test_renewal_and_revocation(server: EtcdServer, managers: list[Manager],
     lease = m.acquire("192.168.56.11")
     key = PREFIX + "/subnets/" + etcd.subnet_key(lease.subnet)
     first = json.loads(server.etcdctl("-w", "json", "get", key).stdout)["kvs"][0]["lease"]
-    m.sm.complete_lease(m.stop)
     wait_for("two renewals", lambda: caplog.text.count("Lease renewed, new expiration: ") >= 2)
     time.sleep(7)  # longer than the lease: only renewals keep the key
     kv = json.loads(server.etcdctl("-w", "json", "get", key).stdout)["kvs"][0]
@@ -270,6 +270,26 @@ def test_renewal_and_revocation(server: EtcdServer, managers: list[Manager],
     wait_for("the revocation", m.sm.revoked.is_set)
     assert "Lease has been revoked. Shutting down daemon." in caplog.text
     assert m.sm.node_name in m.changes.names
+    with pytest.raises(LeaseRevoked):  # the daemon, asked again, stops
+        m.acquire("192.168.56.11")
+
+
+def test_acquiring_again_writes_only_a_change(server: EtcdServer, managers: list[Manager]) -> None:
+    put_config(server)
+    m = Manager(server).start()
+    managers.append(m)
+    lease = m.acquire("192.168.56.11")
+    key = PREFIX + "/subnets/" + etcd.subnet_key(lease.subnet)
+
+    def revision() -> int:
+        return int(json.loads(server.etcdctl("-w", "json", "get", key).stdout)["kvs"][0]["mod_revision"])
+
+    written = revision()
+    assert m.acquire("192.168.56.11") == lease
+    assert revision() == written
+    changed = m.acquire("192.168.56.11", '{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:09"}')
+    assert changed.subnet == lease.subnet and revision() > written
+    assert leases_in_etcd(server)[etcd.subnet_key(lease.subnet)]["BackendData"]["VtepMAC"] == "aa:bb:cc:dd:ee:09"
 
 
 def test_failed_renewal_is_retried(server: EtcdServer, managers: list[Manager],
@@ -280,7 +300,6 @@ def test_failed_renewal_is_retried(server: EtcdServer, managers: list[Manager],
     m = Manager(server, ttl=60, margin=57).start()
     managers.append(m)
     m.acquire("192.168.56.11")
-    m.sm.complete_lease(m.stop)
     server.stop()
     wait_for("a failed renewal", lambda: "Error renewing lease (trying again in 1 min): " in caplog.text)
     server.start()
@@ -406,7 +425,6 @@ def test_etcd_restart_loses_no_lease(server: EtcdServer, managers: list[Manager]
     leases = [m.acquire("192.168.56.%d" % (11 + i)) for i, m in enumerate(nodes)]
     keys = {etcd.subnet_key(le.subnet) for le in leases}
     for m in nodes:
-        m.sm.complete_lease(m.stop)
         wait_for("the peers", lambda m=m: set(m.sm.leases()) == keys - {m.sm.node_name})
     server.stop()
     time.sleep(10)

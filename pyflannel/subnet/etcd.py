@@ -28,7 +28,7 @@ from .. import config, metrics
 from ..config import Config, ConfigError
 from ..etcdclient import Compacted, EtcdClient, EtcdError, Event, KeyValue
 from ..kubeclient import CONNECT_TIMEOUT, WATCH_READ_TIMEOUT
-from ..lease import Lease, LeaseError
+from ..lease import Lease, LeaseError, LeaseRevoked
 from ..log import V
 from .kube import MAX_BACKOFF, _Backoff
 
@@ -126,6 +126,7 @@ class EtcdSubnetManager:
         self.config: Config | None = None
         self.network: IPv4Network | None = None
         self.synced = threading.Event()
+        self.acquired = threading.Event()
         self.revoked = threading.Event()
         self.progress = time.monotonic()
         self._lock = threading.Lock()
@@ -158,13 +159,15 @@ class EtcdSubnetManager:
             raise ConfigError(CONFIG_NOT_FOUND)
         return config.parse(kvs[0].value.decode("utf-8", errors="replace"), kube=False), kvs[0].value
 
-    def get_network_config(self, stop: threading.Event) -> Config | None:
+    def get_network_config(self, stop: threading.Event, waiting: Callable[[], None] = lambda: None) -> Config | None:
         """Read and validate ``<prefix>/config``, waiting until it exists and is valid (None if stopped).
 
         Each new error is logged once, with flanneld's text; a missing key adds how to create it.
+        ``waiting()`` is called before each attempt (the daemon's heartbeat).
         """
         last = ""
         while not stop.is_set():
+            waiting()
             self.progress = time.monotonic()
             try:
                 cfg, raw = self._read_config()
@@ -346,11 +349,14 @@ class EtcdSubnetManager:
                 log.exception("Unexpected error in the lease watch")
             stop.wait(backoff.next())
 
-    def wait_synced(self, stop: threading.Event) -> None:
-        """Block until the first list is in the cache (or ``stop``)."""
+    def wait_synced(self, stop: threading.Event, timeout: float = 600.0) -> None:
+        """Block until the first list is in the cache (or ``stop``); LeaseError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         while not self.synced.wait(0.2):
             if stop.is_set():
                 return
+            if time.monotonic() > deadline:
+                raise LeaseError("timed out waiting for the list of subnet leases")
 
     # -- this node's lease -----------------------------------------------------------------------
 
@@ -399,6 +405,7 @@ class EtcdSubnetManager:
         self.node_name, self._own_value, self._own_rev, self._lease_id = subnet_key(subnet), value, rev, lease_id
         self._expires = time.monotonic() + ttl
         self._expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl)
+        self.acquired.set()
         if old and old != lease_id:
             try:  # the key left it: only tidiness, it would expire by itself
                 self.client.revoke(old)
@@ -410,11 +417,22 @@ class EtcdSubnetManager:
         """flanneld's AcquireLease: reuse the lease carrying our IP, else the previous subnet, else a
         random free one, created in a transaction so that racing nodes never share a subnet.
 
-        Raises LeaseError with flanneld's message (``out of subnets``, an etcd error).
+        Once acquired, the lease is kept: a call writes it again only when the attributes differ,
+        and raises LeaseRevoked once someone deleted it. Raises LeaseError with flanneld's message
+        (``out of subnets``, an etcd error).
         """
         assert self.config is not None
         value = lease_value(public_ip, backend_type, backend_data)
+        if self.revoked.is_set():
+            raise LeaseRevoked("Lease has been revoked")
         try:
+            if self.node_name:
+                subnet = parse_subnet_key(self.node_name)
+                assert subnet is not None
+                if value != self._own_value:
+                    with self._renew_lock:
+                        self._write(subnet, value, create=False)
+                return Lease(subnet, public_ip, backend_type, backend_data)
             for _ in range(RACE_RETRIES):
                 kvs, _rev = self.client.get(self.subnets_prefix, prefix=True)
                 existing: list[Lease] = []
@@ -473,7 +491,11 @@ class EtcdSubnetManager:
         return True
 
     def keep_lease(self, stop: threading.Event) -> None:
-        """Renew this node's lease at its expiry less the margin, retrying a failure every minute."""
+        """Once the lease is acquired, renew it at its expiry less the margin, retrying a failure every
+        minute, until ``stop`` is set or it is revoked (a worker of its own: flanneld's CompleteLease)."""
+        while not self.acquired.wait(1.0):
+            if stop.is_set():
+                return
         retry_at = 0.0
         while not self.revoked.is_set():
             due = max(self._expires - self.renew_margin, retry_at)
@@ -485,6 +507,5 @@ class EtcdSubnetManager:
                 continue  # renewed meanwhile (the lease was acquired again)
             retry_at = 0.0 if self._renew_logged() else time.monotonic() + RENEW_RETRY
 
-    def complete_lease(self, stop: threading.Event) -> None:
-        """Start renewing the lease (flanneld's CompleteLease in etcd mode)."""
-        threading.Thread(target=self.keep_lease, args=(stop,), name="lease-renewal", daemon=True).start()
+    def complete_lease(self) -> None:
+        """Nothing: the renewal, flanneld's CompleteLease in etcd mode, is the ``keep_lease`` worker."""
