@@ -152,10 +152,15 @@ def test_a_changed_config_is_read_and_reported(server: EtcdServer, managers: lis
     put_config(server)
     m = Manager(server).start()
     managers.append(m)
+    put_config(server, {"network": "10.5.0.0/16", "backend": {"type": "vxlan"}})  # the same, spelled otherwise
+    put_config(server, {"Network": "10.5.0.0/16", "SubnetLen": 31, "Backend": {"Type": "vxlan"}})
     put_config(server, {"Network": "10.6.0.0/16", "Backend": {"Type": "vxlan"}})
     wait_for("the change warning", lambda: "changed; restart pyflannel to use it" in caplog.text)
-    assert m.sm.config is not None and m.sm.config.network == IPv4Network("10.6.0.0/16")
-    assert m.sm.network == IPv4Network("10.5.0.0/16")  # leases are still checked against the running one
+    assert "changed and is invalid (keeping the running one): error parsing subnet config: SubnetLen must be " \
+           "less than /31" in caplog.text
+    assert caplog.text.count("changed; restart pyflannel to use it") == 1
+    # Leases are still checked against the running config.
+    assert m.sm.config is not None and m.sm.network == m.sm.config.network == IPv4Network("10.5.0.0/16")
 
 
 # -- this node's lease -------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ class EtcdSubnetManager:
         self.ttl = ttl
         self.on_change = on_change
         self.node_name = ""
-        self.config: Config | None = None
+        self.config: Config | None = None  # the running config: leases are checked and allocated by it
         self.network: IPv4Network | None = None
         self.synced = threading.Event()
         self.acquired = threading.Event()
@@ -134,7 +134,7 @@ class EtcdSubnetManager:
         self._leases: dict[str, Lease] = {}  # valid leases by key, our own included
         self._bad: dict[str, bytes] = {}  # keys whose value was skipped, so each is reported once
         self._rev = 0
-        self._config_raw = b""
+        self._config_raw: bytes | None = b""
         # This node's lease: its value, the revision it was last written at, its etcd lease ID, and
         # its expiry (time.monotonic() for the renewal, the wall clock for the log).
         self._own_value = b""
@@ -185,13 +185,12 @@ class EtcdSubnetManager:
             stop.wait(CONFIG_RETRY)
         return None
 
-    def _config_changed(self, kv: KeyValue | None) -> None:
-        """Someone changed the config key: the running network stays until a restart, which we ask for."""
-        raw = kv.value if kv is not None else b""
+    def _config_changed(self, raw: bytes | None) -> None:
+        """The config key changed (None: deleted). The running config stays until a restart; say so once."""
         if raw == self._config_raw:
             return
         self._config_raw = raw
-        if kv is None:
+        if raw is None:
             log.warning("The network config %s/config was deleted; keeping the running one", self.prefix)
             return
         try:
@@ -201,9 +200,9 @@ class EtcdSubnetManager:
                       self.prefix, exc)
             return
         old = self.config
-        self.config = cfg
-        if old is None or (cfg.network, cfg.subnet_len, cfg.backend_type, cfg.vxlan) != \
-                (old.network, old.subnet_len, old.backend_type, old.vxlan):
+        assert old is not None
+        if (cfg.network, cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend_type, cfg.vxlan) != \
+                (old.network, old.subnet_len, old.subnet_min, old.subnet_max, old.backend_type, old.vxlan):
             log.warning("The network config %s/config changed; restart pyflannel to use it", self.prefix)
 
     # -- the lease cache -------------------------------------------------------------------------
@@ -262,9 +261,11 @@ class EtcdSubnetManager:
     # -- list and watch --------------------------------------------------------------------------
 
     def _list(self) -> None:
-        kvs, rev = self.client.get(self.subnets_prefix, prefix=True)
+        """Read everything under the prefix (the config and the leases) and replace the cache with it."""
+        kvs, rev = self.client.get(self.prefix + "/", prefix=True)
         changed: set[str] = set()
-        found = {kv.key[len(self.subnets_prefix):]: kv.value for kv in kvs}
+        found = {kv.key[len(self.subnets_prefix):]: kv.value for kv in kvs if kv.key.startswith(self.subnets_prefix)}
+        self._config_changed(next((kv.value for kv in kvs if kv.key == self.prefix + "/config"), None))
         with self._lock:
             for name in list(self._leases):
                 if name not in found and self._remove(name):
@@ -286,8 +287,7 @@ class EtcdSubnetManager:
             self._rev = max(self._rev, ev.kv.mod_revision)
             key = ev.kv.key
             if key == config_key:
-                self._config_changed(None if ev.deleted else ev.kv)
-                continue
+                self._config_changed(None if ev.deleted else ev.kv.value)
             if not key.startswith(self.subnets_prefix):
                 continue
             name = key[len(self.subnets_prefix):]
