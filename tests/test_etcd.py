@@ -204,6 +204,19 @@ def test_allocation_reuse_and_flanneld_value(server: EtcdServer, managers: list[
     assert "Found previously leased subnet (%s), reusing" % lease.subnet in caplog.text
 
 
+def test_a_reservation_is_kept_without_an_etcd_lease(server: EtcdServer, managers: list[Manager]) -> None:
+    # flannel's reservations: a key written without a lease, for a node's public IP.
+    put_config(server)
+    server.etcdctl("put", PREFIX + "/subnets/10.5.42.0-24", '{"PublicIP":"192.168.56.11"}')
+    m = Manager(server, ttl=4, margin=3).start()
+    managers.append(m)
+    assert m.acquire("192.168.56.11").subnet == IPv4Network("10.5.42.0/24")
+    time.sleep(2)  # past the renewal time of a 4 s lease
+    kv = json.loads(server.etcdctl("-w", "json", "get", PREFIX + "/subnets/10.5.42.0-24").stdout)["kvs"][0]
+    assert "lease" not in kv
+    assert leases_in_etcd(server)["10.5.42.0-24"]["BackendData"]["VtepMAC"] == "aa:bb:cc:dd:ee:01"
+
+
 def test_an_incompatible_lease_of_our_ip_is_replaced(server: EtcdServer, managers: list[Manager],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     put_config(server, {"Network": "10.5.0.0/16", "SubnetLen": 25, "Backend": {"Type": "vxlan"}})

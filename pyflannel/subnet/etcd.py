@@ -383,9 +383,15 @@ class EtcdSubnetManager:
             raise LeaseError("out of subnets")
         return random.choice(free)
 
-    def _write(self, subnet: IPv4Network, value: bytes, create: bool) -> bool:
-        """Attach the key to a fresh etcd lease; with ``create`` only if the key does not exist."""
+    def _write(self, subnet: IPv4Network, value: bytes, create: bool, reserved: bool = False) -> bool:
+        """Attach the key to a fresh etcd lease; with ``create`` only if the key does not exist.
+
+        A ``reserved`` key (a reservation: a key an admin wrote without a lease) stays without one.
+        """
         key = self.subnets_prefix + subnet_key(subnet)
+        if reserved:
+            self._set_own(subnet, value, self.client.put(key, value, 0), 0, 0)
+            return True
         lease_id, ttl = self.client.grant(self.ttl)
         try:
             if create:
@@ -402,16 +408,19 @@ class EtcdSubnetManager:
                 log.error("%s", exc)
             raise
         old = self._lease_id
-        self.node_name, self._own_value, self._own_rev, self._lease_id = subnet_key(subnet), value, rev, lease_id
-        self._expires = time.monotonic() + ttl
-        self._expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl)
-        self.acquired.set()
+        self._set_own(subnet, value, rev, lease_id, ttl)
         if old and old != lease_id:
             try:  # the key left it: only tidiness, it would expire by itself
                 self.client.revoke(old)
             except EtcdError:
                 pass
         return True
+
+    def _set_own(self, subnet: IPv4Network, value: bytes, rev: int, lease_id: int, ttl: int) -> None:
+        self.node_name, self._own_value, self._own_rev, self._lease_id = subnet_key(subnet), value, rev, lease_id
+        self._expires = time.monotonic() + ttl
+        self._expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl)
+        self.acquired.set()
 
     def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
         """flanneld's AcquireLease: reuse the lease carrying our IP, else the previous subnet, else a
@@ -431,22 +440,25 @@ class EtcdSubnetManager:
                 assert subnet is not None
                 if value != self._own_value:
                     with self._renew_lock:
-                        self._write(subnet, value, create=False)
+                        self._write(subnet, value, create=False, reserved=not self._lease_id)
                 return Lease(subnet, public_ip, backend_type, backend_data)
             for _ in range(RACE_RETRIES):
                 kvs, _rev = self.client.get(self.subnets_prefix, prefix=True)
                 existing: list[Lease] = []
+                reservations: set[IPv4Network] = set()  # keys without an etcd lease
                 for kv in kvs:
                     try:
                         existing.append(parse_lease(kv.key[len(self.subnets_prefix):], kv.value))
                     except ValueError:
                         continue
+                    if not kv.lease:
+                        reservations.add(existing[-1].subnet)
                 mine = next((le for le in existing if le.public_ip == public_ip), None)
                 if mine is not None:
                     if self._compatible(mine.subnet):
                         log.info("Found lease (ip: %s ipv6: ::/0) for current IP (%s), reusing", mine.subnet, public_ip)
                         with self._renew_lock:
-                            self._write(mine.subnet, value, create=False)
+                            self._write(mine.subnet, value, create=False, reserved=mine.subnet in reservations)
                         return Lease(mine.subnet, public_ip, backend_type, backend_data)
                     log.info("Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
                              mine.subnet, public_ip)
@@ -496,6 +508,8 @@ class EtcdSubnetManager:
         while not self.acquired.wait(1.0):
             if stop.is_set():
                 return
+        if not self._lease_id:
+            return  # a reservation does not expire
         retry_at = 0.0
         while not self.revoked.is_set():
             due = max(self._expires - self.renew_margin, retry_at)
