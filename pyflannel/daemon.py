@@ -349,10 +349,13 @@ class Daemon:
         self.ext = ext
         backend = VXLANBackend(nl, vxlan_cfg, ext, network)
         self.backend = backend
-        hint = ""
-        if isinstance(sm, KubeSubnetManager):  # the VtepMAC the node advertises, to keep it
+        # The VtepMAC this node advertises, for a re-created device to keep it.
+        if isinstance(sm, KubeSubnetManager):
             own = sm.own_node()
             hint = _vtep_mac(own.annotations.get(sm.keys.backend_data, "")) if own else ""
+        else:
+            assert isinstance(sm, EtcdSubnetManager)
+            hint = sm.vtep_mac(ext.ext_addr)
         try:
             backend.create_device(hint)
         except DeviceError as exc:

@@ -195,6 +195,10 @@ def test_allocation_reuse_and_flanneld_value(server: EtcdServer, managers: list[
     assert "Found lease (ip: %s ipv6: ::/0) for current IP (192.168.56.11), reusing" % lease.subnet in caplog.text
     assert leases_in_etcd(server)[key]["BackendData"]["VtepMAC"] == "aa:bb:cc:dd:ee:02"
 
+    # The VtepMAC our IP advertises, for a re-created device.
+    assert b.sm.vtep_mac(IPv4Address("192.168.56.11")) == "aa:bb:cc:dd:ee:02"
+    assert b.sm.vtep_mac(IPv4Address("192.168.56.99")) == ""
+
     # A new IP with subnet.env's previous subnet free gets that one.
     server.etcdctl("del", PREFIX + "/subnets/" + key)
     c = Manager(server, previous=lease.subnet).start()

@@ -383,6 +383,22 @@ class EtcdSubnetManager:
             raise LeaseError("out of subnets")
         return random.choice(free)
 
+    def vtep_mac(self, public_ip: IPv4Address) -> str:
+        """The VtepMAC of the lease in etcd that carries ``public_ip``, or '': a re-created VXLAN device
+        takes it, so that the other nodes need not change anything."""
+        try:
+            kvs, _ = self.client.get(self.subnets_prefix, prefix=True)
+        except EtcdError:
+            return ""
+        for kv in kvs:
+            try:
+                lease = parse_lease(kv.key[len(self.subnets_prefix):], kv.value)
+                if lease.public_ip == public_ip:
+                    return str(json.loads(lease.backend_data)["VtepMAC"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return ""
+
     def _write(self, subnet: IPv4Network, value: bytes, create: bool, reserved: bool = False) -> bool:
         """Attach the key to a fresh etcd lease; with ``create`` only if the key does not exist.
 
