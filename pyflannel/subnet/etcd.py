@@ -372,12 +372,21 @@ class EtcdSubnetManager:
         assert cfg is not None and cfg.subnet_min is not None and cfg.subnet_max is not None
         log.info("Picking subnet in range %s ... %s", cfg.subnet_min, cfg.subnet_max)
         size = 1 << (32 - cfg.subnet_len)
+        # The taken address ranges, merged and in order, walked once beside the candidates: thousands
+        # of leases are not compared with each candidate.
+        spans: list[list[int]] = []
+        for start, end in sorted((int(t.network_address), int(t.broadcast_address)) for t in taken):
+            if spans and start <= spans[-1][1] + 1:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
         free: list[IPv4Network] = []
-        addr = int(cfg.subnet_min)
+        addr, i = int(cfg.subnet_min), 0
         while addr <= int(cfg.subnet_max) and len(free) < MAX_CANDIDATES:
-            sn = IPv4Network((addr, cfg.subnet_len))
-            if not any(sn.overlaps(t) for t in taken):
-                free.append(sn)
+            while i < len(spans) and spans[i][1] < addr:
+                i += 1
+            if i == len(spans) or spans[i][0] > addr + size - 1:
+                free.append(IPv4Network((addr, cfg.subnet_len)))
             addr += size
         if not free:
             raise LeaseError("out of subnets")
@@ -392,9 +401,9 @@ class EtcdSubnetManager:
             return ""
         for kv in kvs:
             try:
-                lease = parse_lease(kv.key[len(self.subnets_prefix):], kv.value)
-                if lease.public_ip == public_ip:
-                    return str(json.loads(lease.backend_data)["VtepMAC"])
+                attrs = json.loads(kv.value)
+                if attrs["PublicIP"] == str(public_ip):
+                    return str(attrs["BackendData"]["VtepMAC"])
             except (ValueError, KeyError, TypeError):
                 continue
         return ""
