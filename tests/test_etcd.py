@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pyflannel import config
 from pyflannel.etcdclient import EtcdClient, EtcdError
 from pyflannel.lease import Lease, LeaseError, LeaseRevoked
 from pyflannel.subnet import etcd
@@ -120,6 +121,20 @@ def test_flanneld_lease_parses() -> None:
 def test_bad_lease_values_are_reported(name: str, value: bytes, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         etcd.parse_lease(name, value)
+
+
+def test_allocation_skips_every_overlap() -> None:
+    sm = etcd.EtcdSubnetManager(EtcdClient("http://127.0.0.1:9"), PREFIX, None, 3600, Recorder())
+    sm.config = config.parse(json.dumps({"Network": "10.5.0.0/16", "SubnetLen": 26, "SubnetMin": "10.5.0.0",
+                                         "SubnetMax": "10.5.3.192", "Backend": {"Type": "vxlan"}}))
+    n = IPv4Network
+    # 16 candidates; taken: a /23 over the first 8, nested leases inside it, a /28 in the 12th.
+    taken = [n("10.5.0.0/23"), n("10.5.0.64/26"), n("10.5.1.128/28"), n("10.5.2.208/28")]
+    free = {n("10.5.2.0/26"), n("10.5.2.64/26"), n("10.5.2.128/26"), n("10.5.3.0/26"), n("10.5.3.64/26"),
+            n("10.5.3.128/26"), n("10.5.3.192/26")}
+    assert {sm._allocate(taken) for _ in range(200)} == free
+    with pytest.raises(LeaseError, match="^out of subnets$"):
+        sm._allocate(taken + [n("10.5.2.0/23")])
 
 
 # -- the network config ------------------------------------------------------------------------------
