@@ -17,12 +17,15 @@ from types import FrameType, TracebackType
 
 from . import __version__, config, health, ip, metrics, subnetfile
 from .backend.vxlan import DeviceError, VXLANBackend, backend_data
+from .etcdclient import EtcdClient, EtcdError
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
-from .lease import Lease, LeaseError
+from .lease import Lease, LeaseError, LeaseRevoked
 from .log import V
 from .netlink import Deletion, Monitor, Netlink
+from .subnet import SubnetManager
 from .subnet.annotations import AnnotationKeys, normalize_prefix
+from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
 
@@ -151,7 +154,7 @@ class Supervisor:
 
 
 class Daemon:
-    """One pyflannel process in kube mode."""
+    """One pyflannel process, in kube mode (--kube-subnet-mgr) or etcd mode."""
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -168,7 +171,8 @@ class Daemon:
         self._stalled = False  # /healthz says a stall: logged once
         self._listened = False  # the kernel-events worker ran before
         self.datapath_ready = False
-        self.sm: KubeSubnetManager | None = None
+        self.sm: SubnetManager | None = None
+        self._watch_name = "node watch" if opts.kube_subnet_mgr else "lease watch"
         self.backend: VXLANBackend | None = None
         self.iptables: IPTablesManager | None = None
         self.lease: Lease | None = None
@@ -219,8 +223,8 @@ class Daemon:
             what = "the %s made no progress for %.0fs (at most %.0fs allowed)" % (
                 "main loop" if self.datapath_ready else "start-up", now - self._beat_at, self._beat_bound)
         elif self.sm is not None and now - self.sm.progress > PROGRESS_BOUND:
-            what = "the node watch made no progress for %.0fs (at most %.0fs allowed)" % (now - self.sm.progress,
-                                                                                        PROGRESS_BOUND)
+            what = "the %s made no progress for %.0fs (at most %.0fs allowed)" % (
+                self._watch_name, now - self.sm.progress, PROGRESS_BOUND)
         if what and not self._stalled:
             log.error("/healthz fails from now on: %s", what)
         self._stalled = bool(what)
@@ -258,7 +262,7 @@ class Daemon:
 
     # -- start-up ------------------------------------------------------------------------------------
 
-    def _subnet_manager(self) -> tuple[config.Config, KubeSubnetManager]:
+    def _kube_subnet_manager(self) -> tuple[config.Config, KubeSubnetManager]:
         opts = self.opts
         try:
             cfg = config.load(opts.net_config_path, kube=True)
@@ -279,12 +283,32 @@ class Daemon:
         except NodeNameError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.network, self._on_change)
-        self.supervisor.spawn("node watch", sm.run)
+        self.supervisor.spawn(self._watch_name, sm.run)
         self._beat(STEP_BOUND)
         sm.fetch_own_node()
+        log.info("Created subnet manager: %s", sm.name)
         return cfg, sm
 
-    def _acquire_lease(self, sm: KubeSubnetManager, backend: VXLANBackend, ext: ip.ExternalInterface) -> Lease | None:
+    def _etcd_subnet_manager(self) -> tuple[config.Config, EtcdSubnetManager] | None:
+        """The etcd subnet manager, once ``<prefix>/config`` holds a valid network config (None if stopped)."""
+        opts = self.opts
+        try:
+            client = EtcdClient(opts.etcd_endpoints, opts.etcd_keyfile, opts.etcd_certfile, opts.etcd_cafile,
+                                opts.etcd_username, opts.etcd_password)
+        except EtcdError as exc:
+            raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+        _, previous = subnetfile.read_previous(opts.subnet_file)
+        sm = EtcdSubnetManager(client, opts.etcd_prefix, previous, opts.subnet_lease_renew_margin * 60.0,
+                               self._on_change)
+        log.info("Created subnet manager: %s", sm.name)
+        cfg = sm.get_network_config(self.stop, lambda: self._beat(CONFIG_RETRY + STEP_BOUND))
+        if cfg is None:
+            return None
+        self.supervisor.spawn(self._watch_name, sm.run)
+        self.supervisor.spawn("lease renewal", sm.keep_lease)
+        return cfg, sm
+
+    def _acquire_lease(self, sm: SubnetManager, backend: VXLANBackend, ext: ip.ExternalInterface) -> Lease | None:
         """Acquire the lease, waiting (instead of exiting as flanneld does) until the node can have one."""
         assert backend.device is not None
         data = backend_data(backend.cfg.vni, backend.device.mac)
@@ -298,26 +322,23 @@ class Daemon:
                 error = str(exc)
             if error != last_error:  # say it once, not every retry
                 log.error("Error registering network: failed to acquire lease: %s", error)
-                if error.endswith("pod cidr not assigned"):
+                if isinstance(sm, KubeSubnetManager) and error.endswith("pod cidr not assigned"):
                     log.error(POD_CIDR_HINT, sm.node_name, sm.network, sm.network)
                 last_error = error
-            # The watch wakes us the moment the node changes.
+            # The watch wakes us the moment the node (or, with etcd, any lease) changes.
             self._wake.wait(LEASE_RETRY)
         return None
 
     def start(self) -> None:
         """Everything up to a programmed datapath; raises Fatal."""
         opts = self.opts
-        if not opts.kube_subnet_mgr:
-            raise Fatal("Failed to create SubnetManager: the etcd subnet manager is not supported yet; "
-                        "run with --kube-subnet-mgr")
-        cfg, sm = self._subnet_manager()
+        created = self._kube_subnet_manager() if opts.kube_subnet_mgr else self._etcd_subnet_manager()
+        if created is None or self.stop.is_set():
+            return
+        cfg, sm = created
         self.sm = sm
         network, vxlan_cfg = cfg.network, cfg.vxlan
-        assert network is not None and vxlan_cfg is not None  # checked by _subnet_manager
-        if self.stop.is_set():
-            return
-        log.info("Created subnet manager: %s", sm.name)
+        assert network is not None and vxlan_cfg is not None  # checked by the subnet manager's creation
         log.info("Found network config - Backend type: %s", cfg.backend_type)
 
         nl = Netlink()
@@ -328,10 +349,15 @@ class Daemon:
         self.ext = ext
         backend = VXLANBackend(nl, vxlan_cfg, ext, network)
         self.backend = backend
-        own = sm.own_node()
+        # The VtepMAC this node advertises, for a re-created device to keep it.
+        if isinstance(sm, KubeSubnetManager):
+            own = sm.own_node()
+            hint = _vtep_mac(own.annotations.get(sm.keys.backend_data, "")) if own else ""
+        else:
+            assert isinstance(sm, EtcdSubnetManager)
+            hint = sm.vtep_mac(ext.ext_addr)
         try:
-            hint = own and _vtep_mac(own.annotations.get(sm.keys.backend_data, ""))
-            backend.create_device(hint or "")
+            backend.create_device(hint)
         except DeviceError as exc:
             raise Fatal("Error registering network: %s" % exc) from exc
         lease = self._acquire_lease(sm, backend, ext)
@@ -390,12 +416,15 @@ class Daemon:
     # -- steady state --------------------------------------------------------------------------------
 
     def _own_node_changed(self) -> None:
-        """Re-publish the annotations if someone changed them; report a pod CIDR change."""
+        """Re-publish the lease if someone changed it; report a pod CIDR change; stop if it was revoked."""
         assert self.sm is not None and self.backend is not None and self.backend.device is not None
         assert self.lease is not None and self.ext is not None
         try:
             lease = self.sm.acquire_lease(self.ext.ext_addr, "vxlan",
                                           backend_data(self.backend.cfg.vni, self.backend.device.mac))
+        except LeaseRevoked:
+            self._shut_down(0)  # the subnet manager said "Lease has been revoked. Shutting down daemon."
+            return
         except LeaseError as exc:
             log.error("Failed to refresh the lease: %s", exc)
             return

@@ -320,9 +320,12 @@ def check_flags(ctx: Context) -> Result:
     if not ctx.opts.kube_subnet_mgr:
         problems.append(Problem(
             "--kube-subnet-mgr is not set\n"
-            "pyflannel supports only the Kubernetes subnet manager and does not start without it.",
-            ["add --kube-subnet-mgr to the daemon's command line (diagnose takes the daemon's flags; "
-             "give it the same ones)"]))
+            "The daemon then keeps its leases in etcd (%s); diagnose checks only Kubernetes clusters."
+            % ctx.opts.etcd_endpoints,
+            ["in a Kubernetes cluster, add --kube-subnet-mgr to the daemon's command line (diagnose takes the "
+             "daemon's flags; give it the same ones)",
+             "in etcd mode, read the leases with: etcdctl --endpoints=%s get --prefix %s"
+             % (ctx.opts.etcd_endpoints, ctx.opts.etcd_prefix)]))
     try:
         prefix = ctx.keys().prefix
     except Unavailable as exc:

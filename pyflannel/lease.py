@@ -18,3 +18,7 @@ class Lease:
 
 class LeaseError(Exception):
     """A lease could not be acquired; the message is flanneld's."""
+
+
+class LeaseRevoked(LeaseError):
+    """Someone deleted this node's lease: the daemon stops, as flanneld does."""

@@ -1,7 +1,10 @@
 """The local demo: three nodes in network namespaces running pyflannel, a pod on each, pods pinging
 across nodes through VXLAN, and a summary of what each node set up. Everything is removed at the end.
 
-    python -m tools.demo [--nodes N] [--hold]
+    python -m tools.demo [--nodes N] [--hold] [--etcd]
+
+With --etcd the nodes run in etcd mode against a real etcd (Debian's etcd-server) in the hub
+namespace instead of the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import json
 import sys
 import tempfile
 
-from tools.netcluster import Cluster, Node
+from ipaddress import IPv4Network
+
+from tools.netcluster import ETCD_PREFIX, Cluster, Node
 
 
 def _lines(node: Node, *cmd: str) -> list[str]:
@@ -19,12 +24,21 @@ def _lines(node: Node, *cmd: str) -> list[str]:
 
 
 def summary(cluster: Cluster, node: Node) -> str:
-    """What pyflannel set up on a node: subnet.env, the device, and the per-node kernel entries."""
-    ann = cluster.api.get_node(node.name)["metadata"]["annotations"]
-    out = ["== %s  (eth1 %s, pod CIDR %s)" % (node.name, node.ip, cluster.api.get_node(node.name)["spec"]["podCIDR"])]
-    out.append("  subnet.env:   " + " ".join(node.subnet_file.read_text().split()))
-    out.append("  annotation:   backend-data=%s public-ip=%s" % (ann["flannel.alpha.coreos.com/backend-data"],
-                                                               ann["flannel.alpha.coreos.com/public-ip"]))
+    """What pyflannel set up on a node: subnet.env, the lease, the device, and the per-node kernel entries."""
+    if cluster.etcd is not None:
+        subnet = IPv4Network(cluster.subnet_env(node)["FLANNEL_SUBNET"], strict=False)
+        key = "%s/subnets/%s-%d" % (ETCD_PREFIX, subnet.network_address, subnet.prefixlen)
+        value = cluster.etcd.etcdctl("get", "--print-value-only", key).stdout.strip()
+        out = ["== %s  (eth1 %s, lease %s)" % (node.name, node.ip, subnet)]
+        out.append("  subnet.env:   " + " ".join(node.subnet_file.read_text().split()))
+        out.append("  etcd:         %s = %s" % (key, value))
+    else:
+        ann = cluster.api.get_node(node.name)["metadata"]["annotations"]
+        out = ["== %s  (eth1 %s, pod CIDR %s)" % (node.name, node.ip,
+                                                  cluster.api.get_node(node.name)["spec"]["podCIDR"])]
+        out.append("  subnet.env:   " + " ".join(node.subnet_file.read_text().split()))
+        out.append("  annotation:   backend-data=%s public-ip=%s" % (ann["flannel.alpha.coreos.com/backend-data"],
+                                                                   ann["flannel.alpha.coreos.com/public-ip"]))
     out.append("  device:       " + " ".join(_lines(node, "ip", "-br", "addr", "show", "dev", "flannel.1")[0].split()))
     for title, cmd in (("routes", ("ip", "route", "show", "dev", "flannel.1")),
                        ("neighbours", ("ip", "neigh", "show", "dev", "flannel.1")),
@@ -40,10 +54,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--hold", action="store_true", help="keep the cluster until Enter is pressed")
+    parser.add_argument("--etcd", action="store_true", help="etcd mode: the leases in a real etcd in the hub")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pyflannel-demo-") as tmp, Cluster(tmp) as cluster:
-        print("Starting %d nodes (namespaces %s-*), each running: pyflannel --ip-masq --kube-subnet-mgr --iface=eth1"
-              % (args.nodes, cluster.prefix))
+    with tempfile.TemporaryDirectory(prefix="pyflannel-demo-") as tmp, Cluster(tmp, etcd=args.etcd) as cluster:
+        mode = "--etcd-endpoints=%s" % cluster.etcd.url if cluster.etcd else "--kube-subnet-mgr"
+        print("Starting %d nodes (namespaces %s-*), each running: pyflannel --ip-masq %s --iface=eth1"
+              % (args.nodes, cluster.prefix, mode))
         nodes = [cluster.add_node("k8s%02d" % (i + 1)) for i in range(args.nodes)]
         for node in nodes:
             cluster.start(node)

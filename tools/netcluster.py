@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 
+from tools.etcdserver import EtcdServer
 from tools.kubeapi import FakeKubeAPI
 
 REPO = Path(__file__).resolve().parent.parent
 CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
 HUB_IP = "192.168.56.1"
 API_PORT = 6443
+ETCD_PORT = 2379
+ETCD_PREFIX = "/coreos.com/network"
 TOKEN = "pyflannel-test-token"
 CLONE_NEWNET = 0x40000000
 
@@ -107,9 +110,12 @@ class Cluster:
     """Namespaces, an API server and pyflannel processes; ``close()`` removes them all."""
 
     def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
-                 prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True) -> None:
+                 prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True,
+                 etcd: bool = False) -> None:
         """``kubeconfig=False``: the daemons reach the API with ``--kube-api-url`` alone, unauthenticated,
-        the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this)."""
+        the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this).
+        ``etcd=True``: the daemons run in etcd mode against a real etcd in the hub, at
+        HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix or "pf" + secrets.token_hex(2)
@@ -118,6 +124,7 @@ class Cluster:
         self.nodes: dict[str, Node] = {}
         self.namespaces: list[str] = []
         self.api: FakeKubeAPI | None = None
+        self.etcd: EtcdServer | None = None
         self.net_conf = self.workdir / "net-conf.json"
         self.net_conf.write_text(json.dumps({"Network": network, "Backend": backend or {"Type": "vxlan"}}))
         self.kubeconfig: Path | None = self.workdir / "kubeconfig" if kubeconfig else None
@@ -136,6 +143,10 @@ class Cluster:
             self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
             self.api = FakeKubeAPI(token=TOKEN if kubeconfig else None)
             self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
+            if etcd:
+                self.etcd = EtcdServer(self.workdir / "etcd", HUB_IP, ETCD_PORT, ETCD_PORT + 1, netns=self.hub)
+                self.etcd.start()
+                self.etcd.etcdctl("put", ETCD_PREFIX + "/config", self.net_conf.read_text())
         except BaseException:
             self.close()
             raise
@@ -184,7 +195,8 @@ class Cluster:
     def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
         """Start pyflannel on a node with the kube-flannel command line."""
         api = "--kubeconfig-file=%s" % self.kubeconfig if self.kubeconfig else "--kube-api-url=" + self.api_url
-        args = [self.python, "-m", "pyflannel", "--ip-masq", "--kube-subnet-mgr", "--iface=eth1", api,
+        sm = ["--etcd-endpoints=" + self.etcd.url] if self.etcd else ["--kube-subnet-mgr", api]
+        args = [self.python, "-m", "pyflannel", "--ip-masq", *sm, "--iface=eth1",
                 "--net-config-path=%s" % self.net_conf,
                 "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1", *extra]
         penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
@@ -282,6 +294,8 @@ class Cluster:
             self.stop(node, signal.SIGKILL, timeout=5)
         if self.api is not None:
             self.api.stop()
+        if self.etcd is not None:
+            self.etcd.close()
         for ns in reversed(self.namespaces):
             for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
