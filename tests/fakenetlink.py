@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, ip_address, ip_interface, ip_network
 from typing import Any
 
 from pyflannel._pyroute2 import ifaddrmsg, ifinfmsg, rtmsg
@@ -32,6 +32,7 @@ from pyflannel.netlink import (AF_BRIDGE, IFF_UP, RTM_DELADDR, RTM_DELLINK, RTM_
 NLM_F_CREATE, NLM_F_EXCL = 0x400, 0x200
 MAIN_TABLE = 254
 RTPROT_KERNEL = 2
+RTPROT_BOOT = 3
 DEFAULT_TXQLEN = 1000  # what the kernel gives an Ethernet-like link created without IFLA_TXQLEN
 DEFAULT_VXLAN_PORT = 8472
 
@@ -66,6 +67,11 @@ def _message(cls: type, fields: dict[str, Any], attrs: list[tuple[str, Any]]) ->
     return out
 
 
+def _af(addr: Any) -> int:
+    """The address family of an address, interface or network."""
+    return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+
 def _random_mac() -> str:
     b = bytearray(os.urandom(6))
     b[0] = (b[0] & 0xFE) | 0x02
@@ -77,7 +83,7 @@ class FakeNetlink:
 
     def __init__(self) -> None:
         self.link_table: dict[int, Link] = {}
-        self.addr_table: list[tuple[int, IPv4Interface]] = []  # (ifindex, address), in kernel order
+        self.addr_table: list[tuple[int, IPv4Interface | IPv6Interface]] = []  # (ifindex, address), in kernel order
         self.neigh_table: dict[tuple[int, str], str] = {}  # (ifindex, ip) -> MAC, all permanent
         self.fdb_table: dict[tuple[int, str], str] = {}  # (ifindex, MAC) -> remote IP
         self.route_table: dict[str, Route] = {}  # "dst/len" -> route, main table only
@@ -99,36 +105,37 @@ class FakeNetlink:
         found = self._find(name) if name else self.link_table.get(index)
         return self._link_message(found) if found is not None else None
 
-    def addresses(self, index: int = 0) -> list[Any]:
-        return [_message(ifaddrmsg, {"family": socket.AF_INET, "prefixlen": a.network.prefixlen, "index": i},
+    def addresses(self, index: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        return [_message(ifaddrmsg, {"family": family, "prefixlen": a.network.prefixlen, "index": i},
                          [("IFA_ADDRESS", str(a.ip)), ("IFA_LOCAL", str(a.ip)),
                           ("IFA_LABEL", self.link_table[i].name)])
-                for i, a in self.addr_table if not index or i == index]
+                for i, a in self.addr_table if (not index or i == index) and _af(a) == family]
 
-    def routes(self, table: int = MAIN_TABLE) -> list[Route]:
+    def routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[Route]:
         if table != MAIN_TABLE:
             return []
         connected = [Route(str(a.network), None, i, RTPROT_KERNEL, MAIN_TABLE) for i, a in self.addr_table
-                     if a.network.prefixlen < 32 and self.link_table[i].up]
-        return connected + list(self.route_table.values())
+                     if a.network.prefixlen < a.max_prefixlen and self.link_table[i].up]
+        return [r for r in connected + list(self.route_table.values()) if _af(ip_network(r.dst)) == family]
 
     def route_get(self, dst: str) -> list[Any]:
-        target = IPv4Address(dst)
+        target = ip_address(dst)
+        family = _af(target)
         best: tuple[int, int, str | None] | None = None  # (prefix length, oif, gateway)
-        for r in self.routes():
-            net = IPv4Network(r.dst)
+        for r in self.routes(MAIN_TABLE, family):
+            net = ip_network(r.dst)
             if target in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, r.oif, r.gateway)
         if best is None:
             raise NetlinkError(errno.ENETUNREACH)
         _, oif, gateway = best
         attrs: list[tuple[str, Any]] = [("RTA_DST", dst), ("RTA_OIF", oif)]
-        src = [a.ip for i, a in self.addr_table if i == oif]
+        src = [a.ip for i, a in self.addr_table if i == oif and _af(a) == family]
         if src:
             attrs.append(("RTA_PREFSRC", str(src[0])))
         if gateway:
             attrs.append(("RTA_GATEWAY", gateway))
-        return [_message(rtmsg, {"family": socket.AF_INET, "dst_len": 32, "table": MAIN_TABLE}, attrs)]
+        return [_message(rtmsg, {"family": family, "dst_len": target.max_prefixlen, "table": MAIN_TABLE}, attrs)]
 
     def neighbours(self, family: int, index: int) -> list[Neighbour]:
         if family == AF_BRIDGE:
@@ -171,7 +178,11 @@ class FakeNetlink:
         return link
 
     def ip_addr_add(self, name: str, address: str) -> None:
-        self._add_address(self._need(name).index, IPv4Interface(address))
+        self._add_address(self._need(name).index, ip_interface(address))
+
+    def ip_route_add(self, dst: str, gateway: str, name: str) -> None:
+        """``ip route add <dst> via <gateway> dev <name>``, e.g. a default route (``0.0.0.0/0``, ``::/0``)."""
+        self.route_table[dst] = Route(dst, gateway, self._need(name).index, RTPROT_BOOT, MAIN_TABLE)
 
     def ip_link_del(self, name: str) -> None:
         self._delete_link(self._need(name))
@@ -294,13 +305,14 @@ class FakeNetlink:
         del self.link_table[link.index]
         self.events.append(("link", link.index, link.name))
 
-    def _add_address(self, index: int, addr: IPv4Interface) -> None:
+    def _add_address(self, index: int, addr: IPv4Interface | IPv6Interface) -> None:
         self._link_index(index)
         if (index, addr) in self.addr_table:
             raise NetlinkError(errno.EEXIST)
-        self.addr_table.append((index, addr))
+        # The kernel lists a link's IPv6 addresses newest first, its IPv4 ones oldest first.
+        self.addr_table.insert(0 if addr.version == 6 else len(self.addr_table), (index, addr))
 
-    def _delete_address(self, index: int, addr: IPv4Interface) -> None:
+    def _delete_address(self, index: int, addr: IPv4Interface | IPv6Interface) -> None:
         if (index, addr) not in self.addr_table:
             raise NetlinkError(errno.EADDRNOTAVAIL)
         self.addr_table.remove((index, addr))

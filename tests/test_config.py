@@ -156,14 +156,15 @@ import json, subprocess, sys
 from ipaddress import IPv4Address, IPv4Network
 from pyflannel.backend.vxlan import VXLANBackend
 from pyflannel.config import VXLANConfig
-from pyflannel.ip import ExternalInterface
+from pyflannel.family import IPV4
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.netlink import Netlink
 
 subprocess.run("ip link add eth1 type veth peer name eth1p".split(), check=True)
 subprocess.run("ip addr add 192.168.56.11/24 dev eth1".split(), check=True)
 nl = Netlink()
 addr = IPv4Address("192.168.56.11")
-ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, addr, addr)
+ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, {IPV4: ExtAddr(addr, addr)})
 out = []
 for mtu in json.loads(sys.argv[1]):
     backend = VXLANBackend(nl, VXLANConfig(mtu=mtu), ext, IPv4Network("10.244.0.0/16"))

@@ -11,11 +11,13 @@ from pyflannel.backend.vxlan import (VXLANBackend, VXLANLink, backend_data, devi
                                      incompatibility, read_link)
 from pyflannel import ip
 from pyflannel.config import VXLANConfig
-from pyflannel.ip import ExternalInterface
+from pyflannel.family import IPV4
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from tests.fakenetlink import FakeNetlink
 
 NETWORK = IPv4Network("10.244.0.0/16")
+ETH1_IP = IPv4Address("192.168.56.11")
 OWN = IPv4Network("10.244.1.0/24")
 MAC = "0a:00:00:00:00:01"  # the MAC this node advertises
 
@@ -39,7 +41,7 @@ def node(cfg: VXLANConfig | None = None) -> tuple[FakeNetlink, VXLANBackend]:
     eth1 = nl.ip_link_add("eth1")
     nl.ip_addr_add("eth1", "192.168.56.11/24")
     ext = ip.select(nl, ["eth1"], [], "", "")  # the daemon's own look-up, on the fake
-    assert ext == ExternalInterface("eth1", eth1.index, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
+    assert ext == ExternalInterface("eth1", eth1.index, 1500, {IPV4: ExtAddr(ETH1_IP, ETH1_IP)})
     return nl, VXLANBackend(nl, cfg or VXLANConfig(), ext, NETWORK)
 
 
@@ -262,7 +264,7 @@ def test_a_device_that_cannot_come_back_sends_nothing_per_entry_and_logs_once(
     # Once the interface is back, the next look restores everything, node 4 included.
     eth1 = nl.ip_link_add("eth1")
     nl.ip_addr_add("eth1", "192.168.56.11/24")
-    b.ext = ExternalInterface("eth1", eth1.index, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
+    b.ext = ExternalInterface("eth1", eth1.index, 1500, {IPV4: ExtAddr(ETH1_IP, ETH1_IP)})
     b.reconcile({"k8s01": lease(1), "k8s02": lease(2), "k8s03": lease(3), "k8s04": lease(4)})
     assert b.device_ok and nl.datapath("flannel.1") == expected(2, 3, 4)
 
