@@ -9,7 +9,7 @@ import pytest
 
 from pyflannel import ip
 from pyflannel.backend.hostgw import LOG_EACH, BackendError, HostGWNetwork, nat_error
-from pyflannel.family import IPV4, Family
+from pyflannel.family import IPV4, IPV6, Family
 from pyflannel.lease import Lease
 from pyflannel.netlink import Route
 from tests.fakenetlink import FakeNetlink
@@ -28,6 +28,7 @@ class Stack:
     public: str
     l2: str
     elsewhere: str  # a public IP on another L2 network
+    public_flag: str  # select()'s argument for --public-ip of this family
 
     def lease(self, n: int, public_ip: str = "", backend_type: str = "host-gw") -> Lease:
         return Lease(self.family.network(self.subnet % n), self.family.address(public_ip or self.ip(n)),
@@ -41,8 +42,9 @@ class Stack:
         return str(self.family.network(self.subnet % n)), self.ip(n)
 
 
-V4 = Stack(IPV4, "10.244.0.0/16", "10.244.%d.0/24", "192.168.56.%d", "192.168.56.0/24", "10.9.9.9")
-STACKS = [V4]
+V4 = Stack(IPV4, "10.244.0.0/16", "10.244.%d.0/24", "192.168.56.%d", "192.168.56.0/24", "10.9.9.9", "public_ip")
+V6 = Stack(IPV6, "fd00:10:244::/56", "fd00:10:244:%x::/64", "fd56::%x", "fd56::/64", "fd99::9", "public_ipv6")
+STACKS = [V4, V6]
 
 
 def node(s: Stack, public_ip: str = "") -> tuple[FakeNetlink, HostGWNetwork]:
@@ -50,7 +52,8 @@ def node(s: Stack, public_ip: str = "") -> tuple[FakeNetlink, HostGWNetwork]:
     nl = FakeNetlink()
     nl.ip_link_add("eth1")
     nl.ip_addr_add("eth1", "%s/%s" % (s.ip(1), s.l2.split("/")[1]))
-    ext = ip.select(nl, ["eth1"], [], "", public_ip)  # the daemon's own look-up, on the fake
+    publics = {"public_ip": "", "public_ipv6": "", s.public_flag: public_ip}
+    ext = ip.select(nl, ["eth1"], [], "", families=[s.family], **publics)  # the daemon's own look-up, on the fake
     return nl, HostGWNetwork(nl, s.family, ext, s.family.network(s.network))
 
 

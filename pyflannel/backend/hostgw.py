@@ -63,6 +63,13 @@ def nat_error(family: Family, iface_addr: IPAddress | None, ext_addr: IPAddress 
             "supported by host-gw backend" % (family.v6, family.v6))
 
 
+def l2_networks(routes: Iterable[Route], index: int, family: Family) -> list[IPNetwork]:
+    """The subnets directly on link ``index``, from the main table (its routes without a gateway; not the
+    link-local one): a host-gw route through that link needs its gateway inside one of them."""
+    found = (family.network(r.dst) for r in routes if r.oif == index and r.gateway is None)
+    return [net for net in found if not net.is_link_local]
+
+
 def on_link(networks: Iterable[IPNetwork], address: IPAddress) -> bool:
     """Whether ``address`` lies in one of ``networks`` (the external interface's subnets)."""
     return any(address in net for net in networks)
@@ -80,7 +87,8 @@ class HostGWNetwork:
         self.family = family
         self.ext = ext
         self.network = network
-        error = nat_error(family, ext.iface_addr, ext.ext_addr)
+        addr = ext.addrs[family]
+        error = nat_error(family, addr.iface_addr, addr.ext_addr)
         if error:
             raise BackendError(error)
         self.device_ok = True  # the external interface has a subnet of this family (routes can be added)
@@ -200,15 +208,12 @@ class HostGWNetwork:
     def _dump(self) -> dict[str, Route]:
         """The main table's routes via a gateway, by dst (the first of each, as flanneld looks at);
         refreshes the external interface's subnets and :attr:`device_ok` on the way."""
-        l2: list[IPNetwork] = []
+        routes = self.nl.routes(family=self.family.af)
+        l2 = l2_networks(routes, self.ext.index, self.family)
         found: dict[str, Route] = {}
-        for r in self.nl.routes():
+        for r in routes:
             if r.gateway is not None:
                 found.setdefault(r.dst, r)
-            elif r.oif == self.ext.index:
-                net = self.family.network(r.dst)
-                if not net.is_link_local:
-                    l2.append(net)
         ok = bool(l2)
         if ok != self.device_ok:
             if ok:
