@@ -160,6 +160,17 @@ def test_a_hand_deleted_route_is_put_back_from_the_notification(running: tuple[F
     assert routes(nl) == {stack.route(2), stack.route(3)}
 
 
+def test_a_hand_changed_route_is_corrected(running: tuple[FakeNetlink, HostGWNetwork], stack: Stack,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = running
+    dst, _ = stack.route(2)
+    nl.ip_route_add(dst, stack.ip(9), "eth1")  # flanneld's check never corrects this one
+    with caplog.at_level(logging.WARNING):
+        assert b.reconcile(leases(stack, 2, 3)) == 1
+    assert routes(nl) == {stack.route(2), stack.route(3)}
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("Replacing existing route to")
+
+
 def test_lost_notifications_compare_everything(running: tuple[FakeNetlink, HostGWNetwork], stack: Stack) -> None:
     nl, b = running
     del nl.route_table[stack.route(3)[0]]  # no notification

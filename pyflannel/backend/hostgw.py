@@ -242,7 +242,7 @@ class HostGWNetwork:
                        "Subnet removed: the pod subnets of %d nodes that are gone" % len(strays))
         missing: dict[str, Entry] = {}
         other: dict[str, Entry] = {}
-        lost: set[str] = set()  # programmed once, and gone since
+        lost: set[str] = set()  # programmed once, and gone or changed since
         for name, e in desired.items():
             r = have.get(e.dst)
             if r is not None and (r.gateway, r.oif) == (e.gw, self.ext.index):
@@ -258,10 +258,10 @@ class HostGWNetwork:
         codes = self._program(missing)
         recovered = self._recovered([e for name, e in missing.items() if name in lost and codes[name] == 0])
         self._resolve(other, have)
-        repairs = len(strays) + recovered
-        if strays:
-            metrics.REPAIRS.inc(len(strays))
-        return repairs
+        changed = len(lost.intersection(other))  # programmed once, and changed by hand since
+        if strays or changed:
+            metrics.REPAIRS.inc(len(strays) + changed)
+        return len(strays) + recovered + changed
 
     def _ours(self, r: Route) -> bool:
         """Whether a listed route is one host-gw programs: via a gateway on the external interface,
