@@ -190,6 +190,9 @@ class FakeNetlink:
     def ip_link_set_down(self, name: str) -> None:
         self._set_up(self._need(name), False)
 
+    def ip_link_set_up(self, name: str) -> None:
+        self._set_up(self._need(name), True)
+
     def ip_addr_flush(self, name: str) -> None:
         link = self._need(name)
         for i, a in [(i, a) for i, a in self.addr_table if i == link.index]:
