@@ -16,6 +16,7 @@ from types import FrameType, TracebackType
 from typing import Protocol
 
 from . import __version__, config, health, ip, metrics, subnetfile
+from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
 from .family import Family, IPNetwork
 from .flags import Options, describe
@@ -331,20 +332,23 @@ class Daemon:
 
     def _backends(self, cfg: config.Config, sm: KubeSubnetManager, nl: Netlink,
                   ext: ip.ExternalInterface) -> dict[Family, Backend]:
-        """The backend's network of every enabled family, with its device where it has one (flanneld's
+        """net-conf's backend for every enabled family, with its device where it has one (flanneld's
         RegisterNetwork up to the lease): a new VXLAN device takes the MAC this node advertises."""
         own = sm.own_node()
+        if cfg.vxlan is not None:
+            log_config(cfg.vxlan, ext)
         backends: dict[Family, Backend] = {}
-        vxlan_cfg = cfg.vxlan
-        assert vxlan_cfg is not None
-        log_config(vxlan_cfg, ext)
         for family, network in cfg.networks.items():
-            vxlan = VXLANNetwork(nl, vxlan_cfg, family, ext, network)
             try:
+                if cfg.backend_type == "host-gw":
+                    backends[family] = HostGWNetwork(nl, family, ext, network)
+                    continue
+                assert cfg.vxlan is not None  # set for "vxlan", the one other backend config accepts
+                vxlan = VXLANNetwork(nl, cfg.vxlan, family, ext, network)
                 vxlan.create_device(_vtep_mac(own.annotations.get(sm.keys.data(family), "")) if own else "")
-            except DeviceError as exc:
+                backends[family] = vxlan
+            except (BackendError, DeviceError) as exc:
                 raise Fatal("Error registering network: %s" % exc) from exc
-            backends[family] = vxlan
         return backends
 
     def _configure(self) -> None:
