@@ -355,7 +355,8 @@ def test_a_lost_device_comes_back_from_its_notification(running: tuple[FakeNetli
     with caplog.at_level(logging.INFO):
         b.restore(nl.take_events())
     assert device_state(nl, stack) == (MAC, True, [stack.address], 0)
-    assert b.device is not None and b.device.index == nl.find(stack.device).index and b.device_ok  # type: ignore[union-attr]
+    link = nl.find(stack.device)
+    assert b.device is not None and link is not None and b.device.index == link.index and b.device_ok
     assert nl.datapath(stack.device) == stack.expected(2, 3)
     # One line says what happened, nothing per entry.
     lines = [r.getMessage() for r in caplog.records]
@@ -453,7 +454,8 @@ def test_direct_routing_routes_need_no_device_entries_and_go_with_their_node(sta
 # -- two nodes on a real kernel ---------------------------------------------------------------------
 
 # The spec's worked example (dual-stack-host-gw.md §10): its addresses and MACs.
-MACS = {1: {IPV4: "6e:4b:3c:91:a2:10", IPV6: "8a:3c:1f:2d:4e:50"}, 2: {IPV4: "9a:1c:2b:3d:4e:5f", IPV6: "b2:7d:0e:61:c4:39"}}
+MACS = {1: {IPV4: "6e:4b:3c:91:a2:10", IPV6: "8a:3c:1f:2d:4e:50"},
+        2: {IPV4: "9a:1c:2b:3d:4e:5f", IPV6: "b2:7d:0e:61:c4:39"}}
 
 NODE = r"""
 import json, subprocess, sys
@@ -561,7 +563,8 @@ def test_two_dual_stack_nodes_have_flanneld_s_kernel_state_and_talk(two_nodes: t
 
     assert state(again) == state(out)
     gone = program(ns1, 1, peers=False)  # node 2 deleted while node 1's daemon was down
-    assert "10.244.1.0" not in gone["route"] + gone["neigh"] and "fd00:10:244:1::" not in gone["route6"] + gone["neigh6"]
+    assert "10.244.1.0" not in gone["route"] + gone["neigh"]
+    assert "fd00:10:244:1::" not in gone["route6"] + gone["neigh6"]
     assert "192.168.56.12" not in gone["fdb"] and "fd56::12" not in gone["fdb"]
 
 
