@@ -17,6 +17,7 @@ from types import FrameType, TracebackType
 
 from . import __version__, config, health, ip, metrics, subnetfile
 from .backend.vxlan import DeviceError, VXLANBackend, backend_data
+from .family import IPV4, IPNetwork
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError
@@ -175,7 +176,7 @@ class Daemon:
         self.ext: ip.ExternalInterface | None = None
         self.subnet_file: subnetfile.Keeper | None = None
         self._subnet_error = ""  # the last failure to write subnet.env, logged once
-        self._warned_subnet: IPv4Network | None = None
+        self._warned_subnet: IPNetwork | None = None
 
     # -- signals and readiness -----------------------------------------------------------------------
 
@@ -272,13 +273,14 @@ class Daemon:
             client = KubeClient(opts.kube_api_url, opts.kubeconfig_file)
         except ApiError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
-        if cfg.network is None or cfg.vxlan is None:
+        if IPV4 not in cfg.networks or cfg.vxlan is None:
             raise Fatal("Failed to create SubnetManager: pyflannel needs an IPv4 Network and the vxlan backend")
         try:
             node = node_name(client)
         except NodeNameError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
-        sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.network, self._on_change)
+        sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, {IPV4: cfg.networks[IPV4]},
+                               self._on_change)
         self.supervisor.spawn("node watch", sm.run)
         self._beat(STEP_BOUND)
         sm.fetch_own_node()
@@ -293,13 +295,13 @@ class Daemon:
             self._beat(LEASE_RETRY + STEP_BOUND)
             self._take_dirty()
             try:
-                return sm.acquire_lease(ext.ext_addr, "vxlan", data)
+                return sm.acquire_lease({IPV4: ext.ext_addr}, "vxlan", {IPV4: data})[IPV4]
             except LeaseError as exc:
                 error = str(exc)
             if error != last_error:  # say it once, not every retry
                 log.error("Error registering network: failed to acquire lease: %s", error)
                 if error.endswith("pod cidr not assigned"):
-                    log.error(POD_CIDR_HINT, sm.node_name, sm.network, sm.network)
+                    log.error(POD_CIDR_HINT, sm.node_name, sm.networks[IPV4], sm.networks[IPV4])
                 last_error = error
             # The watch wakes us the moment the node changes.
             self._wake.wait(LEASE_RETRY)
@@ -313,8 +315,8 @@ class Daemon:
                         "run with --kube-subnet-mgr")
         cfg, sm = self._subnet_manager()
         self.sm = sm
-        network, vxlan_cfg = cfg.network, cfg.vxlan
-        assert network is not None and vxlan_cfg is not None  # checked by _subnet_manager
+        network, vxlan_cfg = cfg.networks[IPV4], cfg.vxlan
+        assert isinstance(network, IPv4Network) and vxlan_cfg is not None  # checked by _subnet_manager
         if self.stop.is_set():
             return
         log.info("Created subnet manager: %s", sm.name)
@@ -339,17 +341,19 @@ class Daemon:
             return
         self.lease = lease
         self._beat(STEP_BOUND)
+        assert isinstance(lease.subnet, IPv4Network)
         try:
             backend.configure_device(lease.subnet)
         except DeviceError as exc:
             raise Fatal("Error registering network: %s" % exc) from exc
 
-        prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file)
+        prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file, IPV4)
         if opts.ip_masq or opts.iptables_forward_rules:
             self.iptables = IPTablesManager(network, lease.subnet, prev_network, prev_subnet, opts.ip_masq,
                                             opts.iptables_forward_rules, opts.iptables_resync)
         self.subnet_file = subnetfile.Keeper(opts.subnet_file,
-                                             subnetfile.SubnetEnv(network, lease.subnet, backend.mtu, opts.ip_masq))
+                                             subnetfile.SubnetEnv({IPV4: (network, lease.subnet)}, backend.mtu,
+                                                                  opts.ip_masq))
         try:
             self.subnet_file.write()
             log.info("Wrote subnet file to %s", opts.subnet_file)
@@ -370,7 +374,7 @@ class Daemon:
         self._take_dirty()
         gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
         try:
-            backend.reconcile(sm.leases())
+            backend.reconcile(sm.leases(IPV4))
         finally:
             gc.enable()
         self._next_full = time.monotonic() + self.opts.datapath_resync
@@ -394,8 +398,8 @@ class Daemon:
         assert self.sm is not None and self.backend is not None and self.backend.device is not None
         assert self.lease is not None and self.ext is not None
         try:
-            lease = self.sm.acquire_lease(self.ext.ext_addr, "vxlan",
-                                          backend_data(self.backend.cfg.vni, self.backend.device.mac))
+            lease = self.sm.acquire_lease({IPV4: self.ext.ext_addr}, "vxlan",
+                                          {IPV4: backend_data(self.backend.cfg.vni, self.backend.device.mac)})[IPV4]
         except LeaseError as exc:
             log.error("Failed to refresh the lease: %s", exc)
             return
@@ -446,12 +450,12 @@ class Daemon:
                     backend.restore(deleted)
                 if dirty.pop(sm.node_name, None) is not None:
                     self._own_node_changed()
-                changed = backend.sync({name: sm.lease_of(name) for name in dirty})
+                changed = backend.sync({name: sm.lease_of(name, IPV4) for name in dirty})
                 now = time.monotonic()
                 for name in changed:
                     metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
                 if time.monotonic() >= self._next_full:
-                    backend.reconcile(sm.leases())
+                    backend.reconcile(sm.leases(IPV4))
                     self._keep_subnet_file()
                     self._next_full = time.monotonic() + interval
             except BaseException:

@@ -131,7 +131,9 @@ def _decode(cls: type, buf: bytes, off: int, length: int) -> Any:
 
 
 def _ip(b: bytes | None) -> str | None:
-    return socket.inet_ntoa(b) if b is not None and len(b) == 4 else None
+    if b is None or len(b) not in (4, 16):
+        return None
+    return socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +167,14 @@ def parse_neighbour(buf: bytes, body: int, end: int) -> Neighbour:
 
 
 def parse_route(buf: bytes, body: int, end: int) -> Route:
-    """An IPv4 rtmsg whose body runs from ``body`` to ``end`` in ``buf``."""
-    _, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
+    """An rtmsg whose body runs from ``body`` to ``end`` in ``buf``."""
+    family, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
     a = parse_attrs(buf, body + _RTMSG.size, end)
     if RTA_TABLE in a:
         table = struct.unpack("=I", a[RTA_TABLE])[0]
     oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
-    return Route("%s/%d" % (_ip(a.get(RTA_DST)) or "0.0.0.0", dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table)
+    any_ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    return Route("%s/%d" % (_ip(a.get(RTA_DST)) or any_ip, dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table)
 
 
 class NetlinkError(OSError):
@@ -342,22 +345,24 @@ class Netlink:
             raise
         return found[0] if found else None
 
-    def addresses(self, index: int = 0) -> list[Any]:
-        """IPv4 addresses, of one link when ``index`` is given, in kernel order."""
-        found = self.dump(request(ifaddrmsg, RTM_GETADDR, fields={"family": socket.AF_INET}))
+    def addresses(self, index: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        """Addresses of ``family``, of one link when ``index`` is given, in kernel order."""
+        found = self.dump(request(ifaddrmsg, RTM_GETADDR, fields={"family": family}))
         return [m for m in found if not index or m["index"] == index]
 
-    def routes(self, table: int = 254) -> list[Route]:
-        """IPv4 routes of a table. Read with :func:`parse_route`, not decoded whole: a node's table
+    def routes(self, table: int = 254, family: int = socket.AF_INET) -> list[Route]:
+        """Routes of ``family`` in a table. Read with :func:`parse_route`, not decoded whole: a node's table
         holds a route for every other node, and this runs on every reconcile."""
         def parse(buf: bytes, off: int, length: int) -> Route | None:
             r = parse_route(buf, off + _HEADER.size, off + length)
             return r if r.table == table else None
-        return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}), parse)
+        return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": family}), parse)
 
     def route_get(self, dst: str) -> list[Any]:
         """The route the kernel would use to reach ``dst`` (``ip route get``)."""
-        return self.call(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET, "dst_len": 32},
+        v6 = ":" in dst
+        return self.call(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET6 if v6 else socket.AF_INET,
+                                                               "dst_len": 128 if v6 else 32},
                                  attrs=[("RTA_DST", dst)]))
 
     def neighbours(self, family: int, index: int) -> list[Neighbour]:

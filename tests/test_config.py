@@ -80,8 +80,8 @@ def test_missing_backend_is_udp() -> None:
 def test_empty_backend_has_empty_type() -> None:
     assert keys_error(True, Network="10.244.0.0/16", Backend={}) == \
         "error parsing subnet config: unknown backend type: "
-    assert keys_error(True, Network="10.244.0.0/16", Backend={"Type": "host-gw"}) == \
-        "error parsing subnet config: unknown backend type: host-gw"
+    assert keys_error(True, Network="10.244.0.0/16", Backend={"Type": "ipip"}) == \
+        "error parsing subnet config: unknown backend type: ipip"
 
 
 def test_backend_type_is_lower_cased_and_backend_kept_raw() -> None:
@@ -194,9 +194,9 @@ def test_vxlan_mtu_reaches_the_device_and_subnet_env_alike() -> None:
 def test_multi_network_and_nftables_keys_are_parsed() -> None:
     c = conf(Network="10.244.0.0/16", Networks=["10.1.0.0/16", "10.2.0.1/16"], IPv6Networks=["fd00::/48"],
              EnableNFTables=True, Backend=VXLAN)
-    assert c.networks == (IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
-    assert c.ipv6_networks == (IPv6Network("fd00::/48"),) and c.enable_nftables is True
-    assert conf(Network="10.244.0.0/16", Networks=None, Backend=VXLAN).networks == ()
+    assert c.network_list == (IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
+    assert c.ipv6_network_list == (IPv6Network("fd00::/48"),) and c.enable_nftables is True
+    assert conf(Network="10.244.0.0/16", Networks=None, Backend=VXLAN).network_list == ()
     assert keys_error(Network="10.244.0.0/16", Networks="10.1.0.0/16", Backend=VXLAN) == \
         'error parsing subnet config: Networks: expected an array, got string "10.1.0.0/16"'
     assert keys_error(Network="10.244.0.0/16", IPv6Networks=["10.1.0.0/16"], Backend=VXLAN) == \
@@ -398,13 +398,9 @@ def test_config_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize("keys,message", [
-    ({"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
-     'EnableIPv6: pyflannel does not support dual-stack networks yet ("EnableIPv6": true); '
-     "set it to false for IPv4 only, or run flanneld"),
-    ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
-     'EnableIPv4: pyflannel does not support IPv6-only networks yet ("EnableIPv4": false); run flanneld for them'),
     ({"Networks": ["10.244.0.0/16"]}, "Networks: pyflannel does not support multiple networks; use Network alone"),
-    ({"IPv6Networks": ["fd00::/48"]}, "IPv6Networks: pyflannel does not support multiple networks; use Network alone"),
+    ({"IPv6Networks": ["fd00::/48"]},
+     "IPv6Networks: pyflannel does not support multiple networks; use IPv6Network alone"),
     ({"EnableNFTables": True},
      "EnableNFTables: pyflannel does not support nftables rules yet; set it to false (pyflannel writes iptables "
      "rules, through iptables-nft where that is the iptables in use)"),

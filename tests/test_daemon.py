@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pyflannel import daemon, flags, subnetfile
+from pyflannel.family import IPV4, Family
 from pyflannel.kubeclient import ApiError
 from pyflannel.lease import Lease
 from pyflannel.log import KlogFormatter, V
@@ -23,7 +24,7 @@ from pyflannel.subnet.kube import PROGRESS_BOUND
 from tests.test_deploy import container
 
 KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
-ENV = subnetfile.SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"), 1450, True)
+ENV = subnetfile.SubnetEnv({IPV4: (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"))}, 1450, True)
 
 
 @pytest.fixture
@@ -90,14 +91,15 @@ class FakeSubnetManager:
         self.own = lease(1)  # what this node's record in the API says
         self.acquired: list[tuple[Any, ...]] = []
 
-    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
-        self.acquired.append((public_ip, backend_type, backend_data))
-        return self.own
+    def acquire_lease(self, public_ips: dict[Family, Any], backend_type: str,
+                      backend_data: dict[Family, str]) -> dict[Family, Lease]:
+        self.acquired.append((public_ips[IPV4], backend_type, backend_data[IPV4]))
+        return {IPV4: self.own}
 
-    def leases(self) -> dict[str, Lease]:
+    def leases(self, family: Family) -> dict[str, Lease]:
         return dict(self._leases)
 
-    def lease_of(self, name: str) -> Lease | None:
+    def lease_of(self, name: str, family: Family) -> Lease | None:
         return self._leases.get(name)
 
 
@@ -180,7 +182,7 @@ def test_loop_keeps_a_fake_kernel_converged(tmp_path: Path) -> None:
     d = make_daemon(tmp_path)
     sm: Any = d.sm
     sm._leases = {"k8s02": test_vxlan.lease(2)}
-    backend.reconcile(sm.leases())
+    backend.reconcile(sm.leases(IPV4))
     d.backend = backend
     thread = threading.Thread(target=d.loop, args=(d.stop,))
     thread.start()

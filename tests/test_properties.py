@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pyflannel import diagnose, log
 from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
                               default_subnet_len, parse)
 from pyflannel.flags import _FLAGS, FlagError, HelpRequested, Options, describe
@@ -108,17 +109,23 @@ def check_config(c: Config, kube: bool) -> None:
     if c.enable_ipv6 and not kube:
         assert c.ipv6_network is not None and c.ipv6_subnet_min in c.ipv6_network
         assert c.ipv6_network.prefixlen + 2 <= c.ipv6_subnet_len <= 126
-    assert c.backend_type == "vxlan" and c.vxlan is not None
-    assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
-    assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
-    for iface_mtu in (68, 1280, 1500, 9000, 65535):
-        assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
+    assert list(c.networks) == [f for f, on in ((IPV4, c.enable_ipv4), (IPV6, c.enable_ipv6)) if on]
+    assert all(net.version == fam.version and net.prefixlen + int(net.network_address) > 0
+               for fam, net in c.networks.items())
+    assert c.networks.get(IPV4, c.network) == c.network and c.networks.get(IPV6, c.ipv6_network) == c.ipv6_network
+    assert c.backend_type in ("vxlan", "host-gw") and (c.vxlan is not None) == (c.backend_type == "vxlan")
+    if c.vxlan is not None:
+        assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
+        assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
+        for iface_mtu in (68, 1280, 1500, 9000, 65535):
+            assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
     try:
         check_supported(c)
-    except ConfigError:
-        assert not c.enable_ipv4 or c.enable_ipv6 or c.networks or c.ipv6_networks or c.enable_nftables
+    except ConfigError as exc:
+        assert c.network_list or c.ipv6_network_list or c.enable_nftables
+        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks", "EnableNFTables")
     else:
-        assert isinstance(c.network, IPv4Network) and not c.enable_ipv6
+        assert not (c.network_list or c.ipv6_network_list or c.enable_nftables)
 
 
 @SETTINGS
