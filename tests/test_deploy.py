@@ -19,6 +19,7 @@ import yaml
 from kubernetes_validate import utils as kube_schemas  # type: ignore[import-untyped]
 
 from pyflannel import __version__, config, flags
+from pyflannel.family import IPV4, IPV6
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kube-flannel.yml"
@@ -235,6 +236,11 @@ def test_render_sets_the_image_and_the_net_conf(example: str | None) -> None:
     assert data["cni-conf.json"] == one("ConfigMap")["data"]["cni-conf.json"]
     if example:
         assert json.loads(data["net-conf.json"]) == json.loads((EXAMPLES / example).read_text())
+    backend, networks = NET_CONFS[example]
+    cfg = config.parse(data["net-conf.json"], kube=True)
+    assert cfg.backend_type == backend
+    assert [str(n) for n in cfg.networks.values()] == networks
+    assert list(cfg.networks) == [f for f, n in ((IPV4, "."), (IPV6, ":")) if any(n in x for x in networks)]
 
 
 def test_every_example_is_tested() -> None:
