@@ -27,6 +27,7 @@ from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
+from .family import IPV4
 from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info
 
 __all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
@@ -512,7 +513,7 @@ def check_subnet_env_network(ctx: Context) -> Result:
     """subnet.env's FLANNEL_NETWORK is net-conf's Network."""
     network = ctx.config().network
     path = _existing_subnet_env(ctx)
-    previous, _ = subnetfile.read_previous(path)
+    previous, _ = subnetfile.read_previous(path, IPV4)
     if previous == network:
         return "FLANNEL_NETWORK in %s is net-conf.json's Network %s" % (path, network)
     return [Problem(
@@ -533,7 +534,7 @@ def check_subnet_env_subnet(ctx: Context) -> Result:
     cidr = ipv4_pod_cidr(ctx.own_node())
     if not cidr:
         raise Unavailable("a pod CIDR of this node", LookupError("no pod CIDR"))
-    _, previous = subnetfile.read_previous(path)
+    _, previous = subnetfile.read_previous(path, IPV4)
     try:
         own = ip_network(cidr, strict=False)
     except ValueError:

@@ -390,8 +390,6 @@ def parse(argv: list[str], environ: Mapping[str, str]) -> Options:
                 family(values[field])
             except ValueError:
                 raise FlagError("invalid public %s address: %s" % (what, values[field])) from None
-    if values["public_ipv6"]:
-        raise FlagError("-public-ipv6: pyflannel does not support IPv6 yet; leave it empty")
     return Options(**values)
 
 

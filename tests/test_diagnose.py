@@ -439,10 +439,9 @@ def test_mtu_from_net_conf(cluster: Cluster, tmp_path: Path) -> None:
 
 @pytest.mark.netns
 @needs_netns
-def test_net_conf_dual_stack_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+def test_net_conf_multi_network_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
-    conf.write_text(json.dumps({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
-                                "Backend": {"Type": "vxlan"}}))
+    conf.write_text(json.dumps({"Network": NETWORK, "Networks": [NETWORK], "Backend": {"Type": "vxlan"}}))
     code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
     assert code == 1
-    the_block(out, "net-conf.json is invalid: EnableIPv6: pyflannel does not support dual-stack networks yet")
+    the_block(out, "net-conf.json is invalid: Networks: pyflannel does not support multiple networks")

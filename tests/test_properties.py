@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyflannel import diagnose, log
-from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
+from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
                               default_subnet_len, parse)
 from pyflannel.flags import _FLAGS, FlagError, HelpRequested, Options, describe
 from pyflannel.flags import parse as parse_flags
-from pyflannel.ip import ExternalInterface
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
 from pyflannel.subnet.kube import node_info, node_to_lease
@@ -108,17 +109,23 @@ def check_config(c: Config, kube: bool) -> None:
     if c.enable_ipv6 and not kube:
         assert c.ipv6_network is not None and c.ipv6_subnet_min in c.ipv6_network
         assert c.ipv6_network.prefixlen + 2 <= c.ipv6_subnet_len <= 126
-    assert c.backend_type == "vxlan" and c.vxlan is not None
-    assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
-    assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
-    for iface_mtu in (68, 1280, 1500, 9000, 65535):
-        assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
+    assert list(c.networks) == [f for f, on in ((IPV4, c.enable_ipv4), (IPV6, c.enable_ipv6)) if on]
+    assert all(net.version == fam.version and net.prefixlen + int(net.network_address) > 0
+               for fam, net in c.networks.items())
+    assert c.networks.get(IPV4, c.network) == c.network and c.networks.get(IPV6, c.ipv6_network) == c.ipv6_network
+    assert c.backend_type in ("vxlan", "host-gw") and (c.vxlan is not None) == (c.backend_type == "vxlan")
+    if c.vxlan is not None:
+        assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
+        assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
+        for iface_mtu in (68, 1280, 1500, 9000, 65535):
+            assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
     try:
         check_supported(c)
-    except ConfigError:
-        assert not c.enable_ipv4 or c.enable_ipv6 or c.networks or c.ipv6_networks or c.enable_nftables
+    except ConfigError as exc:
+        assert c.network_list or c.ipv6_network_list or c.enable_nftables
+        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks", "EnableNFTables")
     else:
-        assert isinstance(c.network, IPv4Network) and not c.enable_ipv6
+        assert not (c.network_list or c.ipv6_network_list or c.enable_nftables)
 
 
 @SETTINGS
@@ -219,6 +226,7 @@ def test_annotation_prefix_gives_keys_or_a_prefix_error(prefix: str) -> None:
 
 
 KEYS = AnnotationKeys.from_prefix("flannel.alpha.coreos.com")
+ETH1_IP = IPv4Address("192.168.56.11")
 mac = st.binary(min_size=6, max_size=6).map(lambda b: ":".join("%02x" % x for x in b))
 backend_data_text = maybe(st.builds(backend_data, st.integers(0, 2**24 - 1), mac)
                           | st.builds(lambda m: json.dumps({"VNI": 1, "VtepMAC": m}),
@@ -263,8 +271,8 @@ def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> 
 @SETTINGS
 @given(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text)
 def test_backend_data_gives_an_entry_with_a_valid_mac_or_none(n: int, public_ip: str, kind: str, data: str) -> None:
-    ext = ExternalInterface("eth1", 2, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
-    backend = VXLANBackend(None, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
+    ext = ExternalInterface("eth1", 2, 1500, {IPV4: ExtAddr(ETH1_IP, ETH1_IP)})
+    backend = VXLANNetwork(None, VXLANConfig(), IPV4, ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
     backend.own_subnet = IPv4Network("10.244.0.0/24")
     entry = backend._entry("node", Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(public_ip), kind, data))
     if entry is None:
