@@ -279,8 +279,9 @@ OVERRUN = r"""
 import json, subprocess, threading
 from ipaddress import IPv4Address, IPv4Network
 from pyflannel import ip
-from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
 from pyflannel.config import VXLANConfig
+from pyflannel.family import IPV4
 from pyflannel.lease import Lease
 from pyflannel.netlink import Monitor, Netlink
 
@@ -291,7 +292,7 @@ sh("ip link add eth1 type veth peer name eth1p")
 sh("ip addr add 192.168.56.11/24 dev eth1")
 sh("ip link set eth1 up")
 nl = Netlink()
-backend = VXLANBackend(nl, VXLANConfig(), ip.select(nl, ["eth1"], [], "", ""), IPv4Network("10.0.0.0/8"))
+backend = VXLANNetwork(nl, VXLANConfig(), IPV4, ip.select(nl, ["eth1"], [], "", ""), IPv4Network("10.0.0.0/8"))
 backend.create_device()
 backend.configure_device(IPv4Network("10.0.0.0/24"))
 N = 1000

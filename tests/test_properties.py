@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyflannel import diagnose, log
-from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
 from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
                               default_subnet_len, parse)
@@ -272,7 +272,7 @@ def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> 
 @given(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text)
 def test_backend_data_gives_an_entry_with_a_valid_mac_or_none(n: int, public_ip: str, kind: str, data: str) -> None:
     ext = ExternalInterface("eth1", 2, 1500, {IPV4: ExtAddr(ETH1_IP, ETH1_IP)})
-    backend = VXLANBackend(None, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
+    backend = VXLANNetwork(None, VXLANConfig(), IPV4, ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
     backend.own_subnet = IPv4Network("10.244.0.0/24")
     entry = backend._entry("node", Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(public_ip), kind, data))
     if entry is None:
