@@ -207,9 +207,10 @@ def test_nodes_without_an_ipv6_pod_cidr_in_a_dual_stack_network(node6: Node6) ->
 
 def test_ipv6_enabled_on_an_interface_without_a_global_ipv6_address_or_default_route(node6: Node6) -> None:
     assert problems_of(diagnose.check_ipv6_interface(node6.context())) == []
+    node6.nl.ip_route_del("::/0")
     node6.nl.ip_addr_flush("eth1")
     node6.nl.ip_addr_add("eth1", "192.168.56.11/24")
-    node6.nl.ip_addr_add("eth1", "fe80::11/64")  # the flush took the default routes too
+    node6.nl.ip_addr_add("eth1", "fe80::11/64")
     link_local, no_default = problems_of(diagnose.check_ipv6_interface(node6.context()))
     assert link_local.startswith("interface eth1 has no global IPv6 address, only the link-local fe80::11")
     assert no_default.startswith("this node has no IPv6 default route")
