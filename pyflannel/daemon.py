@@ -44,7 +44,8 @@ HEALTHY_RUN = 60.0  # seconds a worker must run for its next failure to count as
 
 POD_CIDR_HINT = (
     'Node "%s" has no pod CIDR: the controller-manager assigns them only with --allocate-node-cidrs=true and '
-    '--cluster-cidr=%s (the Network of net-conf.json; with kubeadm, --pod-network-cidr=%s). '
+    '--cluster-cidr=%s (the Network, and the IPv6Network of dual-stack, of net-conf.json; with kubeadm, '
+    '--pod-network-cidr=%s). '
     "Waiting for the node's spec.podCIDR; pyflannel carries on as soon as it is set."
 )
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,8 +25,12 @@ from pyflannel.lease import Lease
 from pyflannel.log import KlogFormatter, V
 from pyflannel.subnet.kube import PROGRESS_BOUND
 from tests import test_vxlan
+from tests.conftest import needs_netns
 from tests.test_deploy import container
 from tests.test_vxlan import V4, V6
+from tools.netcluster import Cluster
+
+PREFIX = "flannel.alpha.coreos.com/"
 
 KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
 ENV = subnetfile.SubnetEnv({IPV4: (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"))}, 1450, True)
@@ -478,3 +483,69 @@ def test_liveness_probe_restarts_a_stall_but_not_a_slow_start() -> None:
     assert probe["periodSeconds"] * probe["failureThreshold"] <= 60
     # /healthz itself turns 503 only after a bound: --datapath-resync (30 s) + STEP_BOUND for the main loop.
     assert 30 + daemon.STEP_BOUND + probe["periodSeconds"] * probe["failureThreshold"] <= 180
+
+
+# -- a dual-stack daemon on a real kernel ------------------------------------------------------------
+
+
+def _device(cluster: Any, node: Any, name: str) -> tuple[str, bool, list[str]]:
+    """The device's MAC, whether it is up, and its global addresses, as ``ip`` shows them ('' if absent)."""
+    res = cluster.ns_run(node.netns, "ip", "-j", "addr", "show", "dev", name, check=False)
+    if res.returncode != 0:
+        return "", False, []
+    link = json.loads(res.stdout)[0]
+    addrs = ["%s/%d" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", []) if a.get("scope") == "global"]
+    return link["address"], "UP" in link["flags"], addrs
+
+
+def _entries(cluster: Any, node: Any, peer: Any) -> dict[str, bool]:
+    """Whether node holds peer's route, neighbour and FDB entry in each family (the spec's §10 lines)."""
+    env = cluster.subnet_env(peer)
+    gw4, gw6 = env["FLANNEL_SUBNET"].split("/")[0].rsplit(".", 1)[0] + ".0", \
+        str(IPv6Network(env["FLANNEL_IPV6_SUBNET"], strict=False).network_address)
+    route = cluster.ns_run(node.netns, "ip", "route", "show").stdout
+    route6 = cluster.ns_run(node.netns, "ip", "-6", "route", "show").stdout
+    neigh = cluster.ns_run(node.netns, "ip", "neigh", "show", "nud", "permanent").stdout
+    fdb = cluster.ns_run(node.netns, "bridge", "fdb", "show").stdout
+    return {"route4": "via %s dev flannel.1 onlink" % gw4 in route,
+            "route6": "via %s dev flannel-v6.1 metric 1024 onlink" % gw6 in route6,
+            "neigh4": "%s dev flannel.1 lladdr" % gw4 in neigh, "neigh6": "%s dev flannel-v6.1 lladdr" % gw6 in neigh,
+            "fdb4": "dev flannel.1 dst %s self permanent" % peer.ip in fdb,
+            "fdb6": "dev flannel-v6.1 dst %s self permanent" % peer.ip6 in fdb}
+
+
+@needs_netns
+@pytest.mark.netns
+def test_a_dual_stack_daemon_programs_and_repairs_both_devices(tmp_path: Path) -> None:
+    """Two pyflannel processes in a dual-stack cluster: both devices with their addresses and MACs as
+    annotated, the other node's entries in both families, pods that ping over both; then faults of
+    flannel-v6.1 injected from outside the daemon, each repaired (time to recovery printed)."""
+    with Cluster(tmp_path, stack="dual") as cluster:
+        n1, n2 = cluster.add_node("k8s01"), cluster.add_node("k8s02")
+        for node in (n1, n2):
+            cluster.start(node)
+        for node in (n1, n2):
+            cluster.wait_ready(node)
+        assert cluster.api is not None
+        notes = cluster.api.get_node("k8s01")["metadata"]["annotations"]
+        mac4, mac6 = (json.loads(notes[PREFIX + key])["VtepMAC"] for key in ("backend-data", "backend-v6-data"))
+        assert notes[PREFIX + "public-ipv6"] == n1.ip6 == "fd56::11"
+        assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        assert _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+        cluster.wait_for("k8s02's entries on k8s01", lambda: all(_entries(cluster, n1, n2).values()))
+        p1, p2 = cluster.add_pod(n1, "pod1"), cluster.add_pod(n2, "pod2")
+        assert p2.ip6 is not None
+        assert cluster.ping(p1, p2.ip) and cluster.ping(p1, p2.ip6)
+        for fault in (("ip", "link", "del", "flannel-v6.1"), ("ip", "link", "set", "flannel-v6.1", "down"),
+                      ("ip", "-6", "addr", "flush", "dev", "flannel-v6.1", "scope", "global"),
+                      ("ip", "-6", "route", "del", "fd00:10:244:2::/64", "dev", "flannel-v6.1")):
+            started = time.monotonic()
+            cluster.ns_run(n1.netns, *fault)
+            cluster.wait_for("recovery from %s" % " ".join(fault), lambda: (
+                _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+                and all(_entries(cluster, n1, n2).values())), timeout=60, interval=0.05)
+            print("%s: recovered in %.2fs" % (" ".join(fault), time.monotonic() - started))
+            cluster.wait_for("pod1 -> pod2 over IPv6", lambda: cluster.ping(p1, p2.ip6 or ""), timeout=30)
+        assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])  # the other family untouched
+        cluster.api.delete_node("k8s02")
+        cluster.wait_for("k8s02's entries gone from k8s01", lambda: not any(_entries(cluster, n1, n2).values()))

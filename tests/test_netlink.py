@@ -16,8 +16,8 @@ import pytest
 
 from pyflannel._pyroute2 import ifinfmsg, ndmsg, rtmsg
 from pyflannel.netlink import (AF_BRIDGE, DUMP_ATTEMPTS, NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_DONE, RTM_NEWNEIGH,
-                               RTM_NEWROUTE, DumpInterrupted, Netlink, Route, neighbour_request, parse_neighbour, parse_route,
-                               route_request)
+                               RTM_NEWROUTE, DumpInterrupted, Netlink, Route, neighbour_request, parse_neighbour,
+                               parse_route, route_request)
 from tests.conftest import needs_netns
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +26,11 @@ from pyflannel import ip
 from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.log import V
+from tests.conftest import needs_netns
 from tests.fakenetlink import FakeNetlink
 
 MAC = "0a:00:00:00:00:01"  # the MAC this node advertises
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -345,7 +355,8 @@ def test_a_lost_device_comes_back_from_its_notification(running: tuple[FakeNetli
     with caplog.at_level(logging.INFO):
         b.restore(nl.take_events())
     assert device_state(nl, stack) == (MAC, True, [stack.address], 0)
-    assert b.device is not None and b.device.index == nl.find(stack.device).index and b.device_ok  # type: ignore[union-attr]
+    link = nl.find(stack.device)
+    assert b.device is not None and link is not None and b.device.index == link.index and b.device_ok
     assert nl.datapath(stack.device) == stack.expected(2, 3)
     # One line says what happened, nothing per entry.
     lines = [r.getMessage() for r in caplog.records]
@@ -438,3 +449,136 @@ def test_direct_routing_routes_need_no_device_entries_and_go_with_their_node(sta
     # A deleted node's direct route goes (flanneld v0.20.2 leaves the IPv6 one behind)
     assert b.sync({"k8s02": None}) == {"k8s02"}
     assert direct not in {(r.dst, r.gateway, r.oif) for r in nl.routes(family=stack.family.af)}
+
+
+# -- two nodes on a real kernel ---------------------------------------------------------------------
+
+# The spec's worked example (dual-stack-host-gw.md §10): its addresses and MACs.
+MACS = {1: {IPV4: "6e:4b:3c:91:a2:10", IPV6: "8a:3c:1f:2d:4e:50"},
+        2: {IPV4: "9a:1c:2b:3d:4e:5f", IPV6: "b2:7d:0e:61:c4:39"}}
+
+NODE = r"""
+import json, subprocess, sys
+from pyflannel import ip
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
+from pyflannel.config import VXLANConfig
+from pyflannel.family import IPV4, IPV6
+from pyflannel.lease import Lease
+from pyflannel.netlink import Netlink
+
+me, peer, macs, direct, peers = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "1", \
+    sys.argv[5] == "1"
+nets = {IPV4: ("10.244.0.0/16", "10.244.%d.0/24", "192.168.56.%d"),
+        IPV6: ("fd00:10:244::/56", "fd00:10:244:%x::/64", "fd56::%d")}
+nl = Netlink()
+ext = ip.select(nl, ["eth1"], [], "", "", "", (IPV4, IPV6))
+for family, (network, subnet, public) in nets.items():
+    n = VXLANNetwork(nl, VXLANConfig(direct_routing=direct), family, ext, family.network(network))
+    n.create_device(macs[str(me)][family.name])
+    n.configure_device(family.network(subnet % (me - 1)))
+    lease = Lease(family.network(subnet % (peer - 1)), family.address(public % (10 + peer)), "vxlan",
+                  backend_data(1, macs[str(peer)][family.name]))
+    n.reconcile({"k8s%02d" % peer: lease} if peers else {})
+
+def sh(cmd):
+    return subprocess.run(cmd.split(), capture_output=True, text=True, check=True).stdout
+
+print(json.dumps({"link": sh("ip -d link show"), "addr": sh("ip addr show"), "route": sh("ip route show"),
+                  "route6": sh("ip -6 route show"), "neigh": sh("ip neigh show nud permanent"),
+                  "neigh6": sh("ip -6 neigh show nud permanent"), "fdb": sh("bridge fdb show")}))
+"""
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[tuple[str, str]]:
+    """Two namespaces whose eth1 are the two ends of one veth: 192.168.56.1<i>/24 and fd56::1<i>/64."""
+    tag = secrets.token_hex(2)
+    ns = ("pfv6a" + tag, "pfv6b" + tag)
+    try:
+        for name in ns:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+        subprocess.run(["ip", "link", "add", "eth1", "netns", ns[0], "type", "veth", "peer", "name", "eth1", "netns",
+                        ns[1]], check=True)
+        for i, name in enumerate(ns, 1):
+            for cmd in ("ip link set lo up", "ip addr add 192.168.56.1%d/24 dev eth1" % i,
+                        "ip addr add fd56::1%d/64 dev eth1 nodad" % i, "ip link set eth1 up"):
+                subprocess.run(["ip", "netns", "exec", name] + cmd.split(), check=True)
+        yield ns
+    finally:
+        for name in ns:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def program(ns: str, me: int, direct: bool = False, peers: bool = True) -> dict[str, str]:
+    """Run node ``me``'s two VXLAN networks in namespace ``ns`` with the other node's lease (or none); the
+    kernel state ip and bridge show then."""
+    macs = json.dumps({n: {f.name: mac for f, mac in m.items()} for n, m in MACS.items()})
+    res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", NODE, str(me), str(3 - me), macs,
+                          str(int(direct)), str(int(peers))], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def ping(ns: str, src: str, dst: str) -> bool:
+    """One ping from ``src`` to ``dst``, retried while the IPv6 address is tentative (up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        res = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c1", "-W1", "-I", src, dst], capture_output=True)
+        if res.returncode == 0 or time.monotonic() > deadline:
+            return res.returncode == 0
+        time.sleep(0.2)
+
+
+@needs_netns
+@pytest.mark.netns
+def test_two_dual_stack_nodes_have_flanneld_s_kernel_state_and_talk(two_nodes: tuple[str, str]) -> None:
+    """Node 1 and node 2 of the spec's worked example (§10): every flannel line of ip/bridge is there,
+    the pods' subnets reach each other over both devices, a restart changes nothing, and a node that
+    went (while the daemon was down) leaves no entry behind."""
+    ns1, ns2 = two_nodes
+    out = program(ns1, 1)
+    program(ns2, 2)
+    link = re.sub(r"\s+", " ", out["link"])
+    for name, mtu, mac, local in (("flannel.1", 1450, MACS[1][IPV4], "192.168.56.11"),
+                                  ("flannel-v6.1", 1430, MACS[1][IPV6], "fd56::11")):
+        assert re.search(r"%s: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu %d qdisc noqueue state UNKNOWN [^\n]*? "
+                         r"link/ether %s brd ff:ff:ff:ff:ff:ff .*?vxlan id 1 local %s dev eth1 srcport 0 0 dstport "
+                         r"8472 nolearning ttl auto ageing 300 udpcsum noudp6zerocsumtx noudp6zerocsumrx"
+                         % (re.escape(name), mtu, mac, re.escape(local)), link), name
+        assert not re.search(r"%s: [^\n]*qlen" % re.escape(name), out["link"])  # flanneld's txqlen 0
+    assert "inet 10.244.0.0/32 scope global flannel.1" in out["addr"]
+    assert "inet6 fd00:10:244::/128 scope global" in out["addr"]
+    assert "10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink" in out["route"]
+    assert "fd00:10:244:1::/64 via fd00:10:244:1:: dev flannel-v6.1 metric 1024 onlink pref medium" in out["route6"]
+    assert "fd00:10:244:: dev flannel-v6.1 proto kernel metric 256 pref medium" in out["route6"]
+    assert "10.244.1.0 dev flannel.1 lladdr %s PERMANENT" % MACS[2][IPV4] in out["neigh"]
+    assert "fd00:10:244:1:: dev flannel-v6.1 lladdr %s PERMANENT" % MACS[2][IPV6] in out["neigh6"]
+    assert "%s dev flannel.1 dst 192.168.56.12 self permanent" % MACS[2][IPV4] in out["fdb"]
+    assert "%s dev flannel-v6.1 dst fd56::12 self permanent" % MACS[2][IPV6] in out["fdb"]
+    assert ping(ns1, "10.244.0.0", "10.244.1.0") and ping(ns1, "fd00:10:244::", "fd00:10:244:1::")
+    again = program(ns1, 1)  # a restart: the devices are reused, nothing is added twice
+
+    def state(shown: dict[str, str]) -> dict[str, str]:  # without the link counters and DAD's progress
+        return {k: v.replace(" tentative", "") for k, v in shown.items() if k != "link"}
+
+    assert state(again) == state(out)
+    gone = program(ns1, 1, peers=False)  # node 2 deleted while node 1's daemon was down
+    assert "10.244.1.0" not in gone["route"] + gone["neigh"]
+    assert "fd00:10:244:1::" not in gone["route6"] + gone["neigh6"]
+    assert "192.168.56.12" not in gone["fdb"] and "fd56::12" not in gone["fdb"]
+
+
+@needs_netns
+@pytest.mark.netns
+def test_direct_routing_over_both_families_and_its_removal(two_nodes: tuple[str, str]) -> None:
+    """DirectRouting: node 2 is on eth1's subnets, so each family gets a route via its public IP and no
+    neighbour or FDB entry; the IPv6 route goes with the node (flanneld v0.20.2 leaves it)."""
+    ns1, ns2 = two_nodes
+    out = program(ns1, 1, direct=True)
+    program(ns2, 2, direct=True)
+    assert "10.244.1.0/24 via 192.168.56.12 dev eth1" in out["route"]
+    assert "fd00:10:244:1::/64 via fd56::12 dev eth1 metric 1024 pref medium" in out["route6"]
+    assert MACS[2][IPV4] not in out["fdb"] + out["neigh"] and MACS[2][IPV6] not in out["fdb"] + out["neigh6"]
+    assert ping(ns1, "10.244.0.0", "10.244.1.0") and ping(ns1, "fd00:10:244::", "fd00:10:244:1::")
+    gone = program(ns1, 1, direct=True, peers=False)
+    assert "10.244.1.0/24" not in gone["route"] and "fd00:10:244:1::/64" not in gone["route6"]

@@ -611,7 +611,8 @@ class VXLANNetwork:
             if want_neigh.get(n.dst) == n.lladdr:
                 have_neigh.add(n.dst)
             elif n.dst not in want_neigh:
-                strays.append(("Del%sARP failed" % self._V6, _neigh(RTM_DELNEIGH, self.family.af, idx, n.dst, n.lladdr)))
+                strays.append(("Del%sARP failed" % self._V6,
+                               _neigh(RTM_DELNEIGH, self.family.af, idx, n.dst, n.lladdr)))
         have_fdb: set[tuple[str, str]] = set()
         for n in self.nl.neighbours(AF_BRIDGE, idx):
             if n.dst is None or n.lladdr is None:
