@@ -154,19 +154,21 @@ def test_vxlan_device_mtu(mtu: int, iface_mtu: int, device_mtu: int) -> None:
 MTU_PROBE = r"""
 import json, subprocess, sys
 from ipaddress import IPv4Address, IPv4Network
-from pyflannel.backend.vxlan import VXLANBackend
+from pyflannel.backend.vxlan import VXLANNetwork, log_config
 from pyflannel.config import VXLANConfig
-from pyflannel.ip import ExternalInterface
+from pyflannel.family import IPV4
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.netlink import Netlink
 
 subprocess.run("ip link add eth1 type veth peer name eth1p".split(), check=True)
 subprocess.run("ip addr add 192.168.56.11/24 dev eth1".split(), check=True)
 nl = Netlink()
 addr = IPv4Address("192.168.56.11")
-ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, addr, addr)
+ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, {IPV4: ExtAddr(addr, addr)})
 out = []
 for mtu in json.loads(sys.argv[1]):
-    backend = VXLANBackend(nl, VXLANConfig(mtu=mtu), ext, IPv4Network("10.244.0.0/16"))
+    log_config(VXLANConfig(mtu=mtu), ext)
+    backend = VXLANNetwork(nl, VXLANConfig(mtu=mtu), IPV4, ext, IPv4Network("10.244.0.0/16"))
     device = backend.create_device()
     out.append([backend.mtu, nl.link(name=device.name).get_attr("IFLA_MTU")])
     subprocess.run(["ip", "link", "del", device.name], check=True)

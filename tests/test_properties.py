@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyflannel import diagnose, log
-from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
 from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
                               default_subnet_len, parse)
 from pyflannel.flags import _FLAGS, FlagError, HelpRequested, Options, describe
 from pyflannel.flags import parse as parse_flags
-from pyflannel.ip import ExternalInterface
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
 from pyflannel.subnet.kube import node_info, node_to_lease
@@ -226,6 +226,7 @@ def test_annotation_prefix_gives_keys_or_a_prefix_error(prefix: str) -> None:
 
 
 KEYS = AnnotationKeys.from_prefix("flannel.alpha.coreos.com")
+ETH1_IP = IPv4Address("192.168.56.11")
 mac = st.binary(min_size=6, max_size=6).map(lambda b: ":".join("%02x" % x for x in b))
 backend_data_text = maybe(st.builds(backend_data, st.integers(0, 2**24 - 1), mac)
                           | st.builds(lambda m: json.dumps({"VNI": 1, "VtepMAC": m}),
@@ -270,8 +271,8 @@ def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> 
 @SETTINGS
 @given(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text)
 def test_backend_data_gives_an_entry_with_a_valid_mac_or_none(n: int, public_ip: str, kind: str, data: str) -> None:
-    ext = ExternalInterface("eth1", 2, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
-    backend = VXLANBackend(None, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
+    ext = ExternalInterface("eth1", 2, 1500, {IPV4: ExtAddr(ETH1_IP, ETH1_IP)})
+    backend = VXLANNetwork(None, VXLANConfig(), IPV4, ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
     backend.own_subnet = IPv4Network("10.244.0.0/24")
     entry = backend._entry("node", Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(public_ip), kind, data))
     if entry is None:
