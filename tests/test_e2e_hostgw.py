@@ -1,4 +1,4 @@
-"""End to end, the host-gw backend: an IPv4-only and a dual-stack cluster, three nodes each running
+"""End to end, the host-gw backend: IPv4-only, dual-stack and IPv6-only clusters, three nodes each running
 pyflannel in network namespaces on one L2 underlay, one pod per node attached by the CNI plugins."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tools.netcluster import Cluster, Node
 pytestmark = [needs_netns, pytest.mark.netns]
 
 
-@pytest.fixture(scope="module", params=["v4", "dual"])
+@pytest.fixture(scope="module", params=["v4", "dual", "v6"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("cluster"), stack=request.param, backend={"Type": "host-gw"}) as c:
         for name in ("k8s01", "k8s02", "k8s03"):
@@ -47,13 +47,14 @@ def wait_routes(cluster: Cluster, nodes: list[Node], timeout: float = 20) -> flo
 
 def test_startup_writes_flanneld_state(cluster: Cluster) -> None:
     n1, n2, n3 = base_nodes(cluster)
+    v4 = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n" if cluster.ipv4 else ""
     v6 = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\n" if cluster.ipv6 else ""
-    assert n1.subnet_file.read_text() == ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n" + v6 +
-                                          "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n")
+    assert n1.subnet_file.read_text() == v4 + v6 + "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n"
     assert cluster.api is not None
     ann = cluster.api.get_node("k8s01")["metadata"]["annotations"]
-    want = {PREFIX + "backend-type": "host-gw", PREFIX + "backend-data": "null", PREFIX + "public-ip": n1.ip,
-            PREFIX + "kube-subnet-manager": "true"}
+    # spec §3.2: host-gw writes backend-data null and, IPv6-only, public-ip 0.0.0.0
+    want = {PREFIX + "backend-type": "host-gw", PREFIX + "backend-data": "null",
+            PREFIX + "public-ip": n1.ip if cluster.ipv4 else "0.0.0.0", PREFIX + "kube-subnet-manager": "true"}
     if cluster.ipv6:
         want.update({PREFIX + "backend-v6-data": "null", PREFIX + "public-ipv6": "fd56::11"})
     assert {k: v for k, v in ann.items() if k.startswith(PREFIX)} == want
