@@ -173,7 +173,11 @@ def test_dual_net_conf_on_an_ipv6_node_names_ipv4() -> None:
 
 
 def test_ipv6_only_net_conf() -> None:
-    assert lease_error(("10.244.0.0/24",), {IPV6: NET6}).startswith('node "k8s01" has no IPv6 pod CIDR')
+    assert lease_error(("10.244.0.0/24",), {IPV6: NET6}) == (
+        'node "k8s01" has no IPv6 pod CIDR (spec.podCIDR: 10.244.0.0/24) but the flannel net config enables IPv6 '
+        "(IPv6Network fd00:10:244::/56): give the nodes a pod CIDR of each enabled family (kube-controller-manager "
+        "--cluster-cidr=fd00:10:244::/56, kubeadm --pod-network-cidr=fd00:10:244::/56) or enable in the flannel net "
+        "config the families the pod CIDRs have; waiting for it")
     sm = manager(RecordingClient(node("k8s01", "10.244.0.0/24", "fd00:10:244::/64")), {IPV6: NET6})
     assert list(acquire(sm)) == [IPV6]
 

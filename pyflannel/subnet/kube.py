@@ -643,12 +643,16 @@ class KubeSubnetManager:
     def _missing_family(self, node: NodeInfo, family: Family) -> LeaseError:
         """The error for a node without a pod CIDR of an enabled family, with the fix."""
         cidrs = ",".join(str(net) for net in self.networks.values())
+        if len(self.networks) > 1:
+            other = 'set "Enable%s": false' % family
+        else:
+            other = "enable in the flannel net config the families the pod CIDRs have"
         return LeaseError(
             'node "%s" has no %s pod CIDR (%s: %s) but the flannel net config enables %s (%s %s): give the nodes '
             'a pod CIDR of each enabled family (kube-controller-manager --cluster-cidr=%s, kubeadm '
-            '--pod-network-cidr=%s) or set "Enable%s": false; waiting for it'
+            '--pod-network-cidr=%s) or %s; waiting for it'
             % (self.node_name, family, pod_cidr_field(node), ",".join(node.pod_cidrs or (node.pod_cidr,)), family,
-               _NETWORK_KEY[family], self.networks[family], cidrs, cidrs, family))
+               _NETWORK_KEY[family], self.networks[family], cidrs, cidrs, other))
 
     def acquire_lease(self, public_ips: dict[Family, IPAddress], backend_type: str,
                       backend_data: dict[Family, str]) -> dict[Family, Lease]:
