@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyflannel import diagnose, log, subnetfile
+from pyflannel import diagnose, log
 from pyflannel.backend.vxlan import VXLANBackend, backend_data
 from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
@@ -21,6 +21,8 @@ from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
 from pyflannel.subnet.kube import node_info, node_to_lease
+from pyflannel.subnetfile import SubnetEnv
+from pyflannel.subnetfile import parse as parse_env
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None)
 
@@ -315,12 +317,12 @@ def test_subnet_env_reads_back_per_family(families: list[Any], rnd: Any, mtu: in
                                                                 + rnd.getrandbits(family.bits))), prefix))
         subnet = next(network.subnets(prefixlen_diff=rnd.randint(1, min(8, family.bits - prefix - 1))))
         networks[family] = (network, subnet)
-    text = subnetfile.SubnetEnv(networks, mtu, ipmasq).render()
+    text = SubnetEnv(networks, mtu, ipmasq).render()
     lines = text.splitlines()
     assert lines[-2:] == ["FLANNEL_MTU=%d" % mtu, "FLANNEL_IPMASQ=%s" % str(ipmasq).lower()]
     assert [line.split("=")[0] for line in lines[:-2]] == [k for f in (IPV4, IPV6) if f in networks
                                                             for k in (f.env_network, f.env_subnet)]
-    values = subnetfile.parse(text)
+    values = parse_env(text)
     for family, (network, subnet) in networks.items():
         assert family.network(values[family.env_network]) == network
         assert family.network(values[family.env_subnet]) == subnet
