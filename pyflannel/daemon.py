@@ -33,6 +33,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5
 LEASE_RETRY = 10.0  # seconds between lease attempts when nothing on the node changes
+DEVICE_RETRY = 5.0  # seconds between looks at a backend whose device or interface is unusable (no news of its return)
 SYNC_TIMEOUT = 600.0  # seconds to wait for the first node list, as flanneld
 # The most seconds one step of the start-up, or one turn of the loop, may work: an API request with
 # its connect and read timeouts (40 s), or a full reconcile of 5,000 nodes under 100m CPU (about 10 s).
@@ -44,7 +45,8 @@ HEALTHY_RUN = 60.0  # seconds a worker must run for its next failure to count as
 
 POD_CIDR_HINT = (
     'Node "%s" has no pod CIDR: the controller-manager assigns them only with --allocate-node-cidrs=true and '
-    '--cluster-cidr=%s (the Network of net-conf.json; with kubeadm, --pod-network-cidr=%s). '
+    '--cluster-cidr=%s (the Network, and the IPv6Network of dual-stack, of net-conf.json; with kubeadm, '
+    '--pod-network-cidr=%s). '
     "Waiting for the node's spec.podCIDR; pyflannel carries on as soon as it is set."
 )
 
@@ -485,7 +487,8 @@ class Daemon:
         interval = float(self.opts.datapath_resync)
         while not stop.is_set():
             self._beat(interval + STEP_BOUND)
-            self._wake.wait(max(0.0, self._next_full - time.monotonic()))
+            lost = [b for b in backends.values() if not b.device_ok]
+            self._wake.wait(max(0.0, min(self._next_full - time.monotonic(), DEVICE_RETRY if lost else interval)))
             if stop.is_set():
                 break
             dirty, deleted = self._take_dirty()
@@ -493,6 +496,8 @@ class Daemon:
                 if deleted is not None:
                     for backend in backends.values():
                         backend.restore(deleted)
+                for backend in [b for b in lost if not b.device_ok]:
+                    backend.restore([])  # the kernel does not announce a link's return: look again
                 if dirty.pop(sm.node_name, None) is not None:
                     self._own_node_changed()
                 changed: set[str] = set()
