@@ -349,7 +349,9 @@ class Daemon:
                 vxlan = VXLANNetwork(nl, cfg.vxlan, family, ext, network)
                 vxlan.create_device(_vtep_mac(own.annotations.get(sm.keys.data(family), "")) if own else "")
                 backends[family] = vxlan
-            except (BackendError, DeviceError) as exc:
+            except BackendError as exc:  # host-gw's New refuses in flanneld's GetBackend
+                raise Fatal("Error fetching backend: %s" % exc) from exc
+            except DeviceError as exc:
                 raise Fatal("Error registering network: %s" % exc) from exc
         return backends
 

@@ -189,6 +189,19 @@ def test_a_healthy_dual_stack_host_gw_node_has_only_ok_lines(node6: Node6) -> No
     assert "ok    MTU: eth1 1500, pods 1500 (host-gw: the interface's MTU)" in lines
 
 
+def test_a_healthy_ipv6_only_host_gw_node_has_only_ok_lines(node6: Node6) -> None:
+    for n in (1, 2, 3):
+        node6.api.delete_node("k8s%02d" % n)
+        node6.add(n, pod_cidrs(n, "v6"), host_gw_annotations(n, v4="0.0.0.0"))  # flanneld's v6-only host-gw row
+    node6.conf["EnableIPv4"] = False
+    node6.env = "FLANNEL_IPV6_NETWORK=%s\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1500\n" \
+                "FLANNEL_IPMASQ=true\n" % V6_NETWORK
+    node6.proc["net/ipv4/ip_forward"] = "0"  # not needed
+    out = io.StringIO()
+    assert diagnose.run(node6.context(), out) == 0, out.getvalue()
+    assert "ok    every node's public IP is on this node's L2 network (eth1: fd56::/64)" in out.getvalue().splitlines()
+
+
 def test_nodes_without_an_ipv6_pod_cidr_in_a_dual_stack_network(node6: Node6) -> None:
     node6.api.delete_node("k8s01")
     node6.add(1, pod_cidrs(1, "v4"), host_gw_annotations(1))

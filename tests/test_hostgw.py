@@ -294,3 +294,15 @@ def test_the_routes_come_back_after_the_external_interface_was_down(tmp_path: Pa
         c.wait_for("the routes back", lambda: show() == before, timeout=DEVICE_RETRY + 10, interval=0.1)
         print("routes back %.1fs after eth1 came up" % (time.monotonic() - start))
         assert "eth1 has an IPv4 subnet again (192.168.56.0/24)" in n1.log()
+
+
+@pytest.mark.netns
+@needs_netns
+def test_the_daemon_refuses_a_public_ip_behind_nat_with_flanneld_error(tmp_path: Path) -> None:
+    with Cluster(tmp_path, backend={"Type": "host-gw"}) as c:
+        n1 = c.add_node("k8s01")
+        c.start(n1, "--public-ip=203.0.113.7")
+        assert n1.proc is not None
+        assert n1.proc.wait(30) == 1
+        assert ("Error fetching backend: your PublicIP differs from interface IP, meaning that probably you're on a "
+                "NAT, which is not supported by host-gw backend") in n1.log()
