@@ -374,7 +374,9 @@ class Daemon:
                 vxlan = VXLANNetwork(nl, cfg.vxlan, family, ext, network)
                 vxlan.create_device(_vtep_mac(sm.published_data(family, ext.addrs[family].ext_addr)))
                 backends[family] = vxlan
-            except (BackendError, DeviceError) as exc:
+            except BackendError as exc:  # host-gw's New refuses in flanneld's GetBackend
+                raise Fatal("Error fetching backend: %s" % exc) from exc
+            except DeviceError as exc:
                 raise Fatal("Error registering network: %s" % exc) from exc
         return backends
 

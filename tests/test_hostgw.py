@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +13,11 @@ from pyflannel import ip
 from pyflannel.backend.hostgw import LOG_EACH, BackendError, HostGWNetwork, nat_error
 from pyflannel.family import IPV4, IPV6, Family
 from pyflannel.lease import Lease
+from pyflannel.daemon import DEVICE_RETRY
 from pyflannel.netlink import Route
+from tests.conftest import needs_netns
 from tests.fakenetlink import FakeNetlink
+from tools.netcluster import Cluster
 
 RTPROT_BOOT = 3
 
@@ -259,3 +264,45 @@ def test_the_external_interface_going_down_and_coming_back(running: tuple[FakeNe
             nl.ip_addr_add("eth1", addr)
     b.reconcile(leases(stack, 2, 3, 4))
     assert b.device_ok and routes(nl) == {stack.route(2), stack.route(3), stack.route(4)}
+
+
+# -- the daemon, in namespaces ---------------------------------------------------------------------
+
+
+@pytest.mark.netns
+@needs_netns
+def test_the_routes_come_back_after_the_external_interface_was_down(tmp_path: Path) -> None:
+    """Setting eth1 down takes the routes with it, and the kernel says nothing when it is up again: the
+    daemon looks at it every DEVICE_RETRY seconds while it is unusable."""
+    with Cluster(tmp_path, backend={"Type": "host-gw"}) as c:
+        nodes = [c.add_node("k8s%02d" % i) for i in (1, 2, 3)]
+        for n in nodes:
+            c.start(n)
+        for n in nodes:
+            c.wait_ready(n)
+        n1 = nodes[0]
+
+        def show() -> str:
+            return c.ns_run(n1.netns, "ip", "route", "show", "proto", "boot").stdout
+
+        before = show()
+        assert "10.244.2.0/24 via 192.168.56.12 dev eth1" in before
+        c.ns_run(n1.netns, "ip", "link", "set", "eth1", "down")
+        c.wait_for("the daemon to see eth1 down", lambda: "eth1 has no IPv4 subnet" in n1.log())
+        c.ns_run(n1.netns, "ip", "link", "set", "eth1", "up")
+        start = time.monotonic()
+        c.wait_for("the routes back", lambda: show() == before, timeout=DEVICE_RETRY + 10, interval=0.1)
+        print("routes back %.1fs after eth1 came up" % (time.monotonic() - start))
+        assert "eth1 has an IPv4 subnet again (192.168.56.0/24)" in n1.log()
+
+
+@pytest.mark.netns
+@needs_netns
+def test_the_daemon_refuses_a_public_ip_behind_nat_with_flanneld_error(tmp_path: Path) -> None:
+    with Cluster(tmp_path, backend={"Type": "host-gw"}) as c:
+        n1 = c.add_node("k8s01")
+        c.start(n1, "--public-ip=203.0.113.7")
+        assert n1.proc is not None
+        assert n1.proc.wait(30) == 1
+        assert ("Error fetching backend: your PublicIP differs from interface IP, meaning that probably you're on a "
+                "NAT, which is not supported by host-gw backend") in n1.log()
