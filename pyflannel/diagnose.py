@@ -807,7 +807,8 @@ def check_vxlan_port(ctx: Context) -> Result:
         return "no VXLAN UDP port needed: the %s backend does not use one" % backend
     vx = ctx.vxlan()
     port = vx.port or DEFAULT_PORT
-    ours = device_name(vx.vni)
+    devices = [device_name(vx.vni, f) for f in _families(ctx)]  # flannel.<VNI>, flannel-v6.<VNI>
+    ours = devices[0]
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.bind(("0.0.0.0", port))
@@ -819,9 +820,10 @@ def check_vxlan_port(ctx: Context) -> Result:
     finally:
         probe.close()
     users = [(link.name, link.up) for link in _vxlan_links(ctx.nl) if link.port == port]
-    if (ours, True) in users:
-        return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, ours)
-    others = [name for name, up in users if up and name != ours]
+    mine = [name for name, up in users if up and name in devices]
+    if mine:
+        return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, " and ".join(mine))
+    others = [name for name, up in users if up and name not in devices]
     lines = ["UDP port %d (VXLAN) is taken by something other than %s" % (port, ours),
              "%s cannot be brought up while it is (`failed to set interface %s to UP state: address already in "
              "use`), so no traffic crosses between this node's pods and other nodes." % (ours, ours)]
