@@ -877,7 +877,8 @@ def check_mtu(ctx: Context) -> Result:
             ["restart pyflannel on this node so that it writes FLANNEL_MTU=%d, then recreate the pods on this "
              "node" % want]))
     return problems or "MTU: %s %d, %s %s, pods %s (%s less %d)" % (
-        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, source, OVERHEAD)
+        ext.name, ext.mtu, ours, device[0] if device else "not created yet" if IPV4 in _families(ctx) else
+        "not used (IPv6 only)", written or want, source, OVERHEAD)
 
 
 def _routed_mtu(ctx: Context) -> Result:
