@@ -6,7 +6,7 @@ It subscribes to the link, neighbour and IPv4 and IPv6 route groups before print
 prints one line per change of the devices' entries, of either family, stamped with ``time.time()``
 when the message was read:
 
-    <time> <+|-> r <dst>/<len> <gateway>   route in the main table
+    <time> <+|-> r <dst>/<len> <gateway>   route in the main table, not the kernel's own
     <time> <+|-> n <ip> <mac>              neighbour
     <time> <+|-> f <mac> <remote ip>       FDB entry
 
@@ -30,6 +30,7 @@ RTMGRP_LINK = 0x1
 RTMGRP_IPV6_ROUTE = 0x400
 IFLA_IFNAME = 3
 RT_TABLE_MAIN = 254
+RTPROT_KERNEL = 2  # the kernel's own routes (an IPv6 device's address and fe80::/64 are in the main table)
 SO_RCVBUFFORCE = 33
 RCVBUF = 256 << 20  # charged only as used; a 5,000-node start-up sends ~15,000 messages at once
 
@@ -63,7 +64,7 @@ class Monitor:
                     out.append("%s reset %s" % (stamp, self.names.pop(index)))
             elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and data[body] in (socket.AF_INET, socket.AF_INET6):
                 r = parse_route(data, body, end)
-                if r.table == RT_TABLE_MAIN and r.oif in self.names:
+                if r.table == RT_TABLE_MAIN and r.proto != RTPROT_KERNEL and r.oif in self.names:
                     out.append("%s %s r %s %s" % (stamp, op, r.dst, r.gateway or "-"))
             elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
                 n = parse_neighbour(data, body, end)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from pyflannel.config import Config, ConfigError, VXLANConfig, check_supported, load, parse
+from pyflannel.family import IPV4, IPV6, Family
 from tests.conftest import needs_netns
 
 VXLAN = {"Type": "vxlan"}
@@ -434,3 +435,47 @@ def test_load_checks_ipv6_keys_before_refusing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load(str(path), kube=True)
     assert str(exc.value) == "error parsing subnet config: IPv6Network: invalid CIDR address: fd00::1"
+
+
+# --- stacks and backends (issue 9) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys,networks", [
+    ({"Network": "10.244.0.0/16"}, {IPV4: IPv4Network("10.244.0.0/16")}),
+    ({"Network": "10.244.0.0/16", "IPv6Network": "fd00:10:244::/56"}, {IPV4: IPv4Network("10.244.0.0/16")}),
+    ({"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::1/56"},
+     {IPV4: IPv4Network("10.244.0.0/16"), IPV6: IPv6Network("fd00:10:244::/56")}),
+    ({"enableipv4": False, "ENABLEIPV6": True, "ipv6network": "fd00:10:244::/56"},
+     {IPV6: IPv6Network("fd00:10:244::/56")}),
+    ({"Network": "10.244.0.0/16", "EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/56"},
+     {IPV6: IPv6Network("fd00::/56")}),
+])
+def test_networks_are_the_enabled_families(tmp_path: Path, keys: dict[str, Any],
+                                           networks: dict[Family, IPv4Network | IPv6Network]) -> None:
+    path = tmp_path / "net-conf.json"
+    for backend in ({"Type": "vxlan"}, {"Type": "host-gw"}):
+        path.write_text(json.dumps({**keys, "Backend": backend}))
+        c = load(str(path), kube=True)
+        assert c.networks == networks and list(c.networks) == [f for f in (IPV4, IPV6) if f in networks]
+
+
+def test_host_gw_backend() -> None:
+    c = conf(True, Network="10.244.0.0/16", Backend={"Type": "host-gw"})
+    assert c.backend_type == "host-gw" and c.vxlan is None
+    c = conf(True, Network="10.244.0.0/16", Backend={"Type": "HOST-GW", "DirectRouting": "x"})  # no keys of its own
+    assert c.backend_type == "host-gw"
+
+
+@pytest.mark.parametrize("keys,reason", [
+    ({"EnableIPv6": True}, "please define a correct IPv6Network parameter in the flannel config"),
+    ({"EnableIPv6": True, "IPv6Network": "::/0"},
+     "please define a correct IPv6Network parameter in the flannel config"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::1"}, "IPv6Network: invalid CIDR address: fd00::1"),
+    ({"EnableIPv6": True, "IPv6Network": "10.0.0.0/8"}, "IPv6Network: not an IPv6 network: 10.0.0.0/8"),
+    ({"EnableIPv6": "yes", "IPv6Network": "fd00::/56"}, 'EnableIPv6: expected true or false, got string "yes"'),
+    ({"EnableIPv4": False}, "none defined stack"),
+    ({"EnableIPv4": False, "EnableIPv6": False, "IPv6Network": "fd00::/56"}, "none defined stack"),
+])
+def test_stack_errors(keys: dict[str, Any], reason: str) -> None:
+    for kube in (True, False):
+        assert keys_error(kube, **{"Network": "10.244.0.0/16", "Backend": VXLAN, **keys}) == \
+            "error parsing subnet config: " + reason

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -499,28 +499,32 @@ def _device(cluster: Any, node: Any, name: str) -> tuple[str, bool, list[str]]:
 
 
 def _entries(cluster: Any, node: Any, peer: Any) -> dict[str, bool]:
-    """Whether node holds peer's route, neighbour and FDB entry in each family (the spec's §10 lines)."""
-    env = cluster.subnet_env(peer)
-    gw4, gw6 = env["FLANNEL_SUBNET"].split("/")[0].rsplit(".", 1)[0] + ".0", \
-        str(IPv6Network(env["FLANNEL_IPV6_SUBNET"], strict=False).network_address)
-    route = cluster.ns_run(node.netns, "ip", "route", "show").stdout
-    route6 = cluster.ns_run(node.netns, "ip", "-6", "route", "show").stdout
-    neigh = cluster.ns_run(node.netns, "ip", "neigh", "show", "nud", "permanent").stdout
-    fdb = cluster.ns_run(node.netns, "bridge", "fdb", "show").stdout
-    return {"route4": "via %s dev flannel.1 onlink" % gw4 in route,
-            "route6": "via %s dev flannel-v6.1 metric 1024 onlink" % gw6 in route6,
-            "neigh4": "%s dev flannel.1 lladdr" % gw4 in neigh, "neigh6": "%s dev flannel-v6.1 lladdr" % gw6 in neigh,
-            "fdb4": "dev flannel.1 dst %s self permanent" % peer.ip in fdb,
-            "fdb6": "dev flannel-v6.1 dst %s self permanent" % peer.ip6 in fdb}
+    """Whether node holds peer's route, neighbour and FDB entry of each family of the cluster (the
+    spec's §10 lines)."""
+    env, found = cluster.subnet_env(peer), {}
+    for family, device, public in ((IPV4, "flannel.1", peer.ip), (IPV6, "flannel-v6.1", peer.ip6)):
+        if family.env_subnet not in env:
+            continue
+        gw = str(family.network(env[family.env_subnet]).network_address)
+        v = "-%d" % family.version
+        found[device] = ("via %s dev %s" % (gw, device) in cluster.ns_run(node.netns, "ip", v, "route").stdout and
+                         "%s dev %s lladdr" % (gw, device) in
+                         cluster.ns_run(node.netns, "ip", v, "neigh", "show", "nud", "permanent").stdout and
+                         "dev %s dst %s self permanent" % (device, public) in
+                         cluster.ns_run(node.netns, "bridge", "fdb", "show").stdout)
+    return found
 
 
 @needs_netns
 @pytest.mark.netns
-def test_a_dual_stack_daemon_programs_and_repairs_both_devices(tmp_path: Path) -> None:
-    """Two pyflannel processes in a dual-stack cluster: both devices with their addresses and MACs as
-    annotated, the other node's entries in both families, pods that ping over both; then faults of
-    flannel-v6.1 injected from outside the daemon, each repaired (time to recovery printed)."""
-    with Cluster(tmp_path, stack="dual") as cluster:
+@pytest.mark.parametrize("stack", ["dual", "v6"])
+def test_the_daemon_programs_and_repairs_each_family_s_device(tmp_path: Path, stack: str) -> None:
+    """Two pyflannel processes in a dual-stack (and an IPv6-only) cluster: each family's device with its
+    address and the MAC annotated, the other node's entries in each family, pods that ping over each;
+    then faults of flannel-v6.1 injected from outside the daemon, each repaired (time to recovery
+    printed); devices lost while the daemon was down come back with the annotated MACs; the other
+    node's deletion removes its entries of both families."""
+    with Cluster(tmp_path, stack=stack) as cluster:
         n1, n2 = cluster.add_node("k8s01"), cluster.add_node("k8s02")
         for node in (n1, n2):
             cluster.start(node)
@@ -528,24 +532,42 @@ def test_a_dual_stack_daemon_programs_and_repairs_both_devices(tmp_path: Path) -
             cluster.wait_ready(node)
         assert cluster.api is not None
         notes = cluster.api.get_node("k8s01")["metadata"]["annotations"]
-        mac4, mac6 = (json.loads(notes[PREFIX + key])["VtepMAC"] for key in ("backend-data", "backend-v6-data"))
+        mac6 = json.loads(notes[PREFIX + "backend-v6-data"])["VtepMAC"]
         assert notes[PREFIX + "public-ipv6"] == n1.ip6 == "fd56::11"
-        assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
         assert _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+        if stack == "dual":
+            mac4 = json.loads(notes[PREFIX + "backend-data"])["VtepMAC"]
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        else:
+            assert _device(cluster, n1, "flannel.1") == ("", False, []) and PREFIX + "backend-data" not in notes
         cluster.wait_for("k8s02's entries on k8s01", lambda: all(_entries(cluster, n1, n2).values()))
         p1, p2 = cluster.add_pod(n1, "pod1"), cluster.add_pod(n2, "pod2")
-        assert p2.ip6 is not None
-        assert cluster.ping(p1, p2.ip) and cluster.ping(p1, p2.ip6)
+        assert p2.ip6 is not None and len(p2.ips) == (2 if stack == "dual" else 1)
+        assert all(cluster.ping(p1, ip) for ip in p2.ips)
+        peer6 = json.loads(cluster.api.get_node("k8s02")["metadata"]["annotations"][PREFIX + "backend-v6-data"])
         for fault in (("ip", "link", "del", "flannel-v6.1"), ("ip", "link", "set", "flannel-v6.1", "down"),
                       ("ip", "-6", "addr", "flush", "dev", "flannel-v6.1", "scope", "global"),
-                      ("ip", "-6", "route", "del", "fd00:10:244:2::/64", "dev", "flannel-v6.1")):
+                      ("ip", "-6", "route", "del", "fd00:10:244:2::/64", "dev", "flannel-v6.1"),
+                      ("ip", "-6", "neigh", "del", "fd00:10:244:2::", "dev", "flannel-v6.1"),
+                      ("bridge", "fdb", "del", peer6["VtepMAC"], "dev", "flannel-v6.1", "dst", "fd56::12")):
             started = time.monotonic()
             cluster.ns_run(n1.netns, *fault)
             cluster.wait_for("recovery from %s" % " ".join(fault), lambda: (
                 _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
                 and all(_entries(cluster, n1, n2).values())), timeout=60, interval=0.05)
-            print("%s: recovered in %.2fs" % (" ".join(fault), time.monotonic() - started))
+            print("%s (%s): recovered in %.2fs" % (" ".join(fault), stack, time.monotonic() - started))
             cluster.wait_for("pod1 -> pod2 over IPv6", lambda: cluster.ping(p1, p2.ip6 or ""), timeout=30)
-        assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])  # the other family untouched
+        if stack == "dual":  # the other family was left alone
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        # Devices lost while the daemon is down (a reboot) come back with the MACs the annotations advertise.
+        cluster.stop(n1)
+        for device in ("flannel.1", "flannel-v6.1"):
+            cluster.ns_run(n1.netns, "ip", "link", "del", device, check=False)
+        cluster.start(n1)
+        cluster.wait_ready(n1)
+        assert _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+        if stack == "dual":
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        cluster.wait_for("k8s02's entries on k8s01 again", lambda: all(_entries(cluster, n1, n2).values()))
         cluster.api.delete_node("k8s02")
         cluster.wait_for("k8s02's entries gone from k8s01", lambda: not any(_entries(cluster, n1, n2).values()))

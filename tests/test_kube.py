@@ -360,7 +360,7 @@ def test_bad_pod_cidrs_never_become_leases(api: FakeKubeAPI, manager: tuple[kube
         api.delete_node("k8s02")
         rec.wait_for("dup")
         assert sm.lease_of("dup", IPV4).subnet == IPv4Network("10.244.2.0/24")
-        assert sm.lease_of("k8s02", IPV4) is None and sm.lease_of("covers", IPV4) is None and sm.lease_of("inside", IPV4) is None
+        assert all(sm.lease_of(name, IPV4) is None for name in ("k8s02", "covers", "inside"))
     finally:
         stop.set()
 

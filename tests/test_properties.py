@@ -4,7 +4,7 @@ unexpected exception (net-conf.json, flags and FLANNELD_* variables, annotations
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from hypothesis import given, settings
@@ -21,6 +21,8 @@ from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
 from pyflannel.subnet.kube import node_info, node_to_lease
+from pyflannel.subnetfile import SubnetEnv
+from pyflannel.subnetfile import parse as parse_env
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None)
 
@@ -196,9 +198,11 @@ def test_flags_give_options_or_a_flag_error(argv: list[str], environ: dict[str, 
     assert 0 <= o.healthz_port <= 65535 and 0 <= o.metrics_port <= 65535
     assert o.iptables_resync >= 1 and o.datapath_resync >= 1 and 1 <= o.subnet_lease_renew_margin < 1440
     assert o.log_format in ("klog", "json")
-    assert o.public_ipv6 == "" and o.log_backtrace_at == ""
+    assert o.log_backtrace_at == ""
     if o.public_ip:
         IPv4Address(o.public_ip)
+    if o.public_ipv6:
+        IPv6Address(o.public_ipv6)
     log.parse_vmodule(o.vmodule)
 
 
@@ -243,6 +247,8 @@ def node_object(draw: st.DrawFn) -> dict[str, Any]:
         KEYS.backend_type: draw(st.sampled_from(["vxlan", "host-gw", ""]) | st.text(max_size=6)),
         KEYS.backend_data: draw(backend_data_text),
         KEYS.backend_public_ip: draw(ipv4 | ipv6 | odd_text),
+        KEYS.backend_v6_data: draw(backend_data_text),
+        KEYS.backend_public_ipv6: draw(ipv6 | ipv4 | odd_text),
         KEYS.subnet_kube_managed: draw(st.sampled_from(["true", "false"])),
         "other.example.com/x": draw(st.text(max_size=5)),
     }
@@ -261,11 +267,13 @@ def node_object(draw: st.DrawFn) -> dict[str, Any]:
 def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> None:
     node = node_info(obj, KEYS.prefix)
     assert all(k.startswith(KEYS.prefix) for k in node.annotations)
-    try:
-        lease = node_to_lease(node, KEYS)
-    except ValueError:
-        return
-    assert isinstance(lease.subnet, IPv4Network) and isinstance(lease.public_ip, IPv4Address)
+    for family, network, address in ((IPV4, IPv4Network, IPv4Address), (IPV6, IPv6Network, IPv6Address)):
+        try:
+            lease = node_to_lease(node, KEYS, family)
+        except ValueError:
+            continue
+        assert isinstance(lease.subnet, network) and isinstance(lease.public_ip, address)
+        assert lease.backend_data == node.annotations.get(KEYS.data(family), "")
 
 
 @SETTINGS
@@ -294,3 +302,27 @@ def test_free_subnet_is_inside_the_network_and_unused(network: IPv4Network, used
         return
     assert free.subnet_of(network) and not any(free.overlaps(u) for u in used)
     assert free.prefixlen == default_subnet_len(network)
+
+
+# --- subnet.env ------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.lists(st.sampled_from([IPV4, IPV6]), min_size=1, max_size=2, unique=True), st.randoms(use_true_random=False),
+       st.integers(0, 65535), st.booleans())
+def test_subnet_env_reads_back_per_family(families: list[Any], rnd: Any, mtu: int, ipmasq: bool) -> None:
+    networks = {}
+    for family in families:
+        prefix = rnd.randint(1, family.bits - 2)
+        network = family.network("%s/%d" % (family.address(str(family.network(family.any_network).network_address
+                                                                + rnd.getrandbits(family.bits))), prefix))
+        subnet = next(network.subnets(prefixlen_diff=rnd.randint(1, min(8, family.bits - prefix - 1))))
+        networks[family] = (network, subnet)
+    text = SubnetEnv(networks, mtu, ipmasq).render()
+    lines = text.splitlines()
+    assert lines[-2:] == ["FLANNEL_MTU=%d" % mtu, "FLANNEL_IPMASQ=%s" % str(ipmasq).lower()]
+    assert [line.split("=")[0] for line in lines[:-2]] == [k for f in (IPV4, IPV6) if f in networks
+                                                            for k in (f.env_network, f.env_subnet)]
+    values = parse_env(text)
+    for family, (network, subnet) in networks.items():
+        assert family.network(values[family.env_network]) == network
+        assert family.network(values[family.env_subnet]) == subnet

@@ -329,8 +329,8 @@ class Cluster:
     def ping(self, src: Pod | Node, dst_ip: str, count: int = 1, timeout: int = 2) -> bool:
         """One ping from a pod or node (``ping -6`` for an IPv6 address); True if it was answered."""
         family = "-6" if ":" in dst_ip else "-4"
-        res = self.ns_run(src.netns, "ping", family, "-c", str(count), "-W", str(timeout), dst_ip, check=False,
-                          timeout=count * timeout + 5)
+        res = self.ns_run(src.netns, "ping", family, "-c", str(count), "-i", "0.2", "-W", str(timeout), dst_ip,
+                          check=False, timeout=count * timeout + 5)
         return res.returncode == 0
 
     def logs(self) -> str:

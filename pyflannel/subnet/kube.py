@@ -229,9 +229,14 @@ def node_to_lease(node: NodeInfo, keys: AnnotationKeys, family: Family = IPV4) -
                  node.annotations.get(keys.data(family), ""))
 
 
+def _inside(subnet: IPNetwork, network: IPNetwork) -> bool:
+    """``subnet`` is of ``network``'s family and inside it."""
+    return subnet.version == network.version and subnet.subnet_of(network)  # type: ignore[arg-type]
+
+
 def subnet_problem(subnet: IPNetwork, network: IPNetwork) -> str:
     """Why a node's pod CIDR cannot be a lease in ``network`` ("" when it can)."""
-    if subnet.version != network.version or not subnet.subnet_of(network):  # type: ignore[arg-type]
+    if not _inside(subnet, network):
         return "is outside the Network %s" % network
     if subnet.prefixlen == network.prefixlen:
         return "is the whole Network %s" % network
@@ -370,7 +375,7 @@ class _FamilyLeases:
             subnet: IPNetwork | None = _NETWORK[self.family](pod_cidr(node, self.family))
         except ValueError:
             subnet = None
-        if subnet is not None and subnet_problem(subnet, self.network):
+        if subnet is not None and not _inside(subnet, self.network):
             subnet = None
         if subnet == self.own_subnet:
             return set()
@@ -643,12 +648,16 @@ class KubeSubnetManager:
     def _missing_family(self, node: NodeInfo, family: Family) -> LeaseError:
         """The error for a node without a pod CIDR of an enabled family, with the fix."""
         cidrs = ",".join(str(net) for net in self.networks.values())
+        if len(self.networks) > 1:
+            other = 'set "Enable%s": false' % family
+        else:
+            other = "enable in the flannel net config the families the pod CIDRs have"
         return LeaseError(
             'node "%s" has no %s pod CIDR (%s: %s) but the flannel net config enables %s (%s %s): give the nodes '
             'a pod CIDR of each enabled family (kube-controller-manager --cluster-cidr=%s, kubeadm '
-            '--pod-network-cidr=%s) or set "Enable%s": false; waiting for it'
+            '--pod-network-cidr=%s) or %s; waiting for it'
             % (self.node_name, family, pod_cidr_field(node), ",".join(node.pod_cidrs or (node.pod_cidr,)), family,
-               _NETWORK_KEY[family], self.networks[family], cidrs, cidrs, family))
+               _NETWORK_KEY[family], self.networks[family], cidrs, cidrs, other))
 
     def acquire_lease(self, public_ips: dict[Family, IPAddress], backend_type: str,
                       backend_data: dict[Family, str]) -> dict[Family, Lease]:
@@ -678,7 +687,7 @@ class KubeSubnetManager:
             if not cidr:
                 raise self._missing_family(node, family)
             subnet = family.network(cidr)
-            if subnet.version != network.version or not subnet.subnet_of(network):  # type: ignore[arg-type]
+            if not _inside(subnet, network):
                 raise LeaseError('subnet "%s" specified in the flannel net config doesn\'t contain "%s" %s of '
                                  'the "%s" node' % (network, cidr, _PODCIDR_NAME[family], self.node_name))
             subnets[family] = subnet
