@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from pyflannel._pyroute2 import ifinfmsg, ndmsg, rtmsg
-from pyflannel.netlink import (AF_BRIDGE, DUMP_ATTEMPTS, NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_DONE, RTM_NEWNEIGH,
-                               RTM_NEWROUTE, DumpInterrupted, Netlink, Route, neighbour_request, parse_neighbour,
-                               parse_route, route_request)
+from pyflannel.netlink import (AF_BRIDGE, DUMP_ATTEMPTS, NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_DONE, RTM_DELNEIGH,
+                               RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE, DumpInterrupted, Netlink, Route, deletions,
+                               neighbour_request, parse_neighbour, parse_route, route_request)
 from tests.conftest import needs_netns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +118,21 @@ def test_pyroute2_message_classes_load_without_the_package_and_round_trip() -> N
     assert raw["dst_len"] == 24 and raw["flags"] == 4
     body = route_request(RTM_NEWROUTE, 0, "fd00:10:244:1::", 64, None, None, 254, 3, 0, 1, 0).body
     assert parse_route(body, 0, len(body)) == Route("fd00:10:244:1::/64", None, 0, 3, 254)
+
+def test_deletions_of_a_family_are_reported_only_when_it_is_listened_to() -> None:
+    """An IPv4-only daemon's monitor leaves the IPv6 neighbour and route deletions aside (a busy IPv6
+    node's neighbour discovery is no news to it); the FDB entries, of either remote family, count."""
+    buf = b""
+    for packed in (neighbour_request(RTM_DELNEIGH, 0, socket.AF_INET6, 7, 0x80, 0, "fd00:10:244:1::", None),
+                   route_request(RTM_DELROUTE, 0, "fd00:10:244:1::", 64, "fd00:10:244:1::", 7, 254, 3, 0, 1, 4),
+                   neighbour_request(RTM_DELNEIGH, 0, AF_BRIDGE, 7, 0x80, 2, "fd56::12", "0a:00:00:00:00:02"),
+                   route_request(RTM_DELROUTE, 0, "10.244.2.0", 24, "10.244.2.0", 5, 254, 3, 0, 1, 4)):
+        buf += HEADER.pack(HEADER.size + len(packed.body), packed.msg_type, 0, 0, 0) + packed.body
+    fdb, v4 = ("fdb", 7, "0a:00:00:00:00:02 fd56::12"), ("route", 254, "10.244.2.0/24")
+    assert deletions(buf) == [fdb, v4]
+    assert deletions(buf, frozenset((socket.AF_INET, socket.AF_INET6))) == [
+        ("neigh", 7, "fd00:10:244:1::"), ("route", 254, "fd00:10:244:1::/64"), fdb, v4]
+
 
 PROBE = r"""
 import errno, json, socket, subprocess, threading
