@@ -12,19 +12,23 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Network
 from types import FrameType, TracebackType
 from typing import Protocol
 
 from . import __version__, config, health, ip, metrics, subnetfile
 from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
-from .family import Family, IPNetwork
+from .etcdclient import EtcdClient, EtcdError
+from .family import IPV4, Family, IPNetwork
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
-from .lease import Lease, LeaseError
+from .lease import Lease, LeaseError, LeaseRevoked
 from .log import V
 from .netlink import Deletion, Monitor, Netlink
+from .subnet import SubnetManager
 from .subnet.annotations import AnnotationKeys, normalize_prefix
+from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
 
@@ -173,7 +177,7 @@ class Supervisor:
 
 
 class Daemon:
-    """One pyflannel process in kube mode."""
+    """One pyflannel process, in kube mode (--kube-subnet-mgr) or etcd mode."""
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -190,7 +194,8 @@ class Daemon:
         self._stalled = False  # /healthz says a stall: logged once
         self._listened = False  # the kernel-events worker ran before
         self.datapath_ready = False
-        self.sm: KubeSubnetManager | None = None
+        self.sm: SubnetManager | None = None
+        self._watch_name = "node watch" if opts.kube_subnet_mgr else "lease watch"
         self.backend_type = "vxlan"  # net-conf's Backend.Type: "vxlan" or "host-gw"
         # Per enabled family, in FAMILIES order: the backend's network, this node's lease, the iptables rules
         self.backends: dict[Family, Backend] = {}
@@ -243,8 +248,8 @@ class Daemon:
             what = "the %s made no progress for %.0fs (at most %.0fs allowed)" % (
                 "main loop" if self.datapath_ready else "start-up", now - self._beat_at, self._beat_bound)
         elif self.sm is not None and now - self.sm.progress > PROGRESS_BOUND:
-            what = "the node watch made no progress for %.0fs (at most %.0fs allowed)" % (now - self.sm.progress,
-                                                                                        PROGRESS_BOUND)
+            what = "the %s made no progress for %.0fs (at most %.0fs allowed)" % (
+                self._watch_name, now - self.sm.progress, PROGRESS_BOUND)
         if what and not self._stalled:
             log.error("/healthz fails from now on: %s", what)
         self._stalled = bool(what)
@@ -283,7 +288,7 @@ class Daemon:
 
     # -- start-up ------------------------------------------------------------------------------------
 
-    def _subnet_manager(self) -> tuple[config.Config, KubeSubnetManager]:
+    def _kube_subnet_manager(self) -> tuple[config.Config, KubeSubnetManager]:
         opts = self.opts
         try:
             cfg = config.load(opts.net_config_path, kube=True)
@@ -302,12 +307,33 @@ class Daemon:
         except NodeNameError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.networks, self._on_change)
-        self.supervisor.spawn("node watch", sm.run)
+        self.supervisor.spawn(self._watch_name, sm.run)
         self._beat(STEP_BOUND)
         sm.fetch_own_node()
+        log.info("Created subnet manager: %s", sm.name)
         return cfg, sm
 
-    def _acquire_lease(self, sm: KubeSubnetManager, ext: ip.ExternalInterface) -> dict[Family, Lease] | None:
+    def _etcd_subnet_manager(self) -> tuple[config.Config, EtcdSubnetManager] | None:
+        """The etcd subnet manager, once ``<prefix>/config`` holds a valid network config (None if stopped)."""
+        opts = self.opts
+        try:
+            client = EtcdClient(opts.etcd_endpoints, opts.etcd_keyfile, opts.etcd_certfile, opts.etcd_cafile,
+                                opts.etcd_username, opts.etcd_password)
+        except EtcdError as exc:
+            raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+        _, previous = subnetfile.read_previous(opts.subnet_file, IPV4)
+        sm = EtcdSubnetManager(client, opts.etcd_prefix, previous if isinstance(previous, IPv4Network) else None,
+                               opts.subnet_lease_renew_margin * 60.0, self._on_change)
+        log.info("Created subnet manager: %s", sm.name)
+        cfg = sm.get_network_config(self.stop, lambda: self._beat(CONFIG_RETRY + STEP_BOUND))
+        if cfg is None:
+            return None
+        self.supervisor.spawn(self._watch_name, sm.run)
+        self.supervisor.spawn("lease renewal", sm.keep_lease)
+        return cfg, sm
+
+    def _acquire_lease(self, sm: SubnetManager, ext: ip.ExternalInterface,
+                       networks: dict[Family, IPNetwork]) -> dict[Family, Lease] | None:
         """Acquire every family's lease, waiting (instead of exiting as flanneld does) until the node can have them."""
         last_error = ""
         while not self.stop.is_set():
@@ -320,23 +346,22 @@ class Daemon:
             if error != last_error:  # say it once, not every retry
                 log.error("Error registering network: failed to acquire lease: %s", error)
                 if error.endswith("pod cidr not assigned"):
-                    cidrs = ",".join(str(n) for n in sm.networks.values())
+                    cidrs = ",".join(str(n) for n in networks.values())
                     log.error(POD_CIDR_HINT, sm.node_name, cidrs, cidrs)
                 last_error = error
-            # The watch wakes us the moment the node changes.
+            # The watch wakes us the moment the node (or, with etcd, any lease) changes.
             self._wake.wait(LEASE_RETRY)
         return None
 
-    def _publish(self, sm: KubeSubnetManager, ext: ip.ExternalInterface) -> dict[Family, Lease]:
+    def _publish(self, sm: SubnetManager, ext: ip.ExternalInterface) -> dict[Family, Lease]:
         """Acquire the leases, publishing each family's public IP and backend data; raises LeaseError."""
         return sm.acquire_lease({f: ext.addrs[f].ext_addr for f in self.backends}, self.backend_type,
                                 {f: b.backend_data() for f, b in self.backends.items()})
 
-    def _backends(self, cfg: config.Config, sm: KubeSubnetManager, nl: Netlink,
+    def _backends(self, cfg: config.Config, sm: SubnetManager, nl: Netlink,
                   ext: ip.ExternalInterface) -> dict[Family, Backend]:
         """net-conf's backend for every enabled family, with its device where it has one (flanneld's
         RegisterNetwork up to the lease): a new VXLAN device takes the MAC this node advertises."""
-        own = sm.own_node()
         if cfg.vxlan is not None:
             log_config(cfg.vxlan, ext)
         backends: dict[Family, Backend] = {}
@@ -347,7 +372,7 @@ class Daemon:
                     continue
                 assert cfg.vxlan is not None  # set for "vxlan", the one other backend config accepts
                 vxlan = VXLANNetwork(nl, cfg.vxlan, family, ext, network)
-                vxlan.create_device(_vtep_mac(own.annotations.get(sm.keys.data(family), "")) if own else "")
+                vxlan.create_device(_vtep_mac(sm.published_data(family, ext.addrs[family].ext_addr)))
                 backends[family] = vxlan
             except BackendError as exc:  # host-gw's New refuses in flanneld's GetBackend
                 raise Fatal("Error fetching backend: %s" % exc) from exc
@@ -367,14 +392,11 @@ class Daemon:
     def start(self) -> None:
         """Everything up to a programmed datapath; raises Fatal."""
         opts = self.opts
-        if not opts.kube_subnet_mgr:
-            raise Fatal("Failed to create SubnetManager: the etcd subnet manager is not supported yet; "
-                        "run with --kube-subnet-mgr")
-        cfg, sm = self._subnet_manager()
-        self.sm = sm
-        if self.stop.is_set():
+        created = self._kube_subnet_manager() if opts.kube_subnet_mgr else self._etcd_subnet_manager()
+        if created is None or self.stop.is_set():
             return
-        log.info("Created subnet manager: %s", sm.name)
+        cfg, sm = created
+        self.sm = sm
         log.info("Found network config - Backend type: %s", cfg.backend_type)
         self.backend_type = cfg.backend_type
 
@@ -386,7 +408,7 @@ class Daemon:
             raise Fatal(str(exc)) from exc
         self.ext = ext
         self.backends = self._backends(cfg, sm, nl, ext)
-        leases = self._acquire_lease(sm, ext)
+        leases = self._acquire_lease(sm, ext, cfg.networks)
         if leases is None:
             return
         self.leases = leases
@@ -442,10 +464,13 @@ class Daemon:
     # -- steady state --------------------------------------------------------------------------------
 
     def _own_node_changed(self) -> None:
-        """Re-publish the annotations if someone changed them; report a pod CIDR change."""
+        """Re-publish the lease if someone changed it; report a pod CIDR change; stop if it was revoked."""
         assert self.sm is not None and self.ext is not None
         try:
             leases = self._publish(self.sm, self.ext)
+        except LeaseRevoked:
+            self._shut_down(0)  # the subnet manager said "Lease has been revoked. Shutting down daemon."
+            return
         except LeaseError as exc:
             log.error("Failed to refresh the lease: %s", exc)
             return

@@ -44,6 +44,7 @@ FORWARDING_CAVEAT = {  # what else turning a family's forwarding on needs (%s: t
 }
 NETWORK_KEY = {IPV4: "Network", IPV6: "IPv6Network"}  # net-conf.json's key of each family's Network
 PODCIDR_NAME = {IPV4: "PodCIDR", IPV6: "IPv6 PodCIDR"}  # as flanneld's errors name a family's pod CIDR
+UNREACHABLE = {IPV4: "network is unreachable", IPV6: "no route to host"}  # the kernel's refusal of an off-link gateway
 IGNORED_LOG = {"vxlan": "ignoring non-vxlan v4Subnet(...): type=...",  # what a backend logs of another's node
                "host-gw": "Ignoring non-host-gw subnet: type=..."}
 BRIDGE_NF_CALL_IPTABLES = "sys/net/bridge/bridge-nf-call-iptables"
@@ -351,7 +352,7 @@ def _missing_family_problem(ctx: Context, nodes: list[NodeInfo], family: Family,
                "to them (each logs one warning); flanneld v0.20.2 panics on every node that sees them." % family)
     return Problem("\n".join([headline, why,
                               "kube-controller-manager gives each node one pod CIDR per family of its --cluster-cidr: "
-                              "the cluster is not set up for %s." % " and ".join(str(f) for f in _families(ctx))]), [
+                              "it has no %s range." % family]), [
         "run kube-controller-manager with --allocate-node-cidrs=true --cluster-cidr=%s (net-conf.json's "
         "Networks; the API server's --service-cluster-ip-range needs both families too for dual-stack)" % cidrs,
         "with kubeadm: kubeadm init --pod-network-cidr=%s (networking.podSubnet); on an existing cluster edit "
@@ -390,9 +391,12 @@ def check_flags(ctx: Context) -> Result:
     if not ctx.opts.kube_subnet_mgr:
         problems.append(Problem(
             "--kube-subnet-mgr is not set\n"
-            "pyflannel supports only the Kubernetes subnet manager and does not start without it.",
-            ["add --kube-subnet-mgr to the daemon's command line (diagnose takes the daemon's flags; "
-             "give it the same ones)"]))
+            "The daemon then keeps its leases in etcd (%s); diagnose checks only Kubernetes clusters."
+            % ctx.opts.etcd_endpoints,
+            ["in a Kubernetes cluster, add --kube-subnet-mgr to the daemon's command line (diagnose takes the "
+             "daemon's flags; give it the same ones)",
+             "in etcd mode, read the leases with: etcdctl --endpoints=%s get --prefix %s"
+             % (ctx.opts.etcd_endpoints, ctx.opts.etcd_prefix)]))
     try:
         prefix = ctx.keys().prefix
     except Unavailable as exc:
@@ -790,9 +794,9 @@ def check_host_gw_l2(ctx: Context) -> Result:
             "nodes whose %s public IP is not on this node's L2 network (%s: %s): %s\n"
             "host-gw routes each node's pods via that node's public IP as the next hop on %s, so every node must "
             "be on one L2 network. pyflannel adds no route to these nodes' pods (it logs `Error adding route to "
-            "...: node <name>'s public IP ... is not on the L2 network of %s`; flanneld's route fails with `network "
-            "is unreachable`): their pods are unreachable from here." % (
-                family, ext.name, nets, ", ".join(far), ext.name, ext.name),
+            "...: node <name>'s public IP ... is not on the L2 network of %s`; flanneld's route fails with `%s`): "
+            "their pods are unreachable from here." % (
+                family, ext.name, nets, ", ".join(far), ext.name, ext.name, UNREACHABLE[family]),
             ['use the vxlan backend on every node ("Backend": {"Type": "vxlan", "DirectRouting": true} still routes '
              "directly, as host-gw does, between the nodes that share an L2 network)",
              "or give every node an address on one L2 network and make flannel use it (--iface=<that interface> on "
@@ -807,7 +811,8 @@ def check_vxlan_port(ctx: Context) -> Result:
         return "no VXLAN UDP port needed: the %s backend does not use one" % backend
     vx = ctx.vxlan()
     port = vx.port or DEFAULT_PORT
-    ours = device_name(vx.vni)
+    devices = [device_name(vx.vni, f) for f in _families(ctx)]  # flannel.<VNI>, flannel-v6.<VNI>
+    ours = devices[0]
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.bind(("0.0.0.0", port))
@@ -819,9 +824,10 @@ def check_vxlan_port(ctx: Context) -> Result:
     finally:
         probe.close()
     users = [(link.name, link.up) for link in _vxlan_links(ctx.nl) if link.port == port]
-    if (ours, True) in users:
-        return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, ours)
-    others = [name for name, up in users if up and name != ours]
+    mine = [name for name, up in users if up and name in devices]
+    if mine:
+        return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, " and ".join(mine))
+    others = [name for name, up in users if up and name not in devices]
     lines = ["UDP port %d (VXLAN) is taken by something other than %s" % (port, ours),
              "%s cannot be brought up while it is (`failed to set interface %s to UP state: address already in "
              "use`), so no traffic crosses between this node's pods and other nodes." % (ours, ours)]
@@ -875,7 +881,8 @@ def check_mtu(ctx: Context) -> Result:
             ["restart pyflannel on this node so that it writes FLANNEL_MTU=%d, then recreate the pods on this "
              "node" % want]))
     return problems or "MTU: %s %d, %s %s, pods %s (%s less %d)" % (
-        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, source, OVERHEAD)
+        ext.name, ext.mtu, ours, device[0] if device else "not created yet" if IPV4 in _families(ctx) else
+        "not used (IPv6 only)", written or want, source, OVERHEAD)
 
 
 def _routed_mtu(ctx: Context) -> Result:

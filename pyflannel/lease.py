@@ -22,3 +22,7 @@ class Lease:
 
 class LeaseError(Exception):
     """A lease could not be acquired; the message is flanneld's."""
+
+
+class LeaseRevoked(LeaseError):
+    """Someone deleted this node's lease: the daemon stops, as flanneld does."""

@@ -522,7 +522,8 @@ def test_the_daemon_programs_and_repairs_each_family_s_device(tmp_path: Path, st
     """Two pyflannel processes in a dual-stack (and an IPv6-only) cluster: each family's device with its
     address and the MAC annotated, the other node's entries in each family, pods that ping over each;
     then faults of flannel-v6.1 injected from outside the daemon, each repaired (time to recovery
-    printed); the other node's deletion removes its entries of both families."""
+    printed); devices lost while the daemon was down come back with the annotated MACs; the other
+    node's deletion removes its entries of both families."""
     with Cluster(tmp_path, stack=stack) as cluster:
         n1, n2 = cluster.add_node("k8s01"), cluster.add_node("k8s02")
         for node in (n1, n2):
@@ -558,5 +559,15 @@ def test_the_daemon_programs_and_repairs_each_family_s_device(tmp_path: Path, st
             cluster.wait_for("pod1 -> pod2 over IPv6", lambda: cluster.ping(p1, p2.ip6 or ""), timeout=30)
         if stack == "dual":  # the other family was left alone
             assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        # Devices lost while the daemon is down (a reboot) come back with the MACs the annotations advertise.
+        cluster.stop(n1)
+        for device in ("flannel.1", "flannel-v6.1"):
+            cluster.ns_run(n1.netns, "ip", "link", "del", device, check=False)
+        cluster.start(n1)
+        cluster.wait_ready(n1)
+        assert _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+        if stack == "dual":
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        cluster.wait_for("k8s02's entries on k8s01 again", lambda: all(_entries(cluster, n1, n2).values()))
         cluster.api.delete_node("k8s02")
         cluster.wait_for("k8s02's entries gone from k8s01", lambda: not any(_entries(cluster, n1, n2).values()))

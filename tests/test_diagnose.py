@@ -202,6 +202,20 @@ def test_a_healthy_ipv6_only_host_gw_node_has_only_ok_lines(node6: Node6) -> Non
     assert "ok    every node's public IP is on this node's L2 network (eth1: fd56::/64)" in out.getvalue().splitlines()
 
 
+@pytest.mark.netns
+@needs_netns
+@pytest.mark.parametrize("stack,backend", [("dual", "vxlan"), ("v6", "vxlan"), ("dual", "host-gw")])
+def test_healthy_nodes_of_each_stack_and_backend_have_only_ok_lines(tmp_path: Path, stack: str, backend: str) -> None:
+    with Cluster(tmp_path, backend={"Type": backend}, stack=stack) as c:
+        nodes = [c.add_node("k8s%02d" % i) for i in (1, 2)]
+        for n in nodes:
+            c.start(n)
+        for n in nodes:
+            c.wait_ready(n)
+        code, out = run_diagnose(c, nodes[0])
+    assert code == 0 and all(line.startswith("ok    ") for line in out.splitlines()), out
+
+
 def test_nodes_without_an_ipv6_pod_cidr_in_a_dual_stack_network(node6: Node6) -> None:
     node6.api.delete_node("k8s01")
     node6.add(1, pod_cidrs(1, "v4"), host_gw_annotations(1))

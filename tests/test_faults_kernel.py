@@ -133,8 +133,11 @@ def test_a_lost_device_comes_back_with_its_mac_address_and_entries(cluster: Clus
     assert after["linkinfo"]["info_data"]["id"] == 1 and after["linkinfo"]["info_data"]["local"] == n1.ip
     assert cluster.api.count("PATCH", "/api/v1/nodes/k8s01") == patches, "no annotation change"
     lines = [line for line in log.splitlines() if line.strip()]
-    assert len(lines) == 1 and "flannel.1 %s; restored it (MAC %s, address 10.244.1.0/32, up)" % (problem, mac) \
-        in lines[0], log
+    said = "flannel.1 %s; restored it (MAC %s, address 10.244.1.0/32, up)" % (problem, mac)
+    # `ip addr flush` deletes in rounds until nothing is left, so it may take away the address we
+    # put back once more: then there were two faults, and two lines.
+    most = 2 if fault.startswith("ip addr flush") else 1
+    assert 1 <= len(lines) <= most and all(said in line for line in lines), log
     assert statuses <= {200, 503}
 
 

@@ -2,7 +2,10 @@
 across nodes over every family of the stack, and a summary of what each node set up. Everything is
 removed at the end.
 
-    python -m tools.demo [--nodes N] [--dual-stack | --ipv6-only] [--backend vxlan|host-gw] [--hold]
+    python -m tools.demo [--nodes N] [--dual-stack | --ipv6-only] [--backend vxlan|host-gw] [--hold] [--etcd]
+
+With --etcd the nodes run in etcd mode (IPv4 only) against a real etcd (Debian's etcd-server) in the
+hub namespace instead of the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import json
 import sys
 import tempfile
 
-from tools.netcluster import Cluster, Node
+from ipaddress import IPv4Network
+
+from tools.netcluster import ETCD_PREFIX, Cluster, Node
 
 PREFIX = "flannel.alpha.coreos.com/"
 # family -> (vxlan device, iproute2 flag, iptables-save, annotations)
@@ -29,17 +34,28 @@ def _families(cluster: Cluster) -> list[int]:
 
 
 def summary(cluster: Cluster, node: Node, backend: str) -> str:
-    """What pyflannel set up on a node: subnet.env, annotations, and per family the device and entries."""
-    assert cluster.api is not None
-    obj = cluster.api.get_node(node.name)
-    ann = obj["metadata"]["annotations"]
+    """What pyflannel set up on a node: subnet.env, the lease (annotations or etcd key), and per family the
+    device and entries."""
     eth1 = node.ip + (" " + node.ip6 if node.ip6 else "")
-    out = ["== %s  (eth1 %s, pod CIDRs %s)" % (node.name, eth1, " ".join(obj["spec"]["podCIDRs"]))]
-    out.append("  subnet.env:   " + " ".join(node.subnet_file.read_text().split()))
+    ann: dict[str, str] = {}
+    if cluster.etcd is not None:
+        subnet = IPv4Network(cluster.subnet_env(node)["FLANNEL_SUBNET"], strict=False)
+        key = "%s/subnets/%s-%d" % (ETCD_PREFIX, subnet.network_address, subnet.prefixlen)
+        value = cluster.etcd.etcdctl("get", "--print-value-only", key).stdout.strip()
+        out = ["== %s  (eth1 %s, lease %s)" % (node.name, eth1, subnet)]
+        out.append("  subnet.env:   " + " ".join(node.subnet_file.read_text().split()))
+        out.append("  etcd:         %s = %s" % (key, value))
+    else:
+        assert cluster.api is not None
+        obj = cluster.api.get_node(node.name)
+        ann = obj["metadata"]["annotations"]
+        out = ["== %s  (eth1 %s, pod CIDRs %s)" % (node.name, eth1, " ".join(obj["spec"]["podCIDRs"]))]
+        out.append("  subnet.env:   " + " ".join(node.subnet_file.read_text().split()))
     for family in _families(cluster):
         dev, flag, save, keys = FAMILIES[family]
         out.append("  -- IPv%d" % family)
-        out.append("  annotations:  " + " ".join("%s=%s" % (k, ann.get(PREFIX + k, "-")) for k in keys))
+        if cluster.etcd is None:
+            out.append("  annotations:  " + " ".join("%s=%s" % (k, ann.get(PREFIX + k, "-")) for k in keys))
         if backend == "vxlan":
             out.append("  device:       " + " ".join(_lines(node, "ip", "-br", flag, "addr", "show", "dev", dev,
                                                             "scope", "global")[0].split()))
@@ -68,11 +84,15 @@ def main() -> int:
                        help='IPv6 only (net-conf "EnableIPv4": false)')
     parser.add_argument("--backend", choices=("vxlan", "host-gw"), default="vxlan")
     parser.add_argument("--hold", action="store_true", help="keep the cluster until Enter is pressed")
+    parser.add_argument("--etcd", action="store_true", help="etcd mode: the leases in a real etcd in the hub")
     args = parser.parse_args()
+    if args.etcd and args.stack != "v4":
+        parser.error("--etcd runs IPv4 only: leave out --dual-stack and --ipv6-only")
     with tempfile.TemporaryDirectory(prefix="pyflannel-demo-") as tmp, \
-            Cluster(tmp, stack=args.stack, backend={"Type": args.backend}) as cluster:
-        print("Starting %d nodes (namespaces %s-*), each running: pyflannel --ip-masq --kube-subnet-mgr --iface=eth1"
-              % (args.nodes, cluster.prefix))
+            Cluster(tmp, stack=args.stack, backend={"Type": args.backend}, etcd=args.etcd) as cluster:
+        mode = "--etcd-endpoints=%s" % cluster.etcd.url if cluster.etcd else "--kube-subnet-mgr"
+        print("Starting %d nodes (namespaces %s-*), each running: pyflannel --ip-masq %s --iface=eth1"
+              % (args.nodes, cluster.prefix, mode))
         print("net-conf.json: " + cluster.net_conf.read_text())
         nodes = [cluster.add_node("k8s%02d" % (i + 1)) for i in range(args.nodes)]
         for node in nodes:

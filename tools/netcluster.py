@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
+from tools.etcdserver import EtcdServer
 from tools.kubeapi import FakeKubeAPI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +37,8 @@ HUB_IP = "192.168.56.1"
 HUB_IP6 = "fd56::1"
 STACKS = ("v4", "dual", "v6")
 API_PORT = 6443
+ETCD_PORT = 2379
+ETCD_PREFIX = "/coreos.com/network"
 TOKEN = "pyflannel-test-token"
 CLONE_NEWNET = 0x40000000
 
@@ -126,10 +129,12 @@ class Cluster:
 
     def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
                  prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True,
-                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56") -> None:
+                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56", etcd: bool = False) -> None:
         """``kubeconfig=False``: the daemons reach the API with ``--kube-api-url`` alone, unauthenticated,
         the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this).
-        ``stack``: one of STACKS; ``backend``: net-conf's Backend (default vxlan)."""
+        ``stack``: one of STACKS; ``backend``: net-conf's Backend (default vxlan).
+        ``etcd=True``: the daemons run in etcd mode against a real etcd in the hub, at
+        HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX."""
         if stack not in STACKS:
             raise ValueError("stack must be one of %s" % (STACKS,))
         self.workdir = Path(workdir)
@@ -142,6 +147,7 @@ class Cluster:
         self.nodes: dict[str, Node] = {}
         self.namespaces: list[str] = []
         self.api: FakeKubeAPI | None = None
+        self.etcd: EtcdServer | None = None
         self.net_conf = self.workdir / "net-conf.json"
         conf: dict[str, object] = {"Network": network} if self.ipv4 else {"EnableIPv4": False}
         if self.ipv6:
@@ -166,6 +172,10 @@ class Cluster:
             self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
             self.api = FakeKubeAPI(token=TOKEN if kubeconfig else None)
             self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
+            if etcd:
+                self.etcd = EtcdServer(self.workdir / "etcd", HUB_IP, ETCD_PORT, ETCD_PORT + 1, netns=self.hub)
+                self.etcd.start()
+                self.etcd.etcdctl("put", ETCD_PREFIX + "/config", self.net_conf.read_text())
         except BaseException:
             self.close()
             raise
@@ -241,7 +251,8 @@ class Cluster:
     def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
         """Start pyflannel on a node with the kube-flannel command line."""
         api = "--kubeconfig-file=%s" % self.kubeconfig if self.kubeconfig else "--kube-api-url=" + self.api_url
-        args = [self.python, "-m", "pyflannel", "--ip-masq", "--kube-subnet-mgr", "--iface=eth1", api,
+        sm = ["--etcd-endpoints=" + self.etcd.url] if self.etcd else ["--kube-subnet-mgr", api]
+        args = [self.python, "-m", "pyflannel", "--ip-masq", *sm, "--iface=eth1",
                 "--net-config-path=%s" % self.net_conf,
                 "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1", *extra]
         penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
@@ -345,6 +356,8 @@ class Cluster:
             self.stop(node, signal.SIGKILL, timeout=5)
         if self.api is not None:
             self.api.stop()
+        if self.etcd is not None:
+            self.etcd.close()
         for ns in reversed(self.namespaces):
             for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:

@@ -472,6 +472,11 @@ class KubeSubnetManager:
         with self._lock:
             return self._families[family].leases.get(name)
 
+    def published_data(self, family: Family, public_ip: IPAddress) -> str:
+        """The backend data this node's annotation of ``family`` holds ('' if none); ``public_ip`` is not needed."""
+        own = self.own_node()
+        return own.annotations.get(self.keys.data(family), "") if own else ""
+
     def _count(self) -> None:
         metrics.LEASES.set(sum(len(f.leases) for f in self._families.values()))
 
