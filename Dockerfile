@@ -1,6 +1,10 @@
 # pyflannel's image, a drop-in replacement for flannel's: /opt/bin/flanneld runs pyflannel.
-#   docker build -t ghcr.io/pyflannel/pyflannel:v0.1.0 .
-# The build stage runs deploy/install.sh, which the tests also run outside Docker.
+# No image is published: build it and push it to your registry, for amd64 and arm64 at once:
+#   IMAGE=registry.example.com/pyflannel:v0.1.0
+#   docker buildx build --platform linux/amd64,linux/arm64 -t "$IMAGE" --push .
+# Every stage builds natively per platform (the base image is multi-arch, pip takes each platform's
+# wheels, nothing is downloaded by hand). The build stage runs deploy/install.sh, which the tests
+# also run outside Docker.
 
 FROM python:3.11-slim-bookworm AS build
 COPY pyproject.toml /src/

@@ -1,6 +1,7 @@
 """pyflannel's footprint against the kube-flannel manifest's limits (cpu 100m, memory 50 MiB).
 
     python -m bench.footprint [--nodes 1,100,1000,5000] [--runs 3] [--limits both|on|off] [--churn] [--idle]
+                              [--stack v4|dual|v6]
 
 Run from the repository root, as root. Each run builds a tools.netcluster.Cluster with ONE real node
 namespace running pyflannel and N-1 other nodes that exist only as realistic node objects in the
@@ -8,7 +9,8 @@ in-repo API server, added before the daemon starts. The daemon runs in a fresh c
 cgroup (beneath this process's own cgroups), joined before it execs; with limits that cgroup has
 cpu.cfs_quota_us=10000 per cpu.cfs_period_us=100000 and memory.limit_in_bytes=50M. A netlink monitor
 (bench.nlmon) in the node's namespace, outside the cgroup, timestamps every change of flannel.1's
-routes, neighbours and FDB entries.
+routes, neighbours and FDB entries (with --stack dual or v6, of flannel-v6.1's IPv6 ones too: a
+dual-stack peer counts as in the kernel once all six of its entries are).
 
 Start-up runs measure spawn -> subnet.env, spawn -> every peer's route + neighbour + FDB entry, the
 cgroup's memory peak then and after --settle seconds, and CPU seconds to ready. --churn drives node
@@ -47,7 +49,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,7 +57,10 @@ from typing import Any
 from tools.netcluster import REPO, Cluster, Node
 
 PREFIX = "flannel.alpha.coreos.com/"
-DEVICE = "flannel.1"
+# IP version -> (vxlan device, backend-data annotation, public-ip annotation)
+FAMILY = {4: ("flannel.1", PREFIX + "backend-data", PREFIX + "public-ip"),
+          6: ("flannel-v6.1", PREFIX + "backend-v6-data", PREFIX + "public-ipv6")}
+STACK_FAMILIES = {"v4": (4,), "dual": (4, 6), "v6": (6,)}
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 DAEMON_FLAGS = ("--iptables-resync=5", "--datapath-resync=30")
 CPU_QUOTA_US, CPU_PERIOD_US = 10_000, 100_000
@@ -172,11 +177,10 @@ def cgroup_wrapper(path: Path, python: str) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class Peer:
-    """A node that exists only as an API object."""
+class Part:
+    """One family's part of a peer: its pod CIDR, public IP and VtepMAC."""
 
-    name: str
-    subnet: IPv4Network
+    subnet: IPv4Network | IPv6Network
     ip: str
     mac: str
 
@@ -188,10 +192,29 @@ class Peer:
     def gateway(self) -> str:
         return str(self.subnet.network_address)
 
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A node that exists only as an API object, with a part per family (IPv4 first)."""
+
+    name: str
+    parts: tuple[Part, ...]
+
+    @property
+    def pod_cidrs(self) -> list[str]:
+        return [p.route for p in self.parts]
+
+    @property
+    def ip(self) -> str:
+        return self.parts[0].ip
+
     def annotations(self) -> dict[str, str]:
-        return {PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "vxlan",
-                PREFIX + "public-ip": self.ip,
-                PREFIX + "backend-data": json.dumps({"VNI": 1, "VtepMAC": self.mac}, separators=(",", ":"))}
+        ann = {PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "vxlan"}
+        for part in self.parts:
+            _, data_key, ip_key = FAMILY[part.subnet.version]
+            ann[ip_key] = part.ip
+            ann[data_key] = json.dumps({"VNI": 1, "VtepMAC": part.mac}, separators=(",", ":"))
+        return ann
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,14 +230,14 @@ class Want:
     since: float | None = None
 
     def keys(self) -> tuple[tuple[str, str], ...]:
-        return ("r", self.peer.route), ("n", self.peer.gateway), ("f", self.peer.mac)
+        return tuple(k for p in self.peer.parts for k in (("r", p.route), ("n", p.gateway), ("f", p.mac)))
 
 
 class Kernel:
-    """flannel.1's routes, neighbours and FDB entries, from a bench.nlmon process in the namespace, and
-    when each peer's wanted state was first met (with the monitor's timestamps)."""
+    """The vxlan devices' routes, neighbours and FDB entries, from a bench.nlmon process in the namespace,
+    and when each peer's wanted state was first met (with the monitor's timestamps)."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, devices: tuple[str, ...]) -> None:
         self.routes: set[str] = set()
         self.neigh: dict[str, str] = {}
         self.fdb: dict[str, set[str]] = {}
@@ -226,7 +249,7 @@ class Kernel:
         self._met: set[str] = set()
         self._by_key: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "bench.nlmon", DEVICE],
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "bench.nlmon", *devices],
                                      stdout=subprocess.PIPE, text=True, cwd=str(REPO))
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -242,10 +265,11 @@ class Kernel:
         self.proc.wait()
 
     def _met_now(self, want: Want) -> bool:
-        p = want.peer
         if want.present:
-            return p.route in self.routes and self.neigh.get(p.gateway) == p.mac and p.ip in self.fdb.get(p.mac, ())
-        return p.route not in self.routes and p.gateway not in self.neigh and p.ip not in self.fdb.get(p.mac, ())
+            return all(p.route in self.routes and self.neigh.get(p.gateway) == p.mac and p.ip in self.fdb.get(p.mac, ())
+                       for p in want.peer.parts)
+        return all(p.route not in self.routes and p.gateway not in self.neigh and p.ip not in self.fdb.get(p.mac, ())
+                   for p in want.peer.parts)
 
     def _update(self, name: str, was: bool, stamp: float) -> None:
         now = self._met_now(self.wants[name])
@@ -286,7 +310,7 @@ class Kernel:
     def stale(self) -> int:
         """How many of the device's entries no present peer accounts for."""
         with self._lock:
-            present = [w.peer for w in self.wants.values() if w.present]
+            present = [p for w in self.wants.values() if w.present for p in w.peer.parts]
             routes = {p.route for p in present}
             neigh = {p.gateway: p.mac for p in present}
             fdb = {(p.mac, p.ip) for p in present}
@@ -302,9 +326,7 @@ class Kernel:
                 if parts[1] == "overflow":
                     self.overflow = True
                 elif parts[1] == "reset":
-                    self.routes.clear()
-                    self.neigh.clear()
-                    self.fdb.clear()
+                    self._forget(parts[2] == FAMILY[6][0])
                     self.met_count = sum(self._met_now(w) for w in self.wants.values())
                 else:
                     op, kind, key, value = parts[1:5]
@@ -313,6 +335,15 @@ class Kernel:
                     self._apply(op == "+", kind, key, value)
                     if name is not None:
                         self._update(name, was, stamp)
+
+    def _forget(self, ipv6: bool) -> None:
+        """A device went away: forget its family's entries (an IPv6 one's addresses have a colon)."""
+        self.routes = {r for r in self.routes if (":" in r) != ipv6}
+        self.neigh = {ip: mac for ip, mac in self.neigh.items() if (":" in ip) != ipv6}
+        for mac in list(self.fdb):
+            self.fdb[mac] = {ip for ip in self.fdb[mac] if (":" in ip) != ipv6}
+            if not self.fdb[mac]:
+                del self.fdb[mac]
 
     def _apply(self, add: bool, kind: str, key: str, value: str) -> None:
         if kind == "r":
@@ -354,11 +385,15 @@ class Setup:
     Used as a context manager: everything it made is removed on exit, also on errors and Ctrl-C.
     """
 
-    def __init__(self, nodes: int, limits: bool, spare: int = 0) -> None:
+    def __init__(self, nodes: int, limits: bool, spare: int = 0, stack: str = "v4") -> None:
         self.nodes = nodes
         self.limits = limits
-        # /24 pod CIDRs: 10.244.0.0/16 holds 256 of them, 10.0.0.0/8 is used beyond that.
-        self.network = IPv4Network("10.244.0.0/16" if nodes + spare < 256 else "10.0.0.0/8")
+        self.stack = stack
+        # /24 and /64 pod CIDRs: 10.244.0.0/16 and fd00:10:244::/56 hold 256 of them, 10.0.0.0/8 and
+        # fd00:10::/40 (as many as 10.0.0.0/8) are used beyond that.
+        small = nodes + spare < 256
+        self.network = IPv4Network("10.244.0.0/16" if small else "10.0.0.0/8")
+        self.ipv6_network = IPv6Network("fd00:10:244::/56" if small else "fd00:10::/40")
         self._stack = contextlib.ExitStack()
         self._next_index = 1
         self._next_mac = 1
@@ -372,7 +407,8 @@ class Setup:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pyflannel-bench-")))
             wrapper = cgroup_wrapper(tmp / "python-in-cgroup", PYTHON)
             self.cluster = stack.enter_context(Cluster(tmp / "cluster", network=str(self.network), python=str(wrapper),
-                                                       kubeconfig=False))
+                                                       kubeconfig=False, stack=self.stack,
+                                                       ipv6_network=str(self.ipv6_network)))
             self.cgroup = Cgroup("pyflannel-bench-" + self.cluster.prefix, self.limits)
             stack.callback(self.cgroup.remove)
             self.node: Node = self.cluster.add_node("node-%05d" % self._take_index())
@@ -382,9 +418,9 @@ class Setup:
             assert api is not None
             self.api = api
             for peer in self.peers:
-                api.add_node(peer.name, pod_cidr=peer.route, annotations=peer.annotations(), internal_ip=peer.ip,
+                api.add_node(peer.name, pod_cidr=peer.pod_cidrs, annotations=peer.annotations(), internal_ip=peer.ip,
                              realistic=True)
-            self.kernel = Kernel(self.node.netns)
+            self.kernel = Kernel(self.node.netns, tuple(FAMILY[f][0] for f in STACK_FAMILIES[self.stack]))
             stack.callback(self.kernel.close)
             for peer in self.peers:
                 self.kernel.want(Want(peer, True))
@@ -408,10 +444,23 @@ class Setup:
         return "0a:58:%02x:%02x:%02x:%02x" % (i >> 24 & 255, i >> 16 & 255, i >> 8 & 255, i & 255)
 
     def new_peer(self) -> Peer:
-        """The next peer: the next /24 of the network and a unique fake public IP (never sent to)."""
+        """The next peer: per family the next /24 or /64 of the network, a unique fake public IP (never
+        sent to) and a VtepMAC."""
         i = self._take_index()
-        subnet = IPv4Network((int(self.network.network_address) + (i << 8), 24))
-        return Peer("node-%05d" % i, subnet, "192.168.%d.%d" % (100 + i // 254, i % 254 + 1), self.new_mac())
+        parts = []
+        for family in STACK_FAMILIES[self.stack]:
+            if family == 4:
+                subnet: IPv4Network | IPv6Network = IPv4Network((int(self.network.network_address) + (i << 8), 24))
+                ip = "192.168.%d.%d" % (100 + i // 254, i % 254 + 1)
+            else:
+                subnet = IPv6Network((int(self.ipv6_network.network_address) + (i << 64), 64))
+                ip = "fd57::%x" % i
+            parts.append(Part(subnet, ip, self.new_mac()))
+        return Peer("node-%05d" % i, tuple(parts))
+
+    def with_new_macs(self, peer: Peer) -> Peer:
+        """The peer after its vxlan devices were re-created: a new VtepMAC in every family."""
+        return dataclasses.replace(peer, parts=tuple(dataclasses.replace(p, mac=self.new_mac()) for p in peer.parts))
 
     def start(self) -> None:
         """Spawn the daemon (in the cgroup) and note the time."""
@@ -529,7 +578,7 @@ def churn(setup: Setup, rate: float, seconds: float, drain: float, rng: random.R
         if kind == "add":
             peer = setup.new_peer()
             kernel.want(Want(peer, True, kind, time.time()))
-            api.add_node(peer.name, pod_cidr=peer.route, annotations=peer.annotations(), internal_ip=peer.ip,
+            api.add_node(peer.name, pod_cidr=peer.pod_cidrs, annotations=peer.annotations(), internal_ip=peer.ip,
                          realistic=True)
             live.append(peer.name)
             peers[peer.name] = peer
@@ -540,10 +589,10 @@ def churn(setup: Setup, rate: float, seconds: float, drain: float, rng: random.R
             if name is None:
                 continue
             if kind == "mac":
-                peer = peers[name] = dataclasses.replace(peers[name], mac=setup.new_mac())
+                peer = peers[name] = setup.with_new_macs(peers[name])
                 kernel.want(Want(peer, True, kind, time.time()))
-                api.patch_node(name, {"metadata": {"annotations": {PREFIX + "backend-data":
-                                                                   peer.annotations()[PREFIX + "backend-data"]}}})
+                data = {k: v for k, v in peer.annotations().items() if k in (FAMILY[4][1], FAMILY[6][1])}
+                api.patch_node(name, {"metadata": {"annotations": data}})
             else:
                 live.remove(name)
                 kernel.want(Want(peers.pop(name), False, kind, time.time()))
@@ -627,18 +676,19 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def start_goals(n: int, limits: bool) -> tuple[float | None, float | None, float | None]:
-    """(subnet.env s, all peers s, memory MiB) goals; the start-up goals hold under the limits."""
+def start_goals(n: int, limits: bool, stack: str = "v4") -> tuple[float | None, float | None, float | None]:
+    """(subnet.env s, all peers s, memory MiB) goals; the start-up goals hold under the limits.
+    Dual-stack (issue 9): every peer's entries of both families within 20 s at 5,000 nodes."""
     if not limits:
         return None, None, None
     subnet = {1: 1.5, 1000: 2.5}.get(n)
-    peers = {100: 2.0, 1000: 4.5, 5000: 15.0}.get(n)
+    peers = {100: 2.0, 1000: 4.5, 5000: 15.0 if stack == "v4" else 20.0}.get(n)
     memory = 40.0 if n == 1000 else 50.0  # < 40 MiB at 1,000; elsewhere never OOM-killed (< the 50 MiB limit)
     return subnet, peers, memory
 
 
-def start_row(n: int, limits: bool, runs: list[StartResult]) -> list[str]:
-    g_subnet, g_peers, g_mem = start_goals(n, limits)
+def start_row(n: int, limits: bool, runs: list[StartResult], stack: str = "v4") -> list[str]:
+    g_subnet, g_peers, g_mem = start_goals(n, limits, stack)
     subnet, peers = median([r.subnet_env for r in runs]), median([r.all_peers for r in runs])
     mem_ready, mem_end = median([r.mem_ready for r in runs]), median([r.mem_end for r in runs])
     oom_free = all(r.outcome != OOM for r in runs)
@@ -726,6 +776,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a daemon may take to be ready")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after ready before the end figures")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--stack", choices=tuple(STACK_FAMILIES), default="v4",
+                   help="the pod network's families: IPv4, dual-stack or IPv6-only (peers get a pod CIDR, public "
+                        "IP and VtepMAC per family)")
     args = p.parse_args(argv)
     args.node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     if any(n < 1 for n in args.node_counts) or args.runs < 1:
@@ -745,7 +798,7 @@ class Bench:
     def run(self, nodes: int, limits: bool, label: str, after_ready: Callable[[Setup], Any],
             spare: int = 0) -> tuple[StartResult, Any]:
         """One cluster: start the daemon, wait for it, then ``after_ready(setup)`` if it got ready."""
-        with Setup(nodes, limits, spare) as setup:
+        with Setup(nodes, limits, spare, self.args.stack) as setup:
             setup.start()
             if not self.shown_command:
                 emit("daemon command line: `%s`\n" % setup.command_line)
@@ -773,6 +826,7 @@ class Bench:
         emit("- command: `%s`" % " ".join(["python -m bench.footprint", *map(shlex.quote, sys.argv[1:])]))
         for line in machine():
             emit(line)
+        emit("- stack: %s (%s)" % (args.stack, ", ".join(FAMILY[f][0] for f in STACK_FAMILIES[args.stack])))
         emit("- limits: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d, memory.limit_in_bytes=%d MiB"
              % (CPU_QUOTA_US, CPU_PERIOD_US, MEMORY_LIMIT // MiB))
         emit("- daemon: the Cluster's command line with %s appended (the defaults, as in the manifest); "
@@ -785,7 +839,7 @@ class Bench:
                 for limits in args.modes:
                     starts = [self.run(n, limits, "start %d/%d" % (i + 1, args.runs), lambda s: None)[0]
                               for i in range(args.runs)]
-                    rows.append(start_row(n, limits, starts))
+                    rows.append(start_row(n, limits, starts, args.stack))
             sections.append("## Start-up (median of %d)\n\n" % args.runs + table(
                 ["N", "limits", "subnet.env s", "goal", "all peers s", "goal", "mem peak at ready MiB",
                  "mem peak end MiB", "goal", "CPU s to ready", "outcome"], rows))

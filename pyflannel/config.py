@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
+from .family import IPV4, IPV6, Family, IPNetwork
+
 __all__ = ["OVERHEAD", "SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "check_supported",
            "default_subnet_len", "load", "parse"]
 
-SUPPORTED_BACKENDS = ("vxlan",)
+SUPPORTED_BACKENDS = ("vxlan", "host-gw")
 OVERHEAD = 50  # VXLAN over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 MIN_MTU, MAX_MTU = 68 + OVERHEAD, 65535  # the device's MTU must be at least IPv4's minimum, 68
 
@@ -57,6 +59,7 @@ class Config:
 
     Outside kube mode ``subnet_len``/``subnet_min``/``subnet_max`` (and the IPv6 ones, when the
     stack is enabled) hold the derived values; in kube mode they are as given (0 / None if absent).
+    ``networks`` holds the enabled families and their Network, IPv4 first: what the daemon runs.
     """
 
     network: IPv4Network | None
@@ -72,8 +75,9 @@ class Config:
     backend_type: str  # lower-cased Backend.Type; "udp" when Backend is absent
     backend: dict[str, Any] = field(hash=False)  # the raw Backend object
     vxlan: VXLANConfig | None  # set when backend_type is "vxlan"
-    networks: tuple[IPv4Network, ...] = ()  # v0.20.x multi-network keys, refused by check_supported
-    ipv6_networks: tuple[IPv6Network, ...] = ()
+    networks: dict[Family, IPNetwork] = field(default_factory=dict, hash=False)
+    network_list: tuple[IPv4Network, ...] = ()  # v0.20.x multi-network keys, refused by check_supported
+    ipv6_network_list: tuple[IPv6Network, ...] = ()
     enable_nftables: bool = False  # flannel v0.25's key, refused by check_supported when true
 
 
@@ -177,8 +181,8 @@ _TOP_LEVEL: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
         ("IPv6SubnetLen", "ipv6_subnet_len", _uint),
         ("IPv6SubnetMin", "ipv6_subnet_min", _address(6)),
         ("IPv6SubnetMax", "ipv6_subnet_max", _address(6)),
-        ("Networks", "networks", _cidr_list(4)),
-        ("IPv6Networks", "ipv6_networks", _cidr_list(6)),
+        ("Networks", "network_list", _cidr_list(4)),
+        ("IPv6Networks", "ipv6_network_list", _cidr_list(6)),
         ("EnableNFTables", "enable_nftables", _bool),
     )
 }
@@ -338,7 +342,9 @@ def _build(doc: Any, kube: bool) -> Config:
         if vxlan.mtu and not MIN_MTU <= vxlan.mtu <= MAX_MTU:
             raise _FieldError("Backend.MTU: %d is out of range %d..%d (or 0 for the interface's MTU)"
                               % (vxlan.mtu, MIN_MTU, MAX_MTU))
-    return Config(backend_type=backend_type, backend=backend, vxlan=vxlan, **values)
+    networks = {fam: values[attr] for fam, attr, key in ((IPV4, "network", "enable_ipv4"),
+                                                         (IPV6, "ipv6_network", "enable_ipv6")) if values[key]}
+    return Config(backend_type=backend_type, backend=backend, vxlan=vxlan, networks=networks, **values)
 
 
 def _parse(text: str, kube: bool, source: str | None) -> Config:
@@ -368,18 +374,13 @@ def parse(text: str, kube: bool = False) -> Config:
 def check_supported(cfg: Config) -> None:
     """Refuse, naming the key, what flanneld accepts and pyflannel does not implement yet; raises ConfigError.
 
-    pyflannel runs IPv4-only networks: a dual-stack or IPv6-only configuration must fail at start-up
-    rather than leave the pods without IPv6.
+    IPv4-only, dual-stack and IPv6-only networks run; the multi-network keys and nftables do not,
+    and must fail at start-up rather than be silently ignored.
     """
-    if not cfg.enable_ipv4:
-        raise ConfigError('EnableIPv4: pyflannel does not support IPv6-only networks yet '
-                          '("EnableIPv4": false); run flanneld for them')
-    if cfg.enable_ipv6:
-        raise ConfigError('EnableIPv6: pyflannel does not support dual-stack networks yet ("EnableIPv6": true); '
-                          'set it to false for IPv4 only, or run flanneld')
-    for key, value in (("Networks", cfg.networks), ("IPv6Networks", cfg.ipv6_networks)):
+    for key, value, alone in (("Networks", cfg.network_list, "Network"),
+                              ("IPv6Networks", cfg.ipv6_network_list, "IPv6Network")):
         if value:
-            raise ConfigError("%s: pyflannel does not support multiple networks; use Network alone" % key)
+            raise ConfigError("%s: pyflannel does not support multiple networks; use %s alone" % (key, alone))
     if cfg.enable_nftables:
         raise ConfigError('EnableNFTables: pyflannel does not support nftables rules yet; set it to false '
                           '(pyflannel writes iptables rules, through iptables-nft where that is the iptables in use)')

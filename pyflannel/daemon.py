@@ -14,10 +14,13 @@ import traceback
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Network
 from types import FrameType, TracebackType
+from typing import Protocol
 
 from . import __version__, config, health, ip, metrics, subnetfile
-from .backend.vxlan import DeviceError, VXLANBackend, backend_data
+from .backend.hostgw import BackendError, HostGWNetwork
+from .backend.vxlan import DeviceError, VXLANNetwork, log_config
 from .etcdclient import EtcdClient, EtcdError
+from .family import IPV4, Family, IPNetwork
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError, LeaseRevoked
@@ -34,6 +37,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5
 LEASE_RETRY = 10.0  # seconds between lease attempts when nothing on the node changes
+DEVICE_RETRY = 5.0  # seconds between looks at a backend whose device or interface is unusable (no news of its return)
 SYNC_TIMEOUT = 600.0  # seconds to wait for the first node list, as flanneld
 # The most seconds one step of the start-up, or one turn of the loop, may work: an API request with
 # its connect and read timeouts (40 s), or a full reconcile of 5,000 nodes under 100m CPU (about 10 s).
@@ -45,9 +49,28 @@ HEALTHY_RUN = 60.0  # seconds a worker must run for its next failure to count as
 
 POD_CIDR_HINT = (
     'Node "%s" has no pod CIDR: the controller-manager assigns them only with --allocate-node-cidrs=true and '
-    '--cluster-cidr=%s (the Network of net-conf.json; with kubeadm, --pod-network-cidr=%s). '
+    '--cluster-cidr=%s (the Network, and the IPv6Network of dual-stack, of net-conf.json; with kubeadm, '
+    '--pod-network-cidr=%s). '
     "Waiting for the node's spec.podCIDR; pyflannel carries on as soon as it is set."
 )
+
+
+class Backend(Protocol):
+    """One family's network of a backend (``backend.vxlan.VXLANNetwork``, ``backend.hostgw.HostGWNetwork``):
+    what the daemon's start-up and loop call."""
+
+    device_ok: bool  # what it needs in the kernel (the VXLAN device, host-gw's interface) is there
+
+    @property
+    def mtu(self) -> int: ...
+
+    def backend_data(self) -> str: ...
+
+    def sync(self, leases: dict[str, Lease | None]) -> set[str]: ...
+
+    def reconcile(self, leases: dict[str, Lease]) -> int: ...
+
+    def restore(self, deleted: list[Deletion]) -> int: ...
 
 
 class Fatal(Exception):
@@ -173,13 +196,15 @@ class Daemon:
         self.datapath_ready = False
         self.sm: SubnetManager | None = None
         self._watch_name = "node watch" if opts.kube_subnet_mgr else "lease watch"
-        self.backend: VXLANBackend | None = None
-        self.iptables: IPTablesManager | None = None
-        self.lease: Lease | None = None
+        self.backend_type = "vxlan"  # net-conf's Backend.Type: "vxlan" or "host-gw"
+        # Per enabled family, in FAMILIES order: the backend's network, this node's lease, the iptables rules
+        self.backends: dict[Family, Backend] = {}
+        self.leases: dict[Family, Lease] = {}
+        self.iptables: dict[Family, IPTablesManager] = {}
         self.ext: ip.ExternalInterface | None = None
         self.subnet_file: subnetfile.Keeper | None = None
         self._subnet_error = ""  # the last failure to write subnet.env, logged once
-        self._warned_subnet: IPv4Network | None = None
+        self._warned_subnet: dict[Family, IPNetwork] = {}  # a changed pod CIDR, said once
 
     # -- signals and readiness -----------------------------------------------------------------------
 
@@ -231,9 +256,10 @@ class Daemon:
         return what
 
     def ready(self) -> bool:
-        """subnet.env written, the datapath programmed, flannel.<VNI> there and up, and the iptables rules in place."""
-        return self.datapath_ready and self.backend is not None and self.backend.device_ok and \
-            (self.iptables is None or self.iptables.ready)
+        """subnet.env written, the datapath programmed, every family's device there and up, and every
+        family's iptables rules in place."""
+        return self.datapath_ready and bool(self.backends) and all(b.device_ok for b in self.backends.values()) and \
+            all(m.ready for m in self.iptables.values())
 
     def _on_change(self, names: set[str]) -> None:
         now = time.monotonic()
@@ -276,13 +302,11 @@ class Daemon:
             client = KubeClient(opts.kube_api_url, opts.kubeconfig_file)
         except ApiError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
-        if cfg.network is None or cfg.vxlan is None:
-            raise Fatal("Failed to create SubnetManager: pyflannel needs an IPv4 Network and the vxlan backend")
         try:
             node = node_name(client)
         except NodeNameError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
-        sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.network, self._on_change)
+        sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.networks, self._on_change)
         self.supervisor.spawn(self._watch_name, sm.run)
         self._beat(STEP_BOUND)
         sm.fetch_own_node()
@@ -297,9 +321,9 @@ class Daemon:
                                 opts.etcd_username, opts.etcd_password)
         except EtcdError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
-        _, previous = subnetfile.read_previous(opts.subnet_file)
-        sm = EtcdSubnetManager(client, opts.etcd_prefix, previous, opts.subnet_lease_renew_margin * 60.0,
-                               self._on_change)
+        _, previous = subnetfile.read_previous(opts.subnet_file, IPV4)
+        sm = EtcdSubnetManager(client, opts.etcd_prefix, previous if isinstance(previous, IPv4Network) else None,
+                               opts.subnet_lease_renew_margin * 60.0, self._on_change)
         log.info("Created subnet manager: %s", sm.name)
         cfg = sm.get_network_config(self.stop, lambda: self._beat(CONFIG_RETRY + STEP_BOUND))
         if cfg is None:
@@ -308,26 +332,62 @@ class Daemon:
         self.supervisor.spawn("lease renewal", sm.keep_lease)
         return cfg, sm
 
-    def _acquire_lease(self, sm: SubnetManager, backend: VXLANBackend, ext: ip.ExternalInterface) -> Lease | None:
-        """Acquire the lease, waiting (instead of exiting as flanneld does) until the node can have one."""
-        assert backend.device is not None
-        data = backend_data(backend.cfg.vni, backend.device.mac)
+    def _acquire_lease(self, sm: SubnetManager, ext: ip.ExternalInterface,
+                       networks: dict[Family, IPNetwork]) -> dict[Family, Lease] | None:
+        """Acquire every family's lease, waiting (instead of exiting as flanneld does) until the node can have them."""
         last_error = ""
         while not self.stop.is_set():
             self._beat(LEASE_RETRY + STEP_BOUND)
             self._take_dirty()
             try:
-                return sm.acquire_lease(ext.ext_addr, "vxlan", data)
+                return self._publish(sm, ext)
             except LeaseError as exc:
                 error = str(exc)
             if error != last_error:  # say it once, not every retry
                 log.error("Error registering network: failed to acquire lease: %s", error)
-                if isinstance(sm, KubeSubnetManager) and error.endswith("pod cidr not assigned"):
-                    log.error(POD_CIDR_HINT, sm.node_name, sm.network, sm.network)
+                if error.endswith("pod cidr not assigned"):
+                    cidrs = ",".join(str(n) for n in networks.values())
+                    log.error(POD_CIDR_HINT, sm.node_name, cidrs, cidrs)
                 last_error = error
             # The watch wakes us the moment the node (or, with etcd, any lease) changes.
             self._wake.wait(LEASE_RETRY)
         return None
+
+    def _publish(self, sm: SubnetManager, ext: ip.ExternalInterface) -> dict[Family, Lease]:
+        """Acquire the leases, publishing each family's public IP and backend data; raises LeaseError."""
+        return sm.acquire_lease({f: ext.addrs[f].ext_addr for f in self.backends}, self.backend_type,
+                                {f: b.backend_data() for f, b in self.backends.items()})
+
+    def _backends(self, cfg: config.Config, sm: SubnetManager, nl: Netlink,
+                  ext: ip.ExternalInterface) -> dict[Family, Backend]:
+        """net-conf's backend for every enabled family, with its device where it has one (flanneld's
+        RegisterNetwork up to the lease): a new VXLAN device takes the MAC this node advertises."""
+        if cfg.vxlan is not None:
+            log_config(cfg.vxlan, ext)
+        backends: dict[Family, Backend] = {}
+        for family, network in cfg.networks.items():
+            try:
+                if cfg.backend_type == "host-gw":
+                    backends[family] = HostGWNetwork(nl, family, ext, network)
+                    continue
+                assert cfg.vxlan is not None  # set for "vxlan", the one other backend config accepts
+                vxlan = VXLANNetwork(nl, cfg.vxlan, family, ext, network)
+                vxlan.create_device(_vtep_mac(sm.published_data(family, ext.addrs[family].ext_addr)))
+                backends[family] = vxlan
+            except BackendError as exc:  # host-gw's New refuses in flanneld's GetBackend
+                raise Fatal("Error fetching backend: %s" % exc) from exc
+            except DeviceError as exc:
+                raise Fatal("Error registering network: %s" % exc) from exc
+        return backends
+
+    def _configure(self) -> None:
+        """Give each family's device its lease's address (flanneld's RegisterNetwork after the lease)."""
+        for family, backend in self.backends.items():
+            if isinstance(backend, VXLANNetwork):
+                try:
+                    backend.configure_device(self.leases[family].subnet)
+                except DeviceError as exc:
+                    raise Fatal("Error registering network: %s" % exc) from exc
 
     def start(self) -> None:
         """Everything up to a programmed datapath; raises Fatal."""
@@ -337,45 +397,32 @@ class Daemon:
             return
         cfg, sm = created
         self.sm = sm
-        network, vxlan_cfg = cfg.network, cfg.vxlan
-        assert network is not None and vxlan_cfg is not None  # checked by the subnet manager's creation
         log.info("Found network config - Backend type: %s", cfg.backend_type)
+        self.backend_type = cfg.backend_type
 
         nl = Netlink()
         try:
-            ext = ip.select(nl, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
+            ext = ip.select(nl, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip, opts.public_ipv6,
+                            tuple(cfg.networks))
         except ip.InterfaceError as exc:
             raise Fatal(str(exc)) from exc
         self.ext = ext
-        backend = VXLANBackend(nl, vxlan_cfg, ext, network)
-        self.backend = backend
-        # The VtepMAC this node advertises, for a re-created device to keep it.
-        if isinstance(sm, KubeSubnetManager):
-            own = sm.own_node()
-            hint = _vtep_mac(own.annotations.get(sm.keys.backend_data, "")) if own else ""
-        else:
-            assert isinstance(sm, EtcdSubnetManager)
-            hint = sm.vtep_mac(ext.ext_addr)
-        try:
-            backend.create_device(hint)
-        except DeviceError as exc:
-            raise Fatal("Error registering network: %s" % exc) from exc
-        lease = self._acquire_lease(sm, backend, ext)
-        if lease is None:
+        self.backends = self._backends(cfg, sm, nl, ext)
+        leases = self._acquire_lease(sm, ext, cfg.networks)
+        if leases is None:
             return
-        self.lease = lease
+        self.leases = leases
         self._beat(STEP_BOUND)
-        try:
-            backend.configure_device(lease.subnet)
-        except DeviceError as exc:
-            raise Fatal("Error registering network: %s" % exc) from exc
+        self._configure()
 
-        prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file)
         if opts.ip_masq or opts.iptables_forward_rules:
-            self.iptables = IPTablesManager(network, lease.subnet, prev_network, prev_subnet, opts.ip_masq,
-                                            opts.iptables_forward_rules, opts.iptables_resync)
-        self.subnet_file = subnetfile.Keeper(opts.subnet_file,
-                                             subnetfile.SubnetEnv(network, lease.subnet, backend.mtu, opts.ip_masq))
+            for family, network in cfg.networks.items():
+                prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file, family)
+                self.iptables[family] = IPTablesManager(network, leases[family].subnet, prev_network, prev_subnet,
+                                                        opts.ip_masq, opts.iptables_forward_rules, opts.iptables_resync)
+        mtu = next(iter(self.backends.values())).mtu  # the same in every family, as flanneld's
+        env = subnetfile.SubnetEnv({f: (n, leases[f].subnet) for f, n in cfg.networks.items()}, mtu, opts.ip_masq)
+        self.subnet_file = subnetfile.Keeper(opts.subnet_file, env)
         try:
             self.subnet_file.write()
             log.info("Wrote subnet file to %s", opts.subnet_file)
@@ -396,7 +443,8 @@ class Daemon:
         self._take_dirty()
         gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
         try:
-            backend.reconcile(sm.leases())
+            for family, backend in self.backends.items():
+                backend.reconcile(sm.leases(family))
         finally:
             gc.enable()
         self._next_full = time.monotonic() + self.opts.datapath_resync
@@ -404,9 +452,9 @@ class Daemon:
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
         self.supervisor.spawn("kernel-events listener", self._kernel_events)
-        if self.iptables is not None:
+        for family, manager in self.iptables.items():
             # After the routes, which pods need first; /readyz waits for both.
-            self.supervisor.spawn("iptables check", self.iptables.run)
+            self.supervisor.spawn("%s check" % family.iptables, manager.run)
         self.datapath_ready = True
         metrics.READY.set(1)
         if opts.set_node_network_unavailable:
@@ -417,25 +465,25 @@ class Daemon:
 
     def _own_node_changed(self) -> None:
         """Re-publish the lease if someone changed it; report a pod CIDR change; stop if it was revoked."""
-        assert self.sm is not None and self.backend is not None and self.backend.device is not None
-        assert self.lease is not None and self.ext is not None
+        assert self.sm is not None and self.ext is not None
         try:
-            lease = self.sm.acquire_lease(self.ext.ext_addr, "vxlan",
-                                          backend_data(self.backend.cfg.vni, self.backend.device.mac))
+            leases = self._publish(self.sm, self.ext)
         except LeaseRevoked:
             self._shut_down(0)  # the subnet manager said "Lease has been revoked. Shutting down daemon."
             return
         except LeaseError as exc:
             log.error("Failed to refresh the lease: %s", exc)
             return
-        if lease.subnet != self.lease.subnet and lease.subnet != self._warned_subnet:
-            log.warning("The pod CIDR of this node changed from %s to %s; restart pyflannel to use it",
-                        self.lease.subnet, lease.subnet)
-            self._warned_subnet = lease.subnet
+        for family, lease in leases.items():
+            old = self.leases[family].subnet
+            if lease.subnet != old and lease.subnet != self._warned_subnet.get(family):
+                log.warning("The pod CIDR of this node changed from %s to %s; restart pyflannel to use it",
+                            old, lease.subnet)
+                self._warned_subnet[family] = lease.subnet
 
     def _kernel_events(self, stop: threading.Event) -> None:
         """Hand the kernel's deletion notifications to the loop until ``stop`` is set."""
-        monitor = Monitor()
+        monitor = Monitor(families=[family.af for family in self.backends])
         if self._listened:
             self._on_deleted([])  # notifications were lost while no one listened: compare everything
         self._listened = True
@@ -461,26 +509,33 @@ class Daemon:
     def loop(self, stop: threading.Event) -> None:
         """Apply node changes as they arrive, and every --datapath-resync seconds reconcile the whole
         datapath and check subnet.env."""
-        sm, backend = self.sm, self.backend
-        assert sm is not None and backend is not None
+        sm, backends = self.sm, self.backends
+        assert sm is not None and backends
         interval = float(self.opts.datapath_resync)
         while not stop.is_set():
             self._beat(interval + STEP_BOUND)
-            self._wake.wait(max(0.0, self._next_full - time.monotonic()))
+            lost = [b for b in backends.values() if not b.device_ok]
+            self._wake.wait(max(0.0, min(self._next_full - time.monotonic(), DEVICE_RETRY if lost else interval)))
             if stop.is_set():
                 break
             dirty, deleted = self._take_dirty()
             try:
                 if deleted is not None:
-                    backend.restore(deleted)
+                    for backend in backends.values():
+                        backend.restore(deleted)
+                for backend in [b for b in lost if not b.device_ok]:
+                    backend.restore([])  # the kernel does not announce a link's return: look again
                 if dirty.pop(sm.node_name, None) is not None:
                     self._own_node_changed()
-                changed = backend.sync({name: sm.lease_of(name) for name in dirty})
+                changed: set[str] = set()
+                for family, backend in backends.items():
+                    changed |= backend.sync({name: sm.lease_of(name, family) for name in dirty})
                 now = time.monotonic()
                 for name in changed:
                     metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
                 if time.monotonic() >= self._next_full:
-                    backend.reconcile(sm.leases())
+                    for family, backend in backends.items():
+                        backend.reconcile(sm.leases(family))
                     self._keep_subnet_file()
                     self._next_full = time.monotonic() + interval
             except BaseException:

@@ -13,11 +13,11 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
@@ -26,15 +26,27 @@ from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_l
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
 from .subnet.annotations import AnnotationKeys, PrefixError
+from .backend.hostgw import l2_networks, on_link
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
-from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info
+from .family import IPV4, IPV6, Family
+from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr, pod_cidr_field
 
 __all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
-SUBNET_ENV_KEYS = ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
-IP_FORWARD = "sys/net/ipv4/ip_forward"
+SUBNET_ENV_KEYS = ("FLANNEL_MTU", "FLANNEL_IPMASQ")  # after each family's network and subnet
+FORWARDING = {IPV4: "net.ipv4.ip_forward", IPV6: "net.ipv6.conf.all.forwarding"}  # the sysctl of each family
+FORWARDING_CAVEAT = {  # what else turning a family's forwarding on needs (%s: the interface)
+    IPV4: "",
+    IPV6: "with forwarding on, the kernel ignores router advertisements on an interface whose accept_ra is 1: "
+          "if the node takes its IPv6 default route from them, set net.ipv6.conf.%s.accept_ra=2 as well",
+}
+NETWORK_KEY = {IPV4: "Network", IPV6: "IPv6Network"}  # net-conf.json's key of each family's Network
+PODCIDR_NAME = {IPV4: "PodCIDR", IPV6: "IPv6 PodCIDR"}  # as flanneld's errors name a family's pod CIDR
+UNREACHABLE = {IPV4: "network is unreachable", IPV6: "no route to host"}  # the kernel's refusal of an off-link gateway
+IGNORED_LOG = {"vxlan": "ignoring non-vxlan v4Subnet(...): type=...",  # what a backend logs of another's node
+               "host-gw": "Ignoring non-host-gw subnet: type=..."}
 BRIDGE_NF_CALL_IPTABLES = "sys/net/bridge/bridge-nf-call-iptables"
 FLANNEL_RBAC = "nodes: list, watch; nodes/status: patch; pods: get"
 
@@ -79,10 +91,12 @@ class _Collect(logging.Handler):
 class Context:
     """What the checks look at, each read once on first use. ``proc`` is the root of /proc."""
 
-    def __init__(self, opts: flags.Options, environ: Mapping[str, str], proc: str = "/proc") -> None:
+    def __init__(self, opts: flags.Options, environ: Mapping[str, str], proc: str = "/proc",
+                 nl: Netlink | None = None) -> None:
         self.opts = opts
         self.environ = environ
         self.proc = proc
+        self._nl = nl
         self.interface_log: list[str] = []
         self._results: dict[str, tuple[bool, Any]] = {}
 
@@ -100,15 +114,17 @@ class Context:
             raise value
         return cast(T, value)
 
-    @cached_property
+    @property
     def nl(self) -> Netlink:
-        """A netlink socket of this network namespace."""
-        return Netlink()
+        """The kernel's netlink: the one given, else a socket of this network namespace, opened on first use."""
+        if self._nl is None:
+            self._nl = Netlink()
+        return self._nl
 
     def close(self) -> None:
         """Close the netlink socket if one was opened."""
-        if "nl" in self.__dict__:
-            self.nl.close()
+        if self._nl is not None:
+            self._nl.close()
 
     def config(self) -> Config:
         """net-conf.json, parsed as the daemon does in kube mode."""
@@ -194,7 +210,8 @@ class Context:
         logger.propagate = False
         try:
             o = self.opts
-            return ip.select(self.nl, o.iface, o.iface_regex, o.iface_can_reach, o.public_ip)
+            return ip.select(self.nl, o.iface, o.iface_regex, o.iface_can_reach, o.public_ip, o.public_ipv6,
+                             _families(self))
         finally:
             logger.removeHandler(collect)
             logger.setLevel(level)
@@ -216,13 +233,6 @@ class Context:
             if sep:
                 values[key] = value
         return values
-
-    def network_text(self) -> str:
-        """net-conf.json's Network, or a placeholder when it cannot be read."""
-        try:
-            return str(self.config().network)
-        except Unavailable:
-            return "<the Network of net-conf.json>"
 
     def log_hint(self) -> str:
         """How to read the pyflannel log of this node."""
@@ -271,13 +281,15 @@ def _used_subnets(nodes: list[NodeInfo]) -> list[IPv4Network]:
 
 
 def _pod_cidr_fixes(ctx: Context, names: list[str]) -> list[str]:
-    network = ctx.network_text()
+    network = _cluster_cidr(ctx)
     fixes = [
         "let kube-controller-manager assign pod CIDRs: run it with --allocate-node-cidrs=true "
-        "--cluster-cidr=%s (the Network of net-conf.json)" % network,
+        "--cluster-cidr=%s (the Networks of net-conf.json)" % network,
         "with kubeadm: kubeadm init --pod-network-cidr=%s; on an existing cluster add both flags to "
         "/etc/kubernetes/manifests/kube-controller-manager.yaml" % network,
     ]
+    if _families(ctx) != [IPV4]:
+        return fixes
     try:
         net = ctx.config().network
         free = _free_subnet(net, _used_subnets(ctx.nodes())) if net is not None else None
@@ -289,6 +301,65 @@ def _pod_cidr_fixes(ctx: Context, names: list[str]) -> list[str]:
                  "'{\"spec\":{\"podCIDR\":\"%s\",\"podCIDRs\":[\"%s\"]}}'%s"
                  % (name, example, example, " (no node uses %s)" % example if free is not None else ""))
     return fixes
+
+
+def _families(ctx: Context) -> list[Family]:
+    """The families net-conf.json enables, IPv4 first; IPv4 alone when it cannot be read."""
+    try:
+        return list(ctx.config().networks)
+    except Unavailable:
+        return [IPV4]
+
+
+def _backend_type(ctx: Context) -> str:
+    """net-conf.json's backend type; vxlan (the default) when it cannot be read."""
+    try:
+        return ctx.config().backend_type
+    except Unavailable:
+        return "vxlan"
+
+
+def _cluster_cidr(ctx: Context) -> str:
+    """net-conf.json's Networks as kube-controller-manager's --cluster-cidr takes them: "<v4>,<v6>"."""
+    try:
+        return ",".join(str(net) for net in ctx.config().networks.values())
+    except Unavailable:
+        return "<the Network of net-conf.json>"
+
+
+def _has_pod_cidr(node: NodeInfo) -> bool:
+    return bool(node.pod_cidr or node.pod_cidrs)
+
+
+def _missing_family_problem(ctx: Context, nodes: list[NodeInfo], family: Family, own: bool) -> Problem:
+    """Nodes that have pod CIDRs, but none of ``family``, which net-conf.json enables."""
+    cidrs = _cluster_cidr(ctx)
+    try:
+        network = "%s %s" % (NETWORK_KEY[family], ctx.config().networks[family])
+    except Unavailable:
+        network = "Network"
+    if own:
+        node = nodes[0]
+        headline = 'node "%s" (this node) has no %s pod CIDR (%s: %s), but net-conf.json enables %s (%s)' % (
+            node.name, family, pod_cidr_field(node), ",".join(node.pod_cidrs or (node.pod_cidr,)), family, network)
+        why = ("pyflannel waits for it and sets up no pod network on this node until it comes (its log says "
+               '`node "%s" has no %s pod CIDR ...; waiting for it`); flanneld v0.20.2 panics and is restarted over '
+               "and over." % (node.name, family))
+    else:
+        headline = "nodes without an %s pod CIDR, which net-conf.json enables (%s): %s" % (
+            family, network, ", ".join("%s (%s)" % (n.name, ",".join(n.pod_cidrs or (n.pod_cidr,))) for n in nodes))
+        why = ("pyflannel on those nodes waits for it and sets up nothing there, and the other nodes route no %s "
+               "to them (each logs one warning); flanneld v0.20.2 panics on every node that sees them." % family)
+    return Problem("\n".join([headline, why,
+                              "kube-controller-manager gives each node one pod CIDR per family of its --cluster-cidr: "
+                              "it has no %s range." % family]), [
+        "run kube-controller-manager with --allocate-node-cidrs=true --cluster-cidr=%s (net-conf.json's "
+        "Networks; the API server's --service-cluster-ip-range needs both families too for dual-stack)" % cidrs,
+        "with kubeadm: kubeadm init --pod-network-cidr=%s (networking.podSubnet); on an existing cluster edit "
+        "/etc/kubernetes/manifests/kube-controller-manager.yaml" % cidrs,
+        "a node keeps the pod CIDRs it was given: then drain and delete each node listed (kubectl delete node) and "
+        "restart its kubelet, so that it registers again and gets a pod CIDR of each family",
+        'or, if the cluster is not meant to have %s, set "Enable%s": false in net-conf.json' % (family, family)])
 
 
 def _vxlan_links(nl: Netlink) -> list[VXLANLink]:
@@ -350,9 +421,12 @@ def check_net_conf(ctx: Context) -> Result:
              % ctx.opts.net_config_path,
              "check --net-config-path and that the ConfigMap is mounted there",
              'a minimal net-conf.json: {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'])]
-    vx = ctx.vxlan()
-    return "net-conf.json %s: Network %s, backend %s, VNI %d, UDP port %d" % (
-        ctx.opts.net_config_path, cfg.network, cfg.backend_type, vx.vni, vx.port or DEFAULT_PORT)
+    networks = ", ".join("%s %s" % (NETWORK_KEY[f], n) for f, n in cfg.networks.items())
+    if cfg.vxlan is None:
+        return "net-conf.json %s: %s, backend %s" % (ctx.opts.net_config_path, networks, cfg.backend_type)
+    vx = cfg.vxlan
+    return "net-conf.json %s: %s, backend %s, VNI %d, UDP port %d" % (
+        ctx.opts.net_config_path, networks, cfg.backend_type, vx.vni, vx.port or DEFAULT_PORT)
 
 
 def check_api(ctx: Context) -> Result:
@@ -427,9 +501,12 @@ def check_node_name(ctx: Context) -> Result:
 def check_own_pod_cidr(ctx: Context) -> Result:
     """This node has a pod CIDR."""
     node = ctx.own_node()
-    cidr = ipv4_pod_cidr(node)
-    if cidr:
-        return 'node "%s" has the pod CIDR %s' % (node.name, cidr)
+    if _has_pod_cidr(node):
+        families = _families(ctx)
+        missing = [f for f in families if not pod_cidr(node, f)]
+        if missing:
+            return [_missing_family_problem(ctx, [node], f, own=True) for f in missing]
+        return 'node "%s" has the pod CIDR %s' % (node.name, ", ".join(pod_cidr(node, f) for f in families))
     return [Problem(
         'node "%s" (this node) has no pod CIDR (spec.podCIDR is empty)\n'
         "pyflannel takes the node's pod CIDR as its subnet and cannot go on without one: this is why flanneld "
@@ -442,10 +519,12 @@ def check_other_pod_cidrs(ctx: Context) -> Result:
     """The other nodes have pod CIDRs."""
     own = ctx.node_name()[0]
     others = [n for n in ctx.nodes() if n.name != own]
-    missing = [n.name for n in others if not ipv4_pod_cidr(n)]
+    problems = [_missing_family_problem(ctx, lacking, f, own=False) for f in _families(ctx)
+                if (lacking := [n for n in others if _has_pod_cidr(n) and not pod_cidr(n, f)])]
+    missing = [n.name for n in others if not _has_pod_cidr(n)]
     if not missing:
-        return "the other %d nodes have pod CIDRs" % len(others)
-    return [Problem(
+        return problems or "the other %d nodes have pod CIDRs" % len(others)
+    return problems + [Problem(
         "other nodes without a pod CIDR: %s\n"
         "flannel cannot run on them (flanneld logs `failed to acquire lease: node \"<name>\" pod cidr not "
         "assigned`), so their pods stay in ContainerCreating and no node can route to them." % ", ".join(missing),
@@ -453,32 +532,36 @@ def check_other_pod_cidrs(ctx: Context) -> Result:
 
 
 def check_pod_cidrs_in_network(ctx: Context) -> Result:
-    """Every pod CIDR lies inside net-conf's Network."""
-    network = ctx.config().network
-    outside: list[tuple[str, str]] = []
-    for node in ctx.nodes():
-        cidr = ipv4_pod_cidr(node)
-        if not cidr:
+    """Every pod CIDR lies inside net-conf's Network of its family."""
+    networks = ctx.config().networks
+    problems = []
+    for family, network in networks.items():
+        outside: list[tuple[str, str]] = []
+        for node in ctx.nodes():
+            cidr = pod_cidr(node, family)
+            if not cidr:
+                continue
+            try:
+                net = family.network(cidr)
+            except ValueError:
+                outside.append((node.name, cidr + ", not a valid CIDR"))
+                continue
+            if not net.subnet_of(network):  # type: ignore[arg-type]
+                outside.append((node.name, cidr))
+        if not outside:
             continue
-        try:
-            net = ip_network(cidr, strict=False)
-        except ValueError:
-            outside.append((node.name, cidr + ", not a valid CIDR"))
-            continue
-        if network is not None and not (isinstance(net, IPv4Network) and net.subnet_of(network)):
-            outside.append((node.name, cidr))
-    if not outside:
-        return "every pod CIDR is inside the Network %s" % network
-    name, cidr = outside[0]
-    return [Problem(
-        "pod CIDRs outside the Network %s of net-conf.json: %s\n"
-        "flanneld refuses such a node (`subnet \"%s\" specified in the flannel net config doesn't contain "
-        "\"%s\" PodCIDR of the \"%s\" node`), and the routes and masquerading rules of every node cover "
-        "only the Network." % (network, ", ".join("%s (%s)" % o for o in outside), network, cidr, name),
-        ["make kube-controller-manager's --cluster-cidr (kubeadm: --pod-network-cidr) and net-conf.json's "
-         "Network agree; they must name the same network",
-         "a node keeps the pod CIDR it was given: after changing --cluster-cidr, delete and re-join (or "
-         "re-register) the nodes listed above so that they get a pod CIDR from the new range"])]
+        name, cidr = outside[0]
+        problems.append(Problem(
+            "pod CIDRs outside the %s %s of net-conf.json: %s\n"
+            "flanneld refuses such a node (`subnet \"%s\" specified in the flannel net config doesn't contain "
+            "\"%s\" %s of the \"%s\" node`), and the routes and masquerading rules of every node cover "
+            "only the Network." % (NETWORK_KEY[family], network, ", ".join("%s (%s)" % o for o in outside), network,
+                                   cidr, PODCIDR_NAME[family], name),
+            ["make kube-controller-manager's --cluster-cidr (kubeadm: --pod-network-cidr) and net-conf.json's "
+             "%s agree: --cluster-cidr=%s" % (NETWORK_KEY[family], _cluster_cidr(ctx)),
+             "a node keeps the pod CIDR it was given: after changing --cluster-cidr, delete and re-join (or "
+             "re-register) the nodes listed above so that they get a pod CIDR from the new range"]))
+    return problems or "every pod CIDR is inside the Network of its family: %s" % _cluster_cidr(ctx)
 
 
 def check_subnet_env_exists(ctx: Context) -> Result:
@@ -497,7 +580,9 @@ def check_subnet_env_exists(ctx: Context) -> Result:
             ["read the pyflannel log on this node: %s" % ctx.log_hint(),
              "--subnet-file must be the path the CNI plugin reads (its subnetFile, default "
              "/run/flannel/subnet.env), and /run/flannel must be the host's directory (a hostPath mount)"])]
-    missing = [k for k in SUBNET_ENV_KEYS if k not in env]
+    families = _families(ctx)
+    keys = [k for f in families for k in (f.env_network, f.env_subnet)] + list(SUBNET_ENV_KEYS)
+    missing = [k for k in keys if k not in env]
     if missing:
         return [Problem(
             "%s lacks %s\n"
@@ -505,47 +590,60 @@ def check_subnet_env_exists(ctx: Context) -> Result:
                                                                               ", ".join(missing)),
             ["do not edit the file: restart pyflannel on this node, it rewrites the file at every start",
              "read the pyflannel log on this node: %s" % ctx.log_hint()])]
-    return "%s exists (FLANNEL_SUBNET=%s, FLANNEL_MTU=%s)" % (path, env["FLANNEL_SUBNET"], env["FLANNEL_MTU"])
+    return "%s exists (%s, FLANNEL_MTU=%s)" % (
+        path, ", ".join("%s=%s" % (f.env_subnet, env[f.env_subnet]) for f in families), env["FLANNEL_MTU"])
 
 
 def check_subnet_env_network(ctx: Context) -> Result:
-    """subnet.env's FLANNEL_NETWORK is net-conf's Network."""
-    network = ctx.config().network
+    """subnet.env's FLANNEL_NETWORK (and FLANNEL_IPV6_NETWORK) are net-conf's Networks."""
+    networks = ctx.config().networks
     path = _existing_subnet_env(ctx)
-    previous, _ = subnetfile.read_previous(path)
-    if previous == network:
-        return "FLANNEL_NETWORK in %s is net-conf.json's Network %s" % (path, network)
-    return [Problem(
-        "%s says FLANNEL_NETWORK=%s, but net-conf.json's Network is %s\n"
-        "Either the file is stale (left from an older configuration) or net-conf.json changed after pyflannel "
-        "wrote it. Until pyflannel rewrites it, new pods on this node get their addresses and their route to "
-        "other pods from the old network." % (path, previous or "<missing or invalid>", network),
-        ["restart pyflannel on this node (delete its flannel pod, or systemctl restart pyflannel): it "
-         "rewrites the file from net-conf.json at every start",
-         "if the new Network is intended: every node's pod CIDR must lie inside it (kube-controller-manager "
-         "--cluster-cidr), and pods created before the change must be recreated",
-         "if it is not: put the old Network back into net-conf.json"])]
+    problems = []
+    for family, network in networks.items():
+        previous, _ = subnetfile.read_previous(path, family)
+        if previous == network:
+            continue
+        problems.append(Problem(
+            "%s says %s=%s, but net-conf.json's %s is %s\n"
+            "Either the file is stale (left from an older configuration) or net-conf.json changed after pyflannel "
+            "wrote it. Until pyflannel rewrites it, new pods on this node get their addresses and their route to "
+            "other pods from the old network." % (path, family.env_network, previous or "<missing or invalid>",
+                                                  NETWORK_KEY[family], network),
+            ["restart pyflannel on this node (delete its flannel pod, or systemctl restart pyflannel): it "
+             "rewrites the file from net-conf.json at every start",
+             "if the new %s is intended: every node's pod CIDR must lie inside it (kube-controller-manager "
+             "--cluster-cidr), and pods created before the change must be recreated" % NETWORK_KEY[family],
+             "if it is not: put the old %s back into net-conf.json" % NETWORK_KEY[family]]))
+    return problems or "%s in %s: net-conf.json's %s" % (
+        ", ".join(f.env_network for f in networks), path, ", ".join(str(n) for n in networks.values()))
 
 
 def check_subnet_env_subnet(ctx: Context) -> Result:
-    """subnet.env's FLANNEL_SUBNET is this node's pod CIDR."""
+    """subnet.env's FLANNEL_SUBNET (and FLANNEL_IPV6_SUBNET) are this node's pod CIDRs."""
     path = _existing_subnet_env(ctx)
-    cidr = ipv4_pod_cidr(ctx.own_node())
-    if not cidr:
-        raise Unavailable("a pod CIDR of this node", LookupError("no pod CIDR"))
-    _, previous = subnetfile.read_previous(path)
-    try:
-        own = ip_network(cidr, strict=False)
-    except ValueError:
-        own = None
-    if previous is not None and previous == own:
-        return "FLANNEL_SUBNET in %s is within this node's pod CIDR %s" % (path, cidr)
-    return [Problem(
-        "%s has FLANNEL_SUBNET for %s, but this node's pod CIDR is %s\n"
-        "New pods on this node get addresses that the other nodes do not route here." % (
-            path, previous or "<missing or invalid>", cidr),
-        ["restart pyflannel on this node: it rewrites the file from the node's pod CIDR at every start",
-         "then recreate the pods of this node that have addresses outside %s" % cidr])]
+    node = ctx.own_node()
+    problems = []
+    found = []
+    for family in _families(ctx):
+        cidr = pod_cidr(node, family)
+        if not cidr:
+            raise Unavailable("a pod CIDR of each family of this node", LookupError("no %s pod CIDR" % family))
+        _, previous = subnetfile.read_previous(path, family)
+        try:
+            own = family.network(cidr)
+        except ValueError:
+            own = None
+        if previous is not None and previous == own:
+            found.append(cidr)
+            continue
+        problems.append(Problem(
+            "%s has %s for %s, but this node's pod CIDR is %s\n"
+            "New pods on this node get addresses that the other nodes do not route here." % (
+                path, family.env_subnet, previous or "<missing or invalid>", cidr),
+            ["restart pyflannel on this node: it rewrites the file from the node's pod CIDR at every start",
+             "then recreate the pods of this node that have addresses outside %s" % cidr]))
+    return problems or "%s in %s within this node's pod CIDR %s" % (
+        ", ".join(f.env_subnet for f in _families(ctx)), path, ", ".join(found))
 
 
 def check_interface(ctx: Context) -> Result:
@@ -567,8 +665,8 @@ def check_interface(ctx: Context) -> Result:
             "interface %s has no carrier: its link is down (cable, switch port or virtual NIC)" % ext.name,
             ["check the physical or virtual link of %s (ip link show %s says NO-CARRIER)" % (ext.name, ext.name)]))
     chosen = "--iface" if o.iface or o.iface_regex or o.iface_can_reach else "the default route"
-    return problems or "interface %s (%s, MTU %d) from %s carries the tunnel" % (ext.name, ext.iface_addr,
-                                                                                  ext.mtu, chosen)
+    return problems or "interface %s (%s, MTU %d) from %s carries the pod network" % (
+        ext.name, ", ".join(str(a.iface_addr) for a in ext.addrs.values()), ext.mtu, chosen)
 
 
 def _interface_problem(ctx: Context, error: str) -> Problem:
@@ -576,20 +674,30 @@ def _interface_problem(ctx: Context, error: str) -> Problem:
     given = ["--iface=%s" % v for v in o.iface] + ["--iface-regex=%s" % v for v in o.iface_regex]
     if o.iface_can_reach:
         given.append("--iface-can-reach=%s" % o.iface_can_reach)
-    if "failed to find IPv4 address for interface" in error:
-        name = error.rsplit(" ", 1)[-1]
-        headline = "interface %s has no IPv4 address" % name
-        why = "The VXLAN tunnel runs over IPv4, and that address is where the other nodes send to."
-        fixes = ["give %s its IPv4 address (check the node's network configuration), or point --iface at the "
-                 "interface that has the node's IP" % name]
+    missing = re.search(r"failed to find (IPv\d) address for interface (\S+)", error)
+    v6 = "IPv6 " if " v6 " in error else ""  # flanneld's "default v6 route", "v6 interface"
+    if missing:
+        family, name = missing.groups()
+        headline = "interface %s has no %s address" % (name, family)
+        why = ("net-conf.json enables %s, and the other nodes send this node's pod traffic of that family to the "
+               "%s address it advertises." % (family, family))
+        fixes = ["give %s its %s address (check the node's network configuration), or point --iface at the "
+                 "interface that has the node's IP" % (name, family),
+                 'or, if the cluster is not meant to have %s, set "Enable%s": false in net-conf.json' % (family,
+                                                                                                         family)]
+    elif "must be the same" in error:
+        headline = "the IPv6 default route and the IPv4 one use different interfaces"
+        why = "Without --iface, flannel takes the interface of the default routes, and in dual-stack they must agree."
+        fixes = ["pass --iface=<interface> with the interface that has both of the node's addresses"]
     elif "default" in error:
-        headline = "no interface given and no default route to choose one from"
-        why = "Without --iface, flannel uses the interface of the default route."
-        fixes = ["pass --iface=<interface or IP> of the node's network, or add a default route"]
+        headline = "no interface given and no %sdefault route to choose one from" % v6
+        why = "Without --iface, flannel uses the interface of the %sdefault route." % v6
+        fixes = ["pass --iface=<interface or IP> of the node's network, or add an %sdefault route" % v6]
     else:
-        headline = "no interface matches %s" % " ".join(given or ["--public-ip=%s" % o.public_ip])
-        why = "flannel needs the interface that carries the node's IP to run the tunnel over."
-        fixes = ["pass --iface=<interface or IP> with the interface that has the node's IP (ip -4 addr); the "
+        publics = ["--public-ip=%s" % o.public_ip] if o.public_ip else ["--public-ipv6=%s" % o.public_ipv6]
+        headline = "no interface matches %s" % " ".join(given or publics)
+        why = "flannel needs the interface that carries the node's IP to run the pod network over."
+        fixes = ["pass --iface=<interface or IP> with the interface that has the node's IP (ip addr); the "
                  "same flag must be in the DaemonSet's args"]
     lines = [headline, why, "pyflannel stops with `%s`." % error]
     lines += ["it logs: %s" % line for line in ctx.interface_log if line.startswith("Could not find")]
@@ -598,35 +706,113 @@ def _interface_problem(ctx: Context, error: str) -> Problem:
 
 
 def _interfaces_text(ctx: Context) -> str:
+    families = _families(ctx)
     addrs: dict[int, list[str]] = {}
-    for m in ctx.nl.addresses():
-        addrs.setdefault(int(m["index"]), []).append(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
+    for family in families:
+        for m in ctx.nl.addresses(0, family.af):
+            addrs.setdefault(int(m["index"]), []).append(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
+    none = "no %s address" % " or ".join(str(f) for f in families)
     parts = []
     for link in sorted(ctx.nl.links(), key=lambda m: int(m["index"])):
         name = link.get_attr("IFLA_IFNAME")
-        parts.append("%s (%s)" % (name, ", ".join(addrs.get(int(link["index"]), [])) or "no IPv4 address"))
+        parts.append("%s (%s)" % (name, ", ".join(addrs.get(int(link["index"]), [])) or none))
     return ", ".join(parts)
 
 
 def check_network_overlap(ctx: Context) -> Result:
-    """net-conf's Network does not contain this node's own address."""
-    network = ctx.config().network
+    """net-conf's Networks do not contain this node's own addresses."""
+    networks = ctx.config().networks
     ext = ctx.interface()
-    if network is None or ext.iface_addr not in network:
-        return "the Network %s does not contain this node's address %s" % (network, ext.iface_addr)
-    return [Problem(
-        "the Network %s contains this node's own address %s (on %s)\n"
-        "Pod routes then cover the node network: nodes and pods get unreachable." % (network, ext.iface_addr,
-                                                                                       ext.name),
-        ["choose a Network that does not overlap the node network, in net-conf.json and in "
-         "kube-controller-manager's --cluster-cidr alike"])]
+    problems = []
+    for family, network in networks.items():
+        own = ext.addrs[family].iface_addr
+        if own in network:
+            problems.append(Problem(
+                "the %s %s contains this node's own address %s (on %s)\n"
+                "Pod routes then cover the node network: nodes and pods get unreachable." % (
+                    NETWORK_KEY[family], network, own, ext.name),
+                ["choose a %s that does not overlap the node network, in net-conf.json and in "
+                 "kube-controller-manager's --cluster-cidr alike" % NETWORK_KEY[family]]))
+    return problems or "; ".join("the %s %s does not contain this node's address %s" % (
+        NETWORK_KEY[f], network, ext.addrs[f].iface_addr) for f, network in networks.items())
+
+
+def check_ipv6_interface(ctx: Context) -> Result:
+    """With IPv6 enabled: the interface has a global IPv6 address, and the node an IPv6 default route."""
+    if IPV6 not in _families(ctx):
+        return "IPv6 is not enabled in net-conf.json"
+    ext = ctx.interface()
+    problems = []
+    addr = ext.addrs[IPV6]
+    if addr.iface_addr.is_link_local or addr.ext_addr.is_link_local:
+        problems.append(Problem(
+            "interface %s has no global IPv6 address, only the link-local %s\n"
+            "net-conf.json enables IPv6, and pyflannel (as flanneld) then advertises that address as this node's "
+            "public-ipv6: the other nodes cannot send this node's IPv6 pod traffic to it." % (
+                ext.name, addr.iface_addr if addr.iface_addr.is_link_local else addr.ext_addr),
+            ["give %s a global (or unique local, fc00::/7) IPv6 address in the node's network configuration, or "
+             "point --iface at the interface that has one" % ext.name,
+             'or, if the cluster is not meant to have IPv6, remove "EnableIPv6" from net-conf.json']))
+    if not any(r.dst == IPV6.any_network for r in ctx.nl.routes(family=IPV6.af)):
+        problems.append(Problem(
+            "this node has no IPv6 default route\n"
+            "The pods' IPv6 traffic to addresses outside the cluster (masqueraded to this node's address) has no "
+            "route out, and without --iface pyflannel cannot pick its interface (`failed to get default v6 "
+            "interface: Unable to find default v6 route`).",
+            ["add one in the node's network configuration: ip -6 route add default via <router> dev %s" % ext.name,
+             "if the router advertises it: with IPv6 forwarding on, the kernel takes router advertisements only "
+             "with net.ipv6.conf.%s.accept_ra=2" % ext.name]))
+    return problems or "interface %s has the global IPv6 address %s, and the node an IPv6 default route" % (
+        ext.name, addr.iface_addr)
+
+
+def check_host_gw_l2(ctx: Context) -> Result:
+    """With host-gw: every other node's public IP is on this node's L2 network (a subnet of the interface)."""
+    cfg = ctx.config()
+    if cfg.backend_type != "host-gw":
+        return "the %s backend does not need the nodes on one L2 network" % cfg.backend_type
+    ext = ctx.interface()
+    keys = ctx.keys()
+    own = ctx.node_name()[0]
+    problems = []
+    shared = []
+    for family in cfg.networks:
+        l2 = l2_networks(ctx.nl.routes(family=family.af), ext.index, family)
+        nets = ", ".join(str(n) for n in l2) or "none: %s has no %s subnet" % (ext.name, family)
+        shared.append(nets)
+        far = []
+        for node in ctx.nodes():
+            try:
+                lease = node_to_lease(node, keys, family)
+            except ValueError:
+                continue  # not registered by flannel: check_nodes_registered says so
+            if node.name != own and lease.backend_type == cfg.backend_type and not on_link(l2, lease.public_ip):
+                far.append("%s (%s)" % (node.name, lease.public_ip))
+        if not far:
+            continue
+        problems.append(Problem(
+            "nodes whose %s public IP is not on this node's L2 network (%s: %s): %s\n"
+            "host-gw routes each node's pods via that node's public IP as the next hop on %s, so every node must "
+            "be on one L2 network. pyflannel adds no route to these nodes' pods (it logs `Error adding route to "
+            "...: node <name>'s public IP ... is not on the L2 network of %s`; flanneld's route fails with `%s`): "
+            "their pods are unreachable from here." % (
+                family, ext.name, nets, ", ".join(far), ext.name, ext.name, UNREACHABLE[family]),
+            ['use the vxlan backend on every node ("Backend": {"Type": "vxlan", "DirectRouting": true} still routes '
+             "directly, as host-gw does, between the nodes that share an L2 network)",
+             "or give every node an address on one L2 network and make flannel use it (--iface=<that interface> on "
+             "every node; the annotation %s shows the address a node advertises)" % keys.public_ip(family)]))
+    return problems or "every node's public IP is on this node's L2 network (%s: %s)" % (ext.name, "; ".join(shared))
 
 
 def check_vxlan_port(ctx: Context) -> Result:
     """The VXLAN UDP port is free, or used by flannel's own device."""
+    backend = _backend_type(ctx)
+    if backend != "vxlan":
+        return "no VXLAN UDP port needed: the %s backend does not use one" % backend
     vx = ctx.vxlan()
     port = vx.port or DEFAULT_PORT
-    ours = device_name(vx.vni)
+    devices = [device_name(vx.vni, f) for f in _families(ctx)]  # flannel.<VNI>, flannel-v6.<VNI>
+    ours = devices[0]
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.bind(("0.0.0.0", port))
@@ -638,9 +824,10 @@ def check_vxlan_port(ctx: Context) -> Result:
     finally:
         probe.close()
     users = [(link.name, link.up) for link in _vxlan_links(ctx.nl) if link.port == port]
-    if (ours, True) in users:
-        return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, ours)
-    others = [name for name, up in users if up and name != ours]
+    mine = [name for name, up in users if up and name in devices]
+    if mine:
+        return "UDP port %d is in use by %s, flannel's own VXLAN device" % (port, " and ".join(mine))
+    others = [name for name, up in users if up and name not in devices]
     lines = ["UDP port %d (VXLAN) is taken by something other than %s" % (port, ours),
              "%s cannot be brought up while it is (`failed to set interface %s to UP state: address already in "
              "use`), so no traffic crosses between this node's pods and other nodes." % (ours, ours)]
@@ -655,6 +842,8 @@ def check_vxlan_port(ctx: Context) -> Result:
 
 def check_mtu(ctx: Context) -> Result:
     """flannel.<VNI> and subnet.env's MTU fit net-conf's MTU and the interface's."""
+    if _backend_type(ctx) != "vxlan":
+        return _routed_mtu(ctx)
     vx = ctx.vxlan()
     ext = ctx.interface()
     ours = device_name(vx.vni)
@@ -692,20 +881,48 @@ def check_mtu(ctx: Context) -> Result:
             ["restart pyflannel on this node so that it writes FLANNEL_MTU=%d, then recreate the pods on this "
              "node" % want]))
     return problems or "MTU: %s %d, %s %s, pods %s (%s less %d)" % (
-        ext.name, ext.mtu, ours, device[0] if device else "not created yet", written or want, source, OVERHEAD)
+        ext.name, ext.mtu, ours, device[0] if device else "not created yet" if IPV4 in _families(ctx) else
+        "not used (IPv6 only)", written or want, source, OVERHEAD)
+
+
+def _routed_mtu(ctx: Context) -> Result:
+    """host-gw's MTU: the pods get the external interface's, with nothing taken off."""
+    ext = ctx.interface()
+    written = (ctx.subnet_env() or {}).get("FLANNEL_MTU")
+    if written is None or written == str(ext.mtu):
+        return "MTU: %s %d, pods %s (host-gw: the interface's MTU)" % (ext.name, ext.mtu, written or ext.mtu)
+    return [Problem(
+        "%s says FLANNEL_MTU=%s, but host-gw gives the pods %s's MTU %d: the MTU changed since pyflannel started\n"
+        "Pods created from now on get MTU %s." % (ctx.opts.subnet_file, written, ext.name, ext.mtu, written),
+        ["restart pyflannel on this node so that it writes FLANNEL_MTU=%d, then recreate the pods on this node"
+         % ext.mtu])]
 
 
 def check_ip_forward(ctx: Context) -> Result:
-    """net.ipv4.ip_forward is on."""
-    value = _read_sysctl(ctx, IP_FORWARD)
-    if value == "1":
-        return "IP forwarding is on (net.ipv4.ip_forward = 1)"
-    return [Problem(
-        "IP forwarding is off (net.ipv4.ip_forward = %s)\n"
-        "The node does not pass packets between pods, the VXLAN device and the network: pods cannot reach "
-        "pods on other nodes, Services or the outside." % (value or "missing"),
-        ["sysctl -w net.ipv4.ip_forward=1",
-         "make it persistent: echo 'net.ipv4.ip_forward = 1' > /etc/sysctl.d/99-kubernetes.conf"])]
+    """IP forwarding is on for each enabled family (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding)."""
+    problems = []
+    for family in _families(ctx):
+        name = FORWARDING[family]
+        value = _read_sysctl(ctx, "sys/" + name.replace(".", "/"))
+        if value == "1":
+            continue
+        fixes = ["sysctl -w %s=1" % name,
+                 "make it persistent: echo '%s = 1' >> /etc/sysctl.d/99-kubernetes.conf" % name]
+        if FORWARDING_CAVEAT[family]:
+            fixes.append(FORWARDING_CAVEAT[family] % _interface_name(ctx))
+        problems.append(Problem(
+            "IP forwarding is off (%s = %s)\n"
+            "The node does not pass %s packets between its pods and the network: pods cannot reach pods on other "
+            "nodes, Services or the outside over %s." % (name, value or "missing", family, family), fixes))
+    return problems or "IP forwarding is on (%s)" % ", ".join("%s = 1" % FORWARDING[f] for f in _families(ctx))
+
+
+def _interface_name(ctx: Context) -> str:
+    """The external interface's name, or a placeholder."""
+    try:
+        return ctx.interface().name
+    except Unavailable:
+        return "<interface>"
 
 
 def check_br_netfilter(ctx: Context) -> Result:
@@ -729,10 +946,11 @@ def check_br_netfilter(ctx: Context) -> Result:
 
 
 def check_node_backends(ctx: Context) -> Result:
-    """Every node flannel registered uses this backend and VNI."""
+    """Every node flannel registered uses this backend (and, for vxlan, this VNI)."""
     keys = ctx.keys()
     cfg = ctx.config()
-    vni = ctx.vxlan().vni
+    data_key = keys.data(_families(ctx)[0])  # the first family's backend data: the VNI
+    vni = cfg.vxlan.vni if cfg.vxlan is not None else None
     other_type, other_vni = [], []
     for node in ctx.nodes():
         kind = node.annotations.get(keys.backend_type)
@@ -741,10 +959,12 @@ def check_node_backends(ctx: Context) -> Result:
         if kind != cfg.backend_type:
             other_type.append("%s (%s)" % (node.name, kind or "empty"))
             continue
+        if vni is None:
+            continue
         try:
-            theirs = json.loads(node.annotations.get(keys.backend_data, ""))["VNI"]
+            theirs = json.loads(node.annotations.get(data_key, ""))["VNI"]
         except (ValueError, KeyError, TypeError):
-            other_vni.append("%s (backend-data unreadable)" % node.name)
+            other_vni.append("%s (%s unreadable)" % (node.name, data_key))
             continue
         if theirs != vni:
             other_vni.append("%s (VNI %s)" % (node.name, theirs))
@@ -754,16 +974,18 @@ def check_node_backends(ctx: Context) -> Result:
     if other_type:
         problems.append(Problem(
             "nodes whose annotation %s is not %s: %s\n"
-            "This node installs no routes to their pods (`ignoring non-%s v4Subnet(...): type=...`), so pods "
-            "there are unreachable from here." % (keys.backend_type, cfg.backend_type, ", ".join(other_type),
-                                                  cfg.backend_type),
+            "This node installs no routes to their pods (`%s`), so pods there are unreachable from here." % (
+                keys.backend_type, cfg.backend_type, ", ".join(other_type),
+                IGNORED_LOG.get(cfg.backend_type, "ignoring non-%s subnet" % cfg.backend_type)),
             [same_conf, "Backend.Type in net-conf.json must be the same everywhere"]))
     if other_vni:
         problems.append(Problem(
-            "nodes with another VXLAN VNI than this node's %d in %s: %s\n"
+            "nodes with another VXLAN VNI than this node's %s in %s: %s\n"
             "VXLAN packets carry the VNI, and a node drops those with another one: pods on those nodes and this "
-            "one cannot talk." % (vni, keys.backend_data, ", ".join(other_vni)),
+            "one cannot talk." % (vni, data_key, ", ".join(other_vni)),
             [same_conf, "Backend.VNI in net-conf.json must be the same everywhere"]))
+    if vni is None:
+        return problems or "every node flannel registered uses %s" % cfg.backend_type
     return problems or "every node flannel registered uses %s with VNI %d" % (cfg.backend_type, vni)
 
 
@@ -771,19 +993,20 @@ def check_nodes_registered(ctx: Context) -> Result:
     """Every node with a pod CIDR has flannel's annotations."""
     keys = ctx.keys()
     own = ctx.node_name()[0]
+    public_ip = keys.public_ip(_families(ctx)[0])
     missing = []
     for node in ctx.nodes():
         ann = node.annotations
-        if not ipv4_pod_cidr(node):
+        if not _has_pod_cidr(node):
             continue
-        if ann.get(keys.subnet_kube_managed) != "true" or not ann.get(keys.backend_public_ip):
+        if ann.get(keys.subnet_kube_managed) != "true" or not ann.get(public_ip):
             missing.append(node.name + (" (this node)" if node.name == own else ""))
     if not missing:
         return "flannel has registered every node that has a pod CIDR"
     return [Problem(
         "nodes flannel has not registered: %s\n"
         "They lack flannel's annotations (%s, %s), so no node routes to their pods: flannel is not running "
-        "there or cannot start." % (", ".join(missing), keys.subnet_kube_managed, keys.backend_public_ip),
+        "there or cannot start." % (", ".join(missing), keys.subnet_kube_managed, public_ip),
         ["check that a flannel pod runs on each: kubectl -n kube-flannel get pods -o wide (the DaemonSet's "
          "tolerations or nodeSelector can keep it off nodes)",
          "read the log of the flannel pod of each node listed"])]
@@ -802,9 +1025,11 @@ CHECKS: tuple[tuple[str, Callable[[Context], Result]], ...] = (
     ("subnet.env's FLANNEL_SUBNET", check_subnet_env_subnet),
     ("interface", check_interface),
     ("Network and the node's address", check_network_overlap),
+    ("IPv6 on the interface", check_ipv6_interface),
+    ("host-gw: nodes on one L2 network", check_host_gw_l2),
     ("VXLAN UDP port", check_vxlan_port),
     ("MTU", check_mtu),
-    ("net.ipv4.ip_forward", check_ip_forward),
+    ("IP forwarding", check_ip_forward),
     ("br_netfilter", check_br_netfilter),
     ("other nodes' backend", check_node_backends),
     ("nodes registered by flannel", check_nodes_registered),

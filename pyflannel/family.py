@@ -27,6 +27,7 @@ class Family:
     multicast: str  # the multicast range the masquerade rules leave alone
     vxlan_device: str  # the VXLAN device's name, with %d for the VNI
     tunnel_overhead: int  # what the kernel takes off a VXLAN device's MTU over this family
+    vxlan_local: str  # the VXLAN device's attribute holding its local (tunnel end) address
     iptables: str  # the iptables binary; -save and -restore are appended for the others
     data_annotation: str  # the annotation suffixes (after the prefix) of this family's lease
     public_ip_annotation: str
@@ -49,14 +50,14 @@ class Family:
 
 IPV4 = Family(
     name="IPv4", version=4, af=socket.AF_INET, bits=32, any_network="0.0.0.0/0", multicast="224.0.0.0/4",
-    vxlan_device="flannel.%d", tunnel_overhead=50, iptables="iptables",
+    vxlan_device="flannel.%d", tunnel_overhead=50, vxlan_local="IFLA_VXLAN_LOCAL", iptables="iptables",
     data_annotation="backend-data", public_ip_annotation="public-ip",
     public_ip_overwrite_annotation="public-ip-overwrite",
     env_network="FLANNEL_NETWORK", env_subnet="FLANNEL_SUBNET", v6="",
 )
 IPV6 = Family(
     name="IPv6", version=6, af=socket.AF_INET6, bits=128, any_network="::/0", multicast="ff00::/8",
-    vxlan_device="flannel-v6.%d", tunnel_overhead=70, iptables="ip6tables",
+    vxlan_device="flannel-v6.%d", tunnel_overhead=70, vxlan_local="IFLA_VXLAN_LOCAL6", iptables="ip6tables",
     data_annotation="backend-v6-data", public_ip_annotation="public-ipv6",
     public_ip_overwrite_annotation="public-ipv6-overwrite",
     env_network="FLANNEL_IPV6_NETWORK", env_subnet="FLANNEL_IPV6_SUBNET", v6="v6",

@@ -275,8 +275,7 @@ _FLAGS = (
     _Flag("subnet-file", _STRING, "/run/flannel/subnet.env",
           "filename where env variables (subnet, MTU, ... ) will be written to"),
     _Flag("public-ip", _STRING, "", "IP accessible by other nodes for inter-host communication"),
-    _Flag("public-ipv6", _STRING, "",
-          "IPv6 accessible by other nodes for inter-host communication (pyflannel: IPv6 is not supported yet)"),
+    _Flag("public-ipv6", _STRING, "", "IPv6 accessible by other nodes for inter-host communication"),
     _Flag("subnet-lease-renew-margin", _INT, 60,
           "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     _Flag("ip-masq", _BOOL, False,
@@ -390,8 +389,6 @@ def parse(argv: list[str], environ: Mapping[str, str]) -> Options:
                 family(values[field])
             except ValueError:
                 raise FlagError("invalid public %s address: %s" % (what, values[field])) from None
-    if values["public_ipv6"]:
-        raise FlagError("-public-ipv6: pyflannel does not support IPv6 yet; leave it empty")
     return Options(**values)
 
 

@@ -1,16 +1,21 @@
-"""Choosing the external interface: ``--iface``, ``--iface-regex``, ``--iface-can-reach``, ``--public-ip``.
+"""Choosing the external interface: ``--iface``, ``--iface-regex``, ``--iface-can-reach``, ``--public-ip``,
+``--public-ipv6``, for each enabled family.
 
-The rules and log lines are flanneld's (its ``pkg/ipmatch``).
+The rules and log lines are flanneld's (its ``pkg/ipmatch``). For dual-stack, each family missing
+an address is filled from the chosen interface, as flannel v0.27.4 does, where v0.20.2 leaves it
+empty and later panics.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from typing import Any
 
+from .family import IPV4, IPV6, Family, IPAddress, family_of
 from .netlink import Netlink
 
 log = logging.getLogger(__name__)
@@ -21,25 +26,54 @@ class InterfaceError(Exception):
 
 
 @dataclass(frozen=True)
+class ExtAddr:
+    """One family's addresses: the interface's (the tunnel's local end) and the one advertised to other nodes."""
+
+    iface_addr: IPAddress
+    ext_addr: IPAddress
+
+
+@dataclass(frozen=True)
 class ExternalInterface:
-    """The interface the tunnel runs over, its address, and the address advertised to other nodes."""
+    """The interface the tunnel runs over, and its addresses of each enabled family."""
 
     name: str
     index: int
     mtu: int
-    iface_addr: IPv4Address
-    ext_addr: IPv4Address
+    addrs: dict[Family, ExtAddr]
+
+    @property
+    def iface_addr(self) -> IPv4Address:
+        """The IPv4 interface address (for code that handles IPv4 only)."""
+        addr = self.addrs[IPV4].iface_addr
+        assert isinstance(addr, IPv4Address)
+        return addr
+
+    @property
+    def ext_addr(self) -> IPv4Address:
+        """The advertised IPv4 address (for code that handles IPv4 only)."""
+        addr = self.addrs[IPV4].ext_addr
+        assert isinstance(addr, IPv4Address)
+        return addr
 
 
-def _address(m: Any) -> IPv4Address:
-    return IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
+def _address(m: Any) -> IPAddress:
+    return ip_address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
 
 
-def _v4_addresses(nl: Netlink, index: int) -> list[IPv4Address]:
-    """The interface's IPv4 addresses, global unicast first, then link-local, in kernel order."""
-    addrs = [_address(m) for m in nl.addresses(index)]
+def _addresses(nl: Netlink, index: int, family: Family) -> list[IPAddress]:
+    """The interface's addresses of ``family``, global unicast first, then link-local, in kernel order."""
+    addrs = [_address(m) for m in nl.addresses(index, family.af)]
     usable = [a for a in addrs if not (a.is_loopback or a.is_link_local or a.is_multicast or a.is_unspecified)]
     return usable + [a for a in addrs if a.is_link_local]
+
+
+_GIVEN = {IPV4: "IP", IPV6: "IPv6"}  # flanneld's "No interface with given IP/IPv6 found"
+
+
+def _words(family: Family, what: str) -> str:
+    """flanneld's wording: "address" / "v6 address", "route" / "v6 route"."""
+    return ("%s %s" % (family.v6, what)).strip()
 
 
 def _link(nl: Netlink, index: int) -> tuple[str, int]:
@@ -49,11 +83,13 @@ def _link(nl: Netlink, index: int) -> tuple[str, int]:
     return msg.get_attr("IFLA_IFNAME"), msg.get_attr("IFLA_MTU") or 0
 
 
-def _by_ip(nl: Netlink, ip: IPv4Address) -> int:
-    for m in nl.addresses():
+def _by_ip(nl: Netlink, ip: IPAddress) -> int:
+    family = family_of(ip)
+    for m in nl.addresses(0, family.af):
         if _address(m) == ip:
             return int(m["index"])
-    raise LookupError("error looking up interface %s: No interface with given IP found" % ip)
+    raise LookupError("error looking up %s %s: No interface with given %s found"
+                      % (_words(family, "interface"), ip, _GIVEN[family]))
 
 
 def _by_name(nl: Netlink, name: str) -> int:
@@ -63,93 +99,127 @@ def _by_name(nl: Netlink, name: str) -> int:
     return int(found["index"])
 
 
-def _by_regex(nl: Netlink, pattern: str) -> tuple[int, IPv4Address | None]:
+def _by_regex(nl: Netlink, pattern: str, families: Sequence[Family]) -> tuple[int, dict[Family, IPAddress]]:
+    """The first interface with an address of every family that matches, else the first whose name matches."""
     try:
         rx = re.compile(pattern)
     except re.error as exc:
         raise LookupError("invalid regex %r: %s" % (pattern, exc)) from None
     links = sorted(((int(m["index"]), m.get_attr("IFLA_IFNAME")) for m in nl.links()))
     for index, _ in links:
-        for addr in _v4_addresses(nl, index):
-            if rx.search(str(addr)):
-                return index, addr
+        matched = {}
+        for family in families:
+            addr = next((a for a in _addresses(nl, index, family) if rx.search(str(a))), None)
+            if addr is not None:
+                matched[family] = addr
+        if len(matched) == len(families):
+            return index, matched
     for index, name in links:
         if rx.search(name):
-            return index, None
+            return index, {}
     raise LookupError("No interface matches the regex")
 
 
-def _by_route(nl: Netlink, target: str) -> tuple[int, IPv4Address | None]:
-    routes = nl.route_get(str(IPv4Address(target)))
+def _by_route(nl: Netlink, target: str) -> tuple[int, dict[Family, IPAddress]]:
+    routes = nl.route_get(str(ip_address(target)))
     if not routes:
         raise LookupError("no route to %s" % target)
     src = routes[0].get_attr("RTA_PREFSRC")
-    return int(routes[0].get_attr("RTA_OIF")), IPv4Address(src) if src else None
+    found = ip_address(src) if src else None
+    return int(routes[0].get_attr("RTA_OIF")), {family_of(found): found} if found else {}
 
 
-def _default_route(nl: Netlink) -> int:
-    for r in nl.routes(254):
-        if r.dst == "0.0.0.0/0":
+def _default_route(nl: Netlink, family: Family) -> int:
+    what = "default %s" % _words(family, "interface")
+    for r in nl.routes(254, family.af):
+        if r.dst == family.any_network:
             if not r.oif:
-                raise LookupError("failed to get default interface: Found default route but could not determine interface")
+                raise LookupError("failed to get %s: Found default %s but could not determine interface"
+                                  % (what, _words(family, "route")))
             return r.oif
-    raise LookupError("failed to get default interface: Unable to find default route")
+    raise LookupError("failed to get %s: Unable to find default %s" % (what, _words(family, "route")))
 
 
-def select(nl: Netlink, ifaces: list[str], regexes: list[str], can_reach: str, public_ip: str) -> ExternalInterface:
-    """Pick the external interface the way flanneld does; raises InterfaceError with its wording."""
+def select(nl: Netlink, ifaces: list[str], regexes: list[str], can_reach: str, public_ip: str,
+           public_ipv6: str = "", families: Sequence[Family] = (IPV4,)) -> ExternalInterface:
+    """Pick the external interface and each family's addresses the way flanneld does; raises
+    InterfaceError with its wording.
+
+    ``families`` are the enabled ones, IPv4 first. The interface comes from the first flag that
+    finds one (``--iface`` names or addresses, ``--iface-regex``, ``--iface-can-reach``), else
+    from the first family's ``--public-ip(v6)``, else from the default route (in dual-stack the
+    IPv6 default route must use the same interface). A family the flag did not give an address
+    is filled with the interface's first address of it; ``--public-ip(v6)`` sets what is advertised.
+    """
+    publics = {f: ip_address(text) for f, text in ((IPV4, public_ip), (IPV6, public_ipv6)) if text and f in families}
     index: int | None = None
-    addr: IPv4Address | None = None
+    found: dict[Family, IPAddress] = {}  # the addresses the flags name; the others are the interface's first
     if not ifaces and not regexes and not can_reach:
         try:
-            if public_ip:
-                addr = IPv4Address(public_ip)
-                index = _by_ip(nl, addr)
+            if publics:
+                # the owner of the first family's public address; the others' must be on it too
+                found = dict(publics)
+                owners = {f: _by_ip(nl, a) for f, a in publics.items()}
+                kind = "interface"
             else:
                 log.info("Determining IP address of default interface")
-                index = _default_route(nl)
-        except (LookupError, ValueError) as exc:
+                owners = {f: _default_route(nl, f) for f in families}
+                kind = "default route interface"
+        except LookupError as exc:
             raise InterfaceError("Failed to find any valid interface to use: %s" % exc) from None
+        (first, index), *others = owners.items()
+        for family, other in others:
+            if other != index:
+                raise InterfaceError("Failed to find any valid interface to use: v%d %s %s must be the same with "
+                                     "v%d %s %s" % (family.version, kind, _link(nl, other)[0], first.version,
+                                                    kind, _link(nl, index)[0]))
     else:
         for value in ifaces:
             try:
                 try:
-                    ip = IPv4Address(value)
+                    ip = ip_address(value)
                 except ValueError:
                     index = _by_name(nl, value)
                 else:
                     log.info("Searching for interface using %s", ip)
-                    index, addr = _by_ip(nl, ip), ip
+                    index = _by_ip(nl, ip)
+                    found = {family_of(ip): ip}
                 break
             except LookupError as exc:
                 log.info("Could not find valid interface matching %s: %s", value, exc)
         for pattern in regexes if index is None else ():
             try:
-                index, addr = _by_regex(nl, pattern)
+                index, found = _by_regex(nl, pattern, families)
                 break
             except LookupError as exc:
                 log.info("Could not find valid interface matching %s: %s", pattern, exc)
         if index is None and can_reach:
             try:
-                index, addr = _by_route(nl, can_reach)
+                index, found = _by_route(nl, can_reach)
             except (LookupError, ValueError, OSError) as exc:
                 log.info("Could not find valid interface matching ifaceCanReach: %s: %s", can_reach, exc)
         if index is None:
             raise InterfaceError("Failed to find interface to use that matches the interfaces and/or regexes provided")
 
     name, mtu = _link(nl, index)
-    if addr is None:
-        found = _v4_addresses(nl, index)
-        if not found:
-            raise InterfaceError("Failed to find any valid interface to use: failed to find IPv4 address for interface %s" % name)
-        addr = found[0]
-    log.info("Using interface with name %s and address %s", name, addr)
+    addrs: dict[Family, ExtAddr] = {}
+    for family in families:
+        addr = found.get(family)
+        if addr is None:
+            first_addrs = _addresses(nl, index, family)
+            if not first_addrs:
+                raise InterfaceError("Failed to find any valid interface to use: failed to find %s address for "
+                                     "interface %s" % (family, name))
+            addr = first_addrs[0]
+        log.info("Using interface with name %s and %s %s", name, _words(family, "address"), addr)
+        ext = publics.get(family)
+        if ext is not None:
+            log.info("Using %s as external address", ext)
+        else:
+            ext = addr
+            log.info("Defaulting external %s to interface address (%s)", _words(family, "address"), addr)
+        addrs[family] = ExtAddr(addr, ext)
     if mtu == 0:
-        raise InterfaceError("Failed to find any valid interface to use: failed to determine MTU for %s interface" % addr)
-    if public_ip:
-        ext = IPv4Address(public_ip)
-        log.info("Using %s as external address", ext)
-    else:
-        ext = addr
-        log.info("Defaulting external address to interface address (%s)", addr)
-    return ExternalInterface(name, index, mtu, addr, ext)
+        raise InterfaceError("Failed to find any valid interface to use: failed to determine MTU for %s interface"
+                             % addrs[families[0]].iface_addr)
+    return ExternalInterface(name, index, mtu, addrs)

@@ -247,7 +247,7 @@ class KubeClient:
 
     def _call(self, method: str, path: str, needs: str, query: dict[str, Any] | None = None, body: Any = None,
               content_type: str | None = None, decode: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
-        data = json.dumps(body).encode() if body is not None else None
+        data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
         conn, resp = self._request(method, path, query, data, content_type, REQUEST_TIMEOUT)
         try:
             raw = resp.read()

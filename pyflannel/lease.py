@@ -1,17 +1,21 @@
-"""The lease: a node's pod subnet and how to reach it (flannel's ``pkg/lease``)."""
+"""The lease: a node's pod subnet of one family and how to reach it (flannel's ``pkg/lease``).
+
+A dual-stack node has two leases, one per family, of the same type.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+
+from .family import IPAddress, IPNetwork
 
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A node's subnet, the public IP its tunnel ends at, and its backend's data (raw JSON)."""
+    """A node's subnet, the public IP its tunnel ends at, and its backend's data (raw JSON), all of one family."""
 
-    subnet: IPv4Network
-    public_ip: IPv4Address
+    subnet: IPNetwork
+    public_ip: IPAddress
     backend_type: str
     backend_data: str
 

@@ -64,6 +64,10 @@ RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+_FAMILY_GROUPS: dict[int, int] = {socket.AF_INET: RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+                                   socket.AF_INET6: RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE}
 IFF_UP = 0x1
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -76,11 +80,13 @@ _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
 _IPV4_ATTR = struct.Struct("=HH4s")  # fixed-size attributes, packed in one call: thousands at start-up
+_IPV6_ATTR = struct.Struct("=HH16s")
 _U32_ATTR = struct.Struct("=HHI")
 
 Deletion = tuple[str, int, str]
 """What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst"), ("route", table, "dst/len"),
-("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP."""
+("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP.
+Addresses of either family, IPv6 ones in their compressed form ("fd00:10:244:1::")."""
 
 
 def parse_attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
@@ -103,10 +109,18 @@ def _rtattr(kind: int, payload: bytes) -> bytes:
     return _RTATTR.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
+def _address_attr(kind: int, address: str) -> bytes:
+    """An attribute holding an IPv4 or IPv6 address given as text."""
+    if ":" in address:
+        return _IPV6_ATTR.pack(20, kind, socket.inet_pton(socket.AF_INET6, address))
+    return _IPV4_ATTR.pack(8, kind, socket.inet_aton(address))
+
+
 def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, state: int, ntf_flags: int,
                       dst: str, lladdr: str | None) -> Packed:
-    """RTM_NEWNEIGH or RTM_DELNEIGH: a neighbour (AF_INET) or an FDB entry (AF_BRIDGE)."""
-    body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _IPV4_ATTR.pack(8, NDA_DST, socket.inet_aton(dst))
+    """RTM_NEWNEIGH or RTM_DELNEIGH: a neighbour (AF_INET, AF_INET6) or an FDB entry (AF_BRIDGE, to an
+    IPv4 or IPv6 remote)."""
+    body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _address_attr(NDA_DST, dst)
     if lladdr is not None:
         body += _rtattr(NDA_LLADDR, bytes.fromhex(lladdr.replace(":", "")))
     return Packed(msg_type, flags, body)
@@ -114,11 +128,11 @@ def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, stat
 
 def route_request(msg_type: int, flags: int, dst: str, dst_len: int, gateway: str | None, oif: int | None,
                   table: int, proto: int, scope: int, rtype: int, rtm_flags: int) -> Packed:
-    """RTM_NEWROUTE or RTM_DELROUTE for an IPv4 route."""
-    body = _RTMSG.pack(socket.AF_INET, dst_len, 0, 0, table, proto, scope, rtype, rtm_flags)
-    body += _IPV4_ATTR.pack(8, RTA_DST, socket.inet_aton(dst))
+    """RTM_NEWROUTE or RTM_DELROUTE for a route of the family of ``dst`` (an address's text)."""
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    body = _RTMSG.pack(family, dst_len, 0, 0, table, proto, scope, rtype, rtm_flags) + _address_attr(RTA_DST, dst)
     if gateway is not None:
-        body += _IPV4_ATTR.pack(8, RTA_GATEWAY, socket.inet_aton(gateway))
+        body += _address_attr(RTA_GATEWAY, gateway)
     if oif is not None:
         body += _U32_ATTR.pack(8, RTA_OIF, oif)
     return Packed(msg_type, flags, body)
@@ -131,7 +145,12 @@ def _decode(cls: type, buf: bytes, off: int, length: int) -> Any:
 
 
 def _ip(b: bytes | None) -> str | None:
-    return socket.inet_ntoa(b) if b is not None and len(b) == 4 else None
+    """An IPv4 or IPv6 address's text (IPv6 compressed, as ``ipaddress`` writes it), or None."""
+    if b is None:
+        return None
+    if len(b) == 4:
+        return socket.inet_ntoa(b)
+    return socket.inet_ntop(socket.AF_INET6, b) if len(b) == 16 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +166,9 @@ class Neighbour:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """An IPv4 route: the fields the daemon reads."""
+    """A route: the fields the daemon reads."""
 
-    dst: str  # "a.b.c.d/len"
+    dst: str  # "a.b.c.d/len" or "x:y::/len"
     gateway: str | None
     oif: int
     proto: int
@@ -165,13 +184,14 @@ def parse_neighbour(buf: bytes, body: int, end: int) -> Neighbour:
 
 
 def parse_route(buf: bytes, body: int, end: int) -> Route:
-    """An IPv4 rtmsg whose body runs from ``body`` to ``end`` in ``buf``."""
-    _, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
+    """An rtmsg whose body runs from ``body`` to ``end`` in ``buf``."""
+    family, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
     a = parse_attrs(buf, body + _RTMSG.size, end)
     if RTA_TABLE in a:
         table = struct.unpack("=I", a[RTA_TABLE])[0]
     oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
-    return Route("%s/%d" % (_ip(a.get(RTA_DST)) or "0.0.0.0", dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table)
+    dst = _ip(a.get(RTA_DST)) or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return Route("%s/%d" % (dst, dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table)
 
 
 class NetlinkError(OSError):
@@ -342,35 +362,36 @@ class Netlink:
             raise
         return found[0] if found else None
 
-    def addresses(self, index: int = 0) -> list[Any]:
-        """IPv4 addresses, of one link when ``index`` is given, in kernel order."""
-        found = self.dump(request(ifaddrmsg, RTM_GETADDR, fields={"family": socket.AF_INET}))
+    def addresses(self, index: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        """The addresses of a family, of one link when ``index`` is given, in kernel order."""
+        found = self.dump(request(ifaddrmsg, RTM_GETADDR, fields={"family": family}))
         return [m for m in found if not index or m["index"] == index]
 
-    def routes(self, table: int = 254) -> list[Route]:
-        """IPv4 routes of a table. Read with :func:`parse_route`, not decoded whole: a node's table
-        holds a route for every other node, and this runs on every reconcile."""
+    def routes(self, table: int = 254, family: int = socket.AF_INET) -> list[Route]:
+        """The routes of a family in a table. Read with :func:`parse_route`, not decoded whole: a
+        node's table holds a route for every other node, and this runs on every reconcile."""
         def parse(buf: bytes, off: int, length: int) -> Route | None:
             r = parse_route(buf, off + _HEADER.size, off + length)
             return r if r.table == table else None
-        return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET}), parse)
+        return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": family}), parse)
 
     def route_get(self, dst: str) -> list[Any]:
-        """The route the kernel would use to reach ``dst`` (``ip route get``)."""
-        return self.call(request(rtmsg, RTM_GETROUTE, fields={"family": socket.AF_INET, "dst_len": 32},
+        """The route the kernel would use to reach ``dst``, an IPv4 or IPv6 address (``ip route get``)."""
+        family, length = (socket.AF_INET6, 128) if ":" in dst else (socket.AF_INET, 32)
+        return self.call(request(rtmsg, RTM_GETROUTE, fields={"family": family, "dst_len": length},
                                  attrs=[("RTA_DST", dst)]))
 
     def neighbours(self, family: int, index: int) -> list[Neighbour]:
-        """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries of one link, read as :meth:`routes` are."""
+        """Neighbour (AF_INET, AF_INET6) or FDB (AF_BRIDGE) entries of one link, read as :meth:`routes` are."""
         def parse(buf: bytes, off: int, length: int) -> Neighbour | None:
             n = parse_neighbour(buf, off + _HEADER.size, off + length)
             return n if n.ifindex == index else None
         return self._dump(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), parse)
 
 
-def deletions(buf: bytes) -> list[Deletion]:
-    """The neighbour, FDB, IPv4 route, IPv4 address and link deletions, and the links without
-    IFF_UP, in a buffer of rtnetlink notifications.
+def deletions(buf: bytes, families: frozenset[int] = frozenset((socket.AF_INET,))) -> list[Deletion]:
+    """The neighbour, route and address deletions of the address ``families``, the FDB and link
+    deletions, and the links without IFF_UP, in a buffer of rtnetlink notifications.
 
     Only the few fields needed are read, so the many notifications a busy node sends cost little.
     """
@@ -383,14 +404,14 @@ def deletions(buf: bytes) -> list[Deletion]:
         body, end = off + _HEADER.size, off + length
         if msg_type == RTM_DELNEIGH:
             n = parse_neighbour(buf, body, end)
-            if n.family == socket.AF_INET and n.dst:
+            if n.family in families and n.dst:
                 out.append(("neigh", n.ifindex, n.dst))
             elif n.family == AF_BRIDGE and n.dst and n.lladdr:
                 out.append(("fdb", n.ifindex, "%s %s" % (n.lladdr, n.dst)))
-        elif msg_type == RTM_DELROUTE and _RTMSG.unpack_from(buf, body)[0] == socket.AF_INET:
+        elif msg_type == RTM_DELROUTE and buf[body] in families:
             r = parse_route(buf, body, end)
             out.append(("route", r.table, r.dst))
-        elif msg_type == RTM_DELADDR and buf[body] == socket.AF_INET:
+        elif msg_type == RTM_DELADDR and buf[body] in families:
             _, prefixlen, _, _, index = _IFADDRMSG.unpack_from(buf, body)
             a = parse_attrs(buf, body + _IFADDRMSG.size, end)
             out.append(("addr", index, "%s/%d" % (_ip(a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)), prefixlen)))
@@ -403,20 +424,24 @@ def deletions(buf: bytes) -> list[Deletion]:
 
 
 class Monitor:
-    """Link, IPv4 address, neighbour and IPv4 route notifications from the kernel, for repairing
-    deletions at once.
+    """Link, neighbour, and the address and route notifications of the address ``families``
+    (AF_INET, AF_INET6) from the kernel, for repairing deletions at once.
 
     The receive buffer is raised with SO_RCVBUFFORCE, which plain SO_RCVBUF's cap (rmem_max,
     208 KiB by default) does not limit; without CAP_NET_ADMIN it is SO_RCVBUF's best.
     """
 
-    def __init__(self, rcvbuf: int = MONITOR_RCVBUF) -> None:
+    def __init__(self, rcvbuf: int = MONITOR_RCVBUF, families: Iterable[int] = (socket.AF_INET,)) -> None:
+        self.families = frozenset(families)
+        groups = RTMGRP_LINK | RTMGRP_NEIGH
+        for af in self.families:
+            groups |= _FAMILY_GROUPS[af]
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
+        self.sock.bind((0, groups))
         self.sock.settimeout(1.0)
 
     def run(self, stop: threading.Event, on_deleted: Callable[[list[Deletion]], None]) -> None:
@@ -432,7 +457,7 @@ class Monitor:
                     raise
                 on_deleted([])
                 continue
-            found = deletions(buf)
+            found = deletions(buf, self.families)
             if found:
                 on_deleted(found)
         self.sock.close()

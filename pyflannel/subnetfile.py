@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+
+from .family import FAMILIES, Family, IPNetwork
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SubnetEnv:
-    """The values flanneld writes, in its order."""
+    """The values flanneld writes: each enabled family's Network and this node's subnet of it, the MTU
+    and whether pods are masqueraded."""
 
-    network: IPv4Network
-    subnet: IPv4Network
+    networks: dict[Family, tuple[IPNetwork, IPNetwork]]  # family -> (Network, subnet)
     mtu: int
     ipmasq: bool
 
     def render(self) -> str:
-        """The file's text, byte for byte as flanneld writes it."""
-        first = IPv4Interface((int(self.subnet.network_address) + 1, self.subnet.prefixlen))
-        return ("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=%s\n"
-                % (self.network, first, self.mtu, "true" if self.ipmasq else "false"))
+        """The file's text, byte for byte as flanneld writes it: the IPv4 pair, the IPv6 pair, MTU, IPMASQ."""
+        lines = []
+        for family in FAMILIES:
+            if family in self.networks:
+                network, subnet = self.networks[family]
+                lines.append("%s=%s\n" % (family.env_network, network))
+                # the subnet's first address, with its prefix ("10.244.1.1/24", "fd00:10:244:1::1/64")
+                lines.append("%s=%s/%d\n" % (family.env_subnet, subnet.network_address + 1, subnet.prefixlen))
+        lines.append("FLANNEL_MTU=%d\nFLANNEL_IPMASQ=%s\n" % (self.mtu, "true" if self.ipmasq else "false"))
+        return "".join(lines)
 
 
 def write(path: str, env: SubnetEnv) -> None:
@@ -63,20 +73,27 @@ def read(path: str) -> dict[str, str] | None:
         return None
 
 
-def read_previous(path: str) -> tuple[IPv4Network | None, IPv4Network | None]:
-    """FLANNEL_NETWORK and FLANNEL_SUBNET (masked) from an existing file; None where missing or unreadable."""
+def read_previous(path: str, family: Family) -> tuple[IPNetwork | None, IPNetwork | None]:
+    """``family``'s network and subnet (masked) from an existing file; None where missing or unreadable.
+
+    flanneld takes a missing value as ``0.0.0.0/0`` / ``::/0``; the iptables manager does the same
+    with None. A value that does not parse is logged as flanneld does.
+    """
     try:
         values = read(path) or {}
     except OSError:
         return None, None
 
-    def cidr(key: str) -> IPv4Network | None:
+    def cidr(key: str) -> IPNetwork | None:
+        if key not in values:
+            return None
         try:
-            return IPv4Network(values[key].strip(), strict=False)
-        except (KeyError, ValueError):
+            return family.network(values[key].strip())
+        except ValueError as exc:
+            log.error("Couldn't parse previous %s from subnet file at %s: %s", key, path, exc)
             return None
 
-    return cidr("FLANNEL_NETWORK"), cidr("FLANNEL_SUBNET")
+    return cidr(family.env_network), cidr(family.env_subnet)
 
 
 class Keeper:

@@ -3,10 +3,12 @@
 
 It answers with pyroute2's real message classes (encoded and decoded, as the kernel's answers
 are) and the parsed :class:`~pyflannel.netlink.Route` and :class:`~pyflannel.netlink.Neighbour`,
-and applies the kernel's rules that matter to flannel: a link created down; a link set down
-loses its routes and neighbours but keeps its FDB entries and addresses; a link's last IPv4
-address removed takes its routes and neighbours with it; a deleted link takes everything; a
-request naming a missing link gets ENODEV, an onlink route through a down link ENETDOWN.
+of both IP families, and applies the kernel's rules that matter to flannel: a link created down
+(a VXLAN link with the MTU the kernel allows over its family); a link set down loses its routes
+(IPv6 ones with a notification), its neighbours and its IPv6 addresses but keeps its FDB entries
+and IPv4 addresses; a link's last IPv4 address removed takes its routes and neighbours with it; an
+IPv6 address has a kernel route (``/128`` ones too); a deleted link takes everything; a request
+naming a missing link gets ENODEV, an onlink route through a down link ENETDOWN.
 
 Every request that changes state is recorded in :attr:`FakeNetlink.writes`, and every
 notification the daemon's Monitor would report (:func:`pyflannel.netlink.deletions`) in
@@ -21,7 +23,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import ip_address, ip_interface, ip_network
 from typing import Any
 
 from pyflannel._pyroute2 import ifaddrmsg, ifinfmsg, rtmsg
@@ -32,8 +34,10 @@ from pyflannel.netlink import (AF_BRIDGE, IFF_UP, RTM_DELADDR, RTM_DELLINK, RTM_
 NLM_F_CREATE, NLM_F_EXCL = 0x400, 0x200
 MAIN_TABLE = 254
 RTPROT_KERNEL = 2
+RTPROT_BOOT = 3
 DEFAULT_TXQLEN = 1000  # what the kernel gives an Ethernet-like link created without IFLA_TXQLEN
 DEFAULT_VXLAN_PORT = 8472
+VXLAN_OVERHEAD = {"IFLA_VXLAN_LOCAL6": 70}  # the kernel's headroom over an IPv6 underlay; 50 otherwise
 
 
 @dataclass
@@ -73,11 +77,11 @@ def _random_mac() -> str:
 
 
 class FakeNetlink:
-    """The kernel's links, IPv4 addresses, neighbours, FDB entries and main-table routes, in memory."""
+    """The kernel's links, addresses, neighbours, FDB entries and main-table routes, in memory."""
 
     def __init__(self) -> None:
         self.link_table: dict[int, Link] = {}
-        self.addr_table: list[tuple[int, IPv4Interface]] = []  # (ifindex, address), in kernel order
+        self.addr_table: list[tuple[int, Any]] = []  # (ifindex, IPv4Interface or IPv6Interface), in kernel order
         self.neigh_table: dict[tuple[int, str], str] = {}  # (ifindex, ip) -> MAC, all permanent
         self.fdb_table: dict[tuple[int, str], str] = {}  # (ifindex, MAC) -> remote IP
         self.route_table: dict[str, Route] = {}  # "dst/len" -> route, main table only
@@ -99,41 +103,44 @@ class FakeNetlink:
         found = self._find(name) if name else self.link_table.get(index)
         return self._link_message(found) if found is not None else None
 
-    def addresses(self, index: int = 0) -> list[Any]:
-        return [_message(ifaddrmsg, {"family": socket.AF_INET, "prefixlen": a.network.prefixlen, "index": i},
+    def addresses(self, index: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        return [_message(ifaddrmsg, {"family": family, "prefixlen": a.network.prefixlen, "index": i},
                          [("IFA_ADDRESS", str(a.ip)), ("IFA_LOCAL", str(a.ip)),
                           ("IFA_LABEL", self.link_table[i].name)])
-                for i, a in self.addr_table if not index or i == index]
+                for i, a in self.addr_table if (not index or i == index) and _af(a) == family]
 
-    def routes(self, table: int = MAIN_TABLE) -> list[Route]:
+    def routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[Route]:
         if table != MAIN_TABLE:
             return []
+        # The kernel's route of each address: its subnet's (IPv4: none for a /32), on an up link
         connected = [Route(str(a.network), None, i, RTPROT_KERNEL, MAIN_TABLE) for i, a in self.addr_table
-                     if a.network.prefixlen < 32 and self.link_table[i].up]
-        return connected + list(self.route_table.values())
+                     if _af(a) == family and self.link_table[i].up and (a.version == 6 or a.network.prefixlen < 32)]
+        return connected + [r for r in self.route_table.values() if _af(ip_network(r.dst)) == family]
 
     def route_get(self, dst: str) -> list[Any]:
-        target = IPv4Address(dst)
+        target = ip_address(dst)
+        family = _af(target)
         best: tuple[int, int, str | None] | None = None  # (prefix length, oif, gateway)
-        for r in self.routes():
-            net = IPv4Network(r.dst)
+        for r in self.routes(family=family):
+            net = ip_network(r.dst)
             if target in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, r.oif, r.gateway)
         if best is None:
             raise NetlinkError(errno.ENETUNREACH)
         _, oif, gateway = best
         attrs: list[tuple[str, Any]] = [("RTA_DST", dst), ("RTA_OIF", oif)]
-        src = [a.ip for i, a in self.addr_table if i == oif]
+        src = [a.ip for i, a in self.addr_table if i == oif and _af(a) == family]
         if src:
             attrs.append(("RTA_PREFSRC", str(src[0])))
         if gateway:
             attrs.append(("RTA_GATEWAY", gateway))
-        return [_message(rtmsg, {"family": socket.AF_INET, "dst_len": 32, "table": MAIN_TABLE}, attrs)]
+        return [_message(rtmsg, {"family": family, "dst_len": target.max_prefixlen, "table": MAIN_TABLE}, attrs)]
 
     def neighbours(self, family: int, index: int) -> list[Neighbour]:
         if family == AF_BRIDGE:
             return [Neighbour(AF_BRIDGE, i, 0x80, dst, mac) for (i, mac), dst in self.fdb_table.items() if i == index]
-        return [Neighbour(socket.AF_INET, i, 0x80, ip, mac) for (i, ip), mac in self.neigh_table.items() if i == index]
+        return [Neighbour(family, i, 0x80, ip, mac) for (i, ip), mac in self.neigh_table.items()
+                if i == index and _af(ip_address(ip)) == family]
 
     def batch(self, requests: Sequence[Request | Packed]) -> list[int]:
         codes = []
@@ -171,13 +178,20 @@ class FakeNetlink:
         return link
 
     def ip_addr_add(self, name: str, address: str) -> None:
-        self._add_address(self._need(name).index, IPv4Interface(address))
+        self._add_address(self._need(name).index, ip_interface(address))
+
+    def ip_route_add(self, dst: str, gateway: str, name: str) -> None:
+        """``ip route add <dst> via <gateway> dev <name>``, e.g. a default route (``0.0.0.0/0``, ``::/0``)."""
+        self.route_table[dst] = Route(dst, gateway, self._need(name).index, RTPROT_BOOT, MAIN_TABLE)
 
     def ip_link_del(self, name: str) -> None:
         self._delete_link(self._need(name))
 
     def ip_link_set_down(self, name: str) -> None:
         self._set_up(self._need(name), False)
+
+    def ip_link_set_up(self, name: str) -> None:
+        self._set_up(self._need(name), True)
 
     def ip_addr_flush(self, name: str) -> None:
         link = self._need(name)
@@ -225,7 +239,7 @@ class FakeNetlink:
         }
 
     def addresses_of(self, name: str) -> list[str]:
-        """A link's IPv4 addresses, "ip/len"."""
+        """A link's addresses, "ip/len", in kernel order."""
         index = self._need(name).index
         return [str(a) for i, a in self.addr_table if i == index]
 
@@ -269,20 +283,24 @@ class FakeNetlink:
         link.flags = link.flags | IFF_UP if up else link.flags & ~IFF_UP
         self._notify_link(link)
         if not up:
-            self._flush_routes_and_neighbours(link.index)
+            self._flush_routes_and_neighbours(link.index, (socket.AF_INET, socket.AF_INET6))
+            for i, a in [(i, a) for i, a in self.addr_table if i == link.index and a.version == 6]:
+                self._delete_address(i, a)
 
-    def _flush_routes_and_neighbours(self, index: int) -> None:
-        """What a link set down, or left without IPv4 addresses, loses: its routes (IPv4 sends no
-        notification for these) and its neighbours, permanent ones too."""
-        for dst in [d for d, r in self.route_table.items() if r.oif == index]:
+    def _flush_routes_and_neighbours(self, index: int, families: tuple[int, ...]) -> None:
+        """What a link set down, or left without IPv4 addresses, loses: its routes of the families
+        (IPv4 sends no notification for these, IPv6 does) and their neighbours, permanent ones too."""
+        for dst in [d for d, r in self.route_table.items() if r.oif == index and _af(ip_network(d)) in families]:
             del self.route_table[dst]
-        for key in [k for k in self.neigh_table if k[0] == index]:
+            if ":" in dst:
+                self.events.append(("route", MAIN_TABLE, dst))
+        for key in [k for k in self.neigh_table if k[0] == index and _af(ip_address(k[1])) in families]:
             del self.neigh_table[key]
             self.events.append(("neigh", index, key[1]))
 
     def _delete_link(self, link: Link) -> None:
         self._set_up(link, False)
-        self._flush_routes_and_neighbours(link.index)
+        self._flush_routes_and_neighbours(link.index, (socket.AF_INET, socket.AF_INET6))
         for key in [k for k in self.fdb_table if k[0] == link.index]:
             self.events.append(("fdb", link.index, "%s %s" % (key[1], self.fdb_table.pop(key))))
         for i, a in [(i, a) for i, a in self.addr_table if i == link.index]:
@@ -291,19 +309,20 @@ class FakeNetlink:
         del self.link_table[link.index]
         self.events.append(("link", link.index, link.name))
 
-    def _add_address(self, index: int, addr: IPv4Interface) -> None:
+    def _add_address(self, index: int, addr: Any) -> None:
         self._link_index(index)
         if (index, addr) in self.addr_table:
             raise NetlinkError(errno.EEXIST)
-        self.addr_table.append((index, addr))
+        # The kernel lists a link's IPv6 addresses newest first, its IPv4 ones oldest first.
+        self.addr_table.insert(0 if addr.version == 6 else len(self.addr_table), (index, addr))
 
-    def _delete_address(self, index: int, addr: IPv4Interface) -> None:
+    def _delete_address(self, index: int, addr: Any) -> None:
         if (index, addr) not in self.addr_table:
             raise NetlinkError(errno.EADDRNOTAVAIL)
         self.addr_table.remove((index, addr))
         self.events.append(("addr", index, str(addr)))
-        if not any(i == index for i, _ in self.addr_table):
-            self._flush_routes_and_neighbours(index)
+        if addr.version == 4 and not any(i == index and a.version == 4 for i, a in self.addr_table):
+            self._flush_routes_and_neighbours(index, (socket.AF_INET,))
 
     def _request(self, req: Request) -> None:
         """A request pyroute2 would encode: links and addresses."""
@@ -315,8 +334,10 @@ class FakeNetlink:
             lower = self._link_index(data["IFLA_VXLAN_LINK"]) if data.get("IFLA_VXLAN_LINK") else None
             data.setdefault("IFLA_VXLAN_PORT", DEFAULT_VXLAN_PORT)
             self.writes.append("RTM_NEWLINK create %s" % a["IFLA_IFNAME"])
+            overhead = max([VXLAN_OVERHEAD.get(key, 50) for key in data] + [50])
+            allowed = (lower.mtu if lower is not None else 1500) - overhead  # the kernel clamps a larger request
             link = self.ip_link_add(a["IFLA_IFNAME"], kind=info["IFLA_INFO_KIND"], up=False, mac=a.get("IFLA_ADDRESS", ""),
-                                    mtu=lower.mtu - 50 if lower is not None else 1450, data=data)
+                                    mtu=min(a.get("IFLA_MTU") or allowed, allowed), data=data)
             link.txqlen = a.get("IFLA_TXQLEN", DEFAULT_TXQLEN)
         elif msg_type == RTM_NEWLINK:
             link = self._link_index(fields["index"])
@@ -332,7 +353,7 @@ class FakeNetlink:
             self.writes.append("RTM_DELLINK %s" % link.name)
             self._delete_link(link)
         elif msg_type in (RTM_NEWADDR, RTM_DELADDR):
-            addr = IPv4Interface((a["IFA_LOCAL"], fields["prefixlen"]))
+            addr = ip_interface((a["IFA_LOCAL"], fields["prefixlen"]))
             self.writes.append("%s %s index %d" % ("RTM_NEWADDR" if msg_type == RTM_NEWADDR else "RTM_DELADDR", addr,
                                                    fields["index"]))
             if msg_type == RTM_NEWADDR:
@@ -385,10 +406,17 @@ class FakeNetlink:
                     raise NetlinkError(errno.ENETDOWN)
             else:  # a route via a gateway on a connected subnet
                 assert r.gateway is not None
-                on = [i for i, a in self.addr_table if IPv4Address(r.gateway) in a.network and self.link_table[i].up]
+                gateway = ip_address(r.gateway)
+                on = [i for i, a in self.addr_table
+                      if a.version == gateway.version and gateway in a.network and self.link_table[i].up]
                 if not on:
                     raise NetlinkError(errno.ENETUNREACH)
                 oif = on[0]
             self.route_table[r.dst] = Route(r.dst, r.gateway, oif, r.proto, MAIN_TABLE)
         else:
             raise NotImplementedError("request type %d" % req.msg_type)
+
+
+def _af(a: Any) -> int:
+    """The address family of an ipaddress address, interface or network."""
+    return socket.AF_INET6 if a.version == 6 else socket.AF_INET

@@ -31,6 +31,22 @@ def test_footprint_bench_runs_and_prints_its_tables() -> None:
     assert "| off " in churn, out
 
 
+def test_footprint_bench_waits_for_both_families_in_dual_stack() -> None:
+    cmd = [sys.executable, "-m", "bench.footprint", "--nodes", "5", "--runs", "1", "--limits", "off",
+           "--settle", "0.5", "--stack", "dual", "--churn", "--churn-nodes", "5", "--churn-seconds", "1"]
+    res = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "- stack: dual (flannel.1, flannel-v6.1)" in out, out
+    start = [line for line in out.splitlines() if line.startswith("- start 1/1 N=5")]
+    assert len(start) == 1 and start[0].endswith(", ok") and "all peers —" not in start[0], out
+    churn = [line.split("|") for line in out.split("## Churn")[1].split("##")[0].splitlines()
+             if line.startswith("| off ")]
+    assert len(churn) == 1, out
+    # no change missed, in either family, and no stale entry left
+    assert churn[0][3].strip() == "0 ✓" and churn[0][10].strip() == "0", out
+
+
 def test_kubeproxy_bench_runs_and_prints_its_table() -> None:
     cmd = [sys.executable, "-m", "bench.kubeproxy", "--services", "0,30", "--backends", "nft,legacy", "--designs",
            "new,old", "--limits", "off", "--nodes", "2", "--idle-seconds", "1", "--settle", "0.5"]

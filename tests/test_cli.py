@@ -132,9 +132,8 @@ def test_v20_shows_info_lines_and_vmodule_is_honoured(tmp_path: Path) -> None:
 
 def test_unsupported_net_conf_keys_are_fatal_and_named(tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
-    for keys, named in (({"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}, "EnableIPv6: "),
-                        ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/56"}, "EnableIPv4: "),
-                        ({"Networks": ["10.1.0.0/16"]}, "Networks: "),
+    for keys, named in (({"Networks": ["10.1.0.0/16"]}, "Networks: "),
+                        ({"IPv6Networks": ["fd00::/56"]}, "IPv6Networks: "),
                         ({"EnableNFTables": True}, "EnableNFTables: ")):
         conf.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}, **keys}))
         res = pyflannel("--kube-subnet-mgr", "--net-config-path=%s" % conf)
@@ -148,5 +147,3 @@ def test_unsupported_flags_are_refused_by_name() -> None:
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         'pyflannel: invalid value "main.go:12" for flag -log_backtrace_at: pyflannel does not support '
         "-log_backtrace_at; leave it empty (see --help)"]
-    res = pyflannel("--kube-subnet-mgr", "--public-ipv6=fd00::1")
-    assert res.returncode == 2 and "-public-ipv6: pyflannel does not support IPv6 yet" in res.stderr

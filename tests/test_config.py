@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from pyflannel.config import Config, ConfigError, VXLANConfig, check_supported, load, parse
+from pyflannel.family import IPV4, IPV6, Family
 from tests.conftest import needs_netns
 
 VXLAN = {"Type": "vxlan"}
@@ -80,8 +81,8 @@ def test_missing_backend_is_udp() -> None:
 def test_empty_backend_has_empty_type() -> None:
     assert keys_error(True, Network="10.244.0.0/16", Backend={}) == \
         "error parsing subnet config: unknown backend type: "
-    assert keys_error(True, Network="10.244.0.0/16", Backend={"Type": "host-gw"}) == \
-        "error parsing subnet config: unknown backend type: host-gw"
+    assert keys_error(True, Network="10.244.0.0/16", Backend={"Type": "ipip"}) == \
+        "error parsing subnet config: unknown backend type: ipip"
 
 
 def test_backend_type_is_lower_cased_and_backend_kept_raw() -> None:
@@ -154,19 +155,21 @@ def test_vxlan_device_mtu(mtu: int, iface_mtu: int, device_mtu: int) -> None:
 MTU_PROBE = r"""
 import json, subprocess, sys
 from ipaddress import IPv4Address, IPv4Network
-from pyflannel.backend.vxlan import VXLANBackend
+from pyflannel.backend.vxlan import VXLANNetwork, log_config
 from pyflannel.config import VXLANConfig
-from pyflannel.ip import ExternalInterface
+from pyflannel.family import IPV4
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.netlink import Netlink
 
 subprocess.run("ip link add eth1 type veth peer name eth1p".split(), check=True)
 subprocess.run("ip addr add 192.168.56.11/24 dev eth1".split(), check=True)
 nl = Netlink()
 addr = IPv4Address("192.168.56.11")
-ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, addr, addr)
+ext = ExternalInterface("eth1", nl.link(name="eth1")["index"], 1500, {IPV4: ExtAddr(addr, addr)})
 out = []
 for mtu in json.loads(sys.argv[1]):
-    backend = VXLANBackend(nl, VXLANConfig(mtu=mtu), ext, IPv4Network("10.244.0.0/16"))
+    log_config(VXLANConfig(mtu=mtu), ext)
+    backend = VXLANNetwork(nl, VXLANConfig(mtu=mtu), IPV4, ext, IPv4Network("10.244.0.0/16"))
     device = backend.create_device()
     out.append([backend.mtu, nl.link(name=device.name).get_attr("IFLA_MTU")])
     subprocess.run(["ip", "link", "del", device.name], check=True)
@@ -194,9 +197,9 @@ def test_vxlan_mtu_reaches_the_device_and_subnet_env_alike() -> None:
 def test_multi_network_and_nftables_keys_are_parsed() -> None:
     c = conf(Network="10.244.0.0/16", Networks=["10.1.0.0/16", "10.2.0.1/16"], IPv6Networks=["fd00::/48"],
              EnableNFTables=True, Backend=VXLAN)
-    assert c.networks == (IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
-    assert c.ipv6_networks == (IPv6Network("fd00::/48"),) and c.enable_nftables is True
-    assert conf(Network="10.244.0.0/16", Networks=None, Backend=VXLAN).networks == ()
+    assert c.network_list == (IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
+    assert c.ipv6_network_list == (IPv6Network("fd00::/48"),) and c.enable_nftables is True
+    assert conf(Network="10.244.0.0/16", Networks=None, Backend=VXLAN).network_list == ()
     assert keys_error(Network="10.244.0.0/16", Networks="10.1.0.0/16", Backend=VXLAN) == \
         'error parsing subnet config: Networks: expected an array, got string "10.1.0.0/16"'
     assert keys_error(Network="10.244.0.0/16", IPv6Networks=["10.1.0.0/16"], Backend=VXLAN) == \
@@ -398,13 +401,9 @@ def test_config_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize("keys,message", [
-    ({"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
-     'EnableIPv6: pyflannel does not support dual-stack networks yet ("EnableIPv6": true); '
-     "set it to false for IPv4 only, or run flanneld"),
-    ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
-     'EnableIPv4: pyflannel does not support IPv6-only networks yet ("EnableIPv4": false); run flanneld for them'),
     ({"Networks": ["10.244.0.0/16"]}, "Networks: pyflannel does not support multiple networks; use Network alone"),
-    ({"IPv6Networks": ["fd00::/48"]}, "IPv6Networks: pyflannel does not support multiple networks; use Network alone"),
+    ({"IPv6Networks": ["fd00::/48"]},
+     "IPv6Networks: pyflannel does not support multiple networks; use IPv6Network alone"),
     ({"EnableNFTables": True},
      "EnableNFTables: pyflannel does not support nftables rules yet; set it to false (pyflannel writes iptables "
      "rules, through iptables-nft where that is the iptables in use)"),
@@ -436,3 +435,47 @@ def test_load_checks_ipv6_keys_before_refusing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load(str(path), kube=True)
     assert str(exc.value) == "error parsing subnet config: IPv6Network: invalid CIDR address: fd00::1"
+
+
+# --- stacks and backends (issue 9) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys,networks", [
+    ({"Network": "10.244.0.0/16"}, {IPV4: IPv4Network("10.244.0.0/16")}),
+    ({"Network": "10.244.0.0/16", "IPv6Network": "fd00:10:244::/56"}, {IPV4: IPv4Network("10.244.0.0/16")}),
+    ({"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::1/56"},
+     {IPV4: IPv4Network("10.244.0.0/16"), IPV6: IPv6Network("fd00:10:244::/56")}),
+    ({"enableipv4": False, "ENABLEIPV6": True, "ipv6network": "fd00:10:244::/56"},
+     {IPV6: IPv6Network("fd00:10:244::/56")}),
+    ({"Network": "10.244.0.0/16", "EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/56"},
+     {IPV6: IPv6Network("fd00::/56")}),
+])
+def test_networks_are_the_enabled_families(tmp_path: Path, keys: dict[str, Any],
+                                           networks: dict[Family, IPv4Network | IPv6Network]) -> None:
+    path = tmp_path / "net-conf.json"
+    for backend in ({"Type": "vxlan"}, {"Type": "host-gw"}):
+        path.write_text(json.dumps({**keys, "Backend": backend}))
+        c = load(str(path), kube=True)
+        assert c.networks == networks and list(c.networks) == [f for f in (IPV4, IPV6) if f in networks]
+
+
+def test_host_gw_backend() -> None:
+    c = conf(True, Network="10.244.0.0/16", Backend={"Type": "host-gw"})
+    assert c.backend_type == "host-gw" and c.vxlan is None
+    c = conf(True, Network="10.244.0.0/16", Backend={"Type": "HOST-GW", "DirectRouting": "x"})  # no keys of its own
+    assert c.backend_type == "host-gw"
+
+
+@pytest.mark.parametrize("keys,reason", [
+    ({"EnableIPv6": True}, "please define a correct IPv6Network parameter in the flannel config"),
+    ({"EnableIPv6": True, "IPv6Network": "::/0"},
+     "please define a correct IPv6Network parameter in the flannel config"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::1"}, "IPv6Network: invalid CIDR address: fd00::1"),
+    ({"EnableIPv6": True, "IPv6Network": "10.0.0.0/8"}, "IPv6Network: not an IPv6 network: 10.0.0.0/8"),
+    ({"EnableIPv6": "yes", "IPv6Network": "fd00::/56"}, 'EnableIPv6: expected true or false, got string "yes"'),
+    ({"EnableIPv4": False}, "none defined stack"),
+    ({"EnableIPv4": False, "EnableIPv6": False, "IPv6Network": "fd00::/56"}, "none defined stack"),
+])
+def test_stack_errors(keys: dict[str, Any], reason: str) -> None:
+    for kube in (True, False):
+        assert keys_error(kube, **{"Network": "10.244.0.0/16", "Backend": VXLAN, **keys}) == \
+            "error parsing subnet config: " + reason

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,14 +17,23 @@ from typing import Any
 import pytest
 
 from pyflannel import daemon, flags, subnetfile
+from pyflannel.backend.vxlan import VXLANNetwork
+from pyflannel.config import VXLANConfig
+from pyflannel.family import IPV4, IPV6, Family
 from pyflannel.kubeclient import ApiError
 from pyflannel.lease import Lease
 from pyflannel.log import KlogFormatter, V
 from pyflannel.subnet.kube import PROGRESS_BOUND
+from tests import test_vxlan
+from tests.conftest import needs_netns
 from tests.test_deploy import container
+from tests.test_vxlan import V4, V6
+from tools.netcluster import Cluster
+
+PREFIX = "flannel.alpha.coreos.com/"
 
 KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
-ENV = subnetfile.SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"), 1450, True)
+ENV = subnetfile.SubnetEnv({IPV4: (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24"))}, 1450, True)
 
 
 @pytest.fixture
@@ -77,28 +87,32 @@ def test_node_name() -> None:
 # -- the loop, with a fake subnet manager and a fake backend --------------------------------------------
 
 
-def lease(i: int) -> Lease:
-    return Lease(IPv4Network("10.244.%d.0/24" % i), IPv4Address("192.168.56.%d" % (10 + i)), "vxlan", "{}")
+STACKS = {IPV4: V4, IPV6: V6}
+
+
+def lease(i: int, family: Family = IPV4) -> Lease:
+    return STACKS[family].lease(i)
 
 
 class FakeSubnetManager:
     node_name = "self"
 
-    def __init__(self) -> None:
+    def __init__(self, families: tuple[Family, ...] = (IPV4,)) -> None:
         self.progress = time.monotonic()
-        self._leases = {"k8s02": lease(2)}
-        self.own = lease(1)  # what this node's record in the API says
+        self._leases = {f: {"k8s02": lease(2, f)} for f in families}
+        self.own = {f: lease(1, f) for f in families}  # what this node's record in the API says
         self.acquired: list[tuple[Any, ...]] = []
 
-    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
-        self.acquired.append((public_ip, backend_type, backend_data))
-        return self.own
+    def acquire_lease(self, public_ips: dict[Family, Any], backend_type: str,
+                      backend_data: dict[Family, str]) -> dict[Family, Lease]:
+        self.acquired.append((public_ips, backend_type, backend_data))
+        return dict(self.own)
 
-    def leases(self) -> dict[str, Lease]:
-        return dict(self._leases)
+    def leases(self, family: Family) -> dict[str, Lease]:
+        return dict(self._leases[family])
 
-    def lease_of(self, name: str) -> Lease | None:
-        return self._leases.get(name)
+    def lease_of(self, name: str, family: Family) -> Lease | None:
+        return self._leases[family].get(name)
 
 
 class FakeBackend:
@@ -107,8 +121,11 @@ class FakeBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.fail: Exception | None = None
-        self.device = SimpleNamespace(mac="0a:58:0a:f4:01:00")
-        self.cfg = SimpleNamespace(vni=1)
+        self.device_ok = True
+        self.mtu = 1450
+
+    def backend_data(self) -> str:
+        return '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}'
 
     def sync(self, leases: dict[str, Lease | None]) -> set[str]:
         if self.fail is not None:
@@ -129,15 +146,19 @@ class FakeBackend:
         return [kind for kind, _ in self.calls]
 
 
-def make_daemon(tmp_path: Path, resync: int = 3600) -> daemon.Daemon:
+def make_daemon(tmp_path: Path, resync: int = 3600, backends: dict[Family, Any] | None = None) -> daemon.Daemon:
+    """A daemon as start() leaves it, with a fake subnet manager and ``backends`` (a FakeBackend for IPv4)."""
     opts = flags.parse(["--kube-subnet-mgr", "--datapath-resync=%d" % resync,
                         "--subnet-file=%s" % (tmp_path / "subnet.env")], {})
     d = daemon.Daemon(opts)
-    d.sm = FakeSubnetManager()  # type: ignore[assignment]
-    d.backend = FakeBackend()  # type: ignore[assignment]
+    d.backends = backends or {IPV4: FakeBackend()}
+    families = tuple(d.backends)
+    d.sm = FakeSubnetManager(families)  # type: ignore[assignment]
     d.subnet_file = subnetfile.Keeper(opts.subnet_file, ENV)
-    d.lease = lease(1)
-    d.ext = SimpleNamespace(ext_addr=IPv4Address("192.168.56.11"))  # type: ignore[assignment]
+    d.leases = {f: lease(1, f) for f in families}
+    addrs = {IPV4: SimpleNamespace(ext_addr=IPv4Address("192.168.56.11")),
+             IPV6: SimpleNamespace(ext_addr=IPv6Address("fd56::11"))}
+    d.ext = SimpleNamespace(addrs=addrs)  # type: ignore[assignment]
     d.subnet_file.write()
     d._next_full = time.monotonic() + resync
     d.datapath_ready = True  # as after start()
@@ -149,7 +170,7 @@ def running(tmp_path: Path) -> Iterator[tuple[daemon.Daemon, FakeBackend, thread
     """A daemon whose loop runs under its supervisor in a thread, as after start-up."""
     d = make_daemon(tmp_path)
     d.supervisor.first_delay = 0.05
-    backend: Any = d.backend
+    backend: Any = d.backends[IPV4]
     thread = threading.Thread(target=d.supervisor.run, args=("main loop", d.loop))
     thread.start()
     yield d, backend, thread
@@ -169,32 +190,66 @@ def test_loop_applies_node_changes_and_kernel_deletions(running: Any) -> None:
     assert backend.calls[1:] == [("restore", [("route", 254, "10.244.2.0/24")]), ("sync", {})]
 
 
-def test_loop_keeps_a_fake_kernel_converged(tmp_path: Path) -> None:
-    """The loop with the real VXLAN backend on a fake kernel: a new node is programmed, an entry
-    deleted by hand is put back, a node that goes is removed."""
-    from tests import test_vxlan
+def test_readiness_needs_every_family_s_device_and_rules(tmp_path: Path) -> None:
+    b4, b6 = FakeBackend(), FakeBackend()
+    d = make_daemon(tmp_path, backends={IPV4: b4, IPV6: b6})
+    assert d.ready()
+    b6.device_ok = False
+    assert not d.ready()
+    b6.device_ok = True
+    d.iptables = {IPV4: SimpleNamespace(ready=True), IPV6: SimpleNamespace(ready=False)}  # type: ignore[dict-item]
+    assert not d.ready()
+    d.iptables[IPV6].ready = True
+    assert d.ready()
 
-    nl, backend = test_vxlan.node()
-    backend.create_device(test_vxlan.MAC)
-    backend.configure_device(test_vxlan.OWN)
-    d = make_daemon(tmp_path)
+
+def running_stack(stacks: tuple[Any, ...]) -> tuple[Any, dict[Family, Any]]:
+    """A node's fake kernel with a started VXLAN network of each stack, nodes 2 and 3 programmed."""
+    nl, first = test_vxlan.start(stacks[0])
+    networks = {stacks[0].family: first}
+    for stack in stacks[1:]:
+        network = VXLANNetwork(nl, VXLANConfig(), stack.family, first.ext, stack.network)
+        network.create_device(test_vxlan.MAC)
+        network.configure_device(stack.own)
+        network.reconcile(stack.leases(1, 2, 3))
+        networks[stack.family] = network
+    nl.take_events()
+    return nl, networks
+
+
+@pytest.mark.parametrize("stacks", [pytest.param((V4,), id="ipv4"), pytest.param((V4, V6), id="dual-stack"),
+                                    pytest.param((V6,), id="ipv6")])
+def test_loop_keeps_a_fake_kernel_converged(tmp_path: Path, stacks: tuple[Any, ...]) -> None:
+    """The loop with the real VXLAN networks on a fake kernel, one per family: a new node is programmed
+    in each, an entry deleted by hand is put back, a node that goes is removed from each."""
+    nl, networks = running_stack(stacks)
+    d = make_daemon(tmp_path, backends=networks)
     sm: Any = d.sm
-    sm._leases = {"k8s02": test_vxlan.lease(2)}
-    backend.reconcile(sm.leases())
-    d.backend = backend
+    sm._leases = {s.family: s.leases(2, 3) for s in stacks}
     thread = threading.Thread(target=d.loop, args=(d.stop,))
     thread.start()
+
+    def converged(*nodes: int) -> bool:
+        return all(nl.datapath(s.device) == s.expected(*nodes) for s in stacks)
+
     try:
-        sm._leases["k8s03"] = test_vxlan.lease(3)
-        d._on_change({"k8s03"})
-        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(2, 3))
-        nl.take_events()
-        nl.ip_route_del("10.244.2.0/24")
+        for s in stacks:
+            sm._leases[s.family]["k8s04"] = s.lease(4)
+        d._on_change({"k8s04"})
+        wait_until(lambda: converged(2, 3, 4))
+        for s in stacks:
+            nl.ip_route_del(s.subnet(2))
+            nl.ip_neigh_del(s.gw(3), s.device)
         d._on_deleted(nl.take_events())  # as the kernel-events listener hands them on
-        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(2, 3))
-        del sm._leases["k8s02"]
+        wait_until(lambda: converged(2, 3, 4))
+        for s in stacks:
+            del sm._leases[s.family]["k8s02"]
         d._on_change({"k8s02"})
-        wait_until(lambda: nl.datapath("flannel.1") == test_vxlan.expected(3))
+        wait_until(lambda: converged(3, 4))
+        nl.ip_link_del(stacks[-1].device)
+        d._on_deleted(nl.take_events())
+        wait_until(lambda: nl.find(stacks[-1].device) is not None and converged(3, 4))
+        assert d.ready()
     finally:
         d.stop.set()
         d._wake.set()
@@ -206,15 +261,25 @@ def test_a_change_of_this_node_publishes_the_lease_again(running: Any, klog: io.
     sm = d.sm
     d._on_change({"self"})
     wait_until(lambda: backend.calls)
-    assert sm.acquired == [(IPv4Address("192.168.56.11"), "vxlan", '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}')]
+    assert sm.acquired == [({IPV4: IPv4Address("192.168.56.11")}, "vxlan",
+                            {IPV4: '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}'})]
     assert backend.calls == [("sync", {})]
-    sm.own = lease(7)  # someone changed this node's pod CIDR: said once, applied at the next start
+    sm.own = {IPV4: lease(7)}  # someone changed this node's pod CIDR: said once, applied at the next start
     d._on_change({"self"})
     wait_until(lambda: len(backend.calls) == 2)
     d._on_change({"self"})
     wait_until(lambda: len(backend.calls) == 3)
     assert len(sm.acquired) == 3
     assert klog.getvalue().count("The pod CIDR of this node changed from 10.244.1.0/24 to 10.244.7.0/24") == 1
+
+
+def test_a_dual_stack_node_publishes_both_families(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path, backends={IPV4: FakeBackend(), IPV6: FakeBackend()})
+    sm: Any = d.sm
+    d._own_node_changed()
+    assert sm.acquired == [({IPV4: IPv4Address("192.168.56.11"), IPV6: IPv6Address("fd56::11")}, "vxlan",
+                            {IPV4: '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}',
+                             IPV6: '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}'})]
 
 
 def test_a_failed_turn_restarts_the_loop_with_a_full_reconcile(running: Any, klog: io.StringIO) -> None:
@@ -418,3 +483,91 @@ def test_liveness_probe_restarts_a_stall_but_not_a_slow_start() -> None:
     assert probe["periodSeconds"] * probe["failureThreshold"] <= 60
     # /healthz itself turns 503 only after a bound: --datapath-resync (30 s) + STEP_BOUND for the main loop.
     assert 30 + daemon.STEP_BOUND + probe["periodSeconds"] * probe["failureThreshold"] <= 180
+
+
+# -- a dual-stack daemon on a real kernel ------------------------------------------------------------
+
+
+def _device(cluster: Any, node: Any, name: str) -> tuple[str, bool, list[str]]:
+    """The device's MAC, whether it is up, and its global addresses, as ``ip`` shows them ('' if absent)."""
+    res = cluster.ns_run(node.netns, "ip", "-j", "addr", "show", "dev", name, check=False)
+    if res.returncode != 0:
+        return "", False, []
+    link = json.loads(res.stdout)[0]
+    addrs = ["%s/%d" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", []) if a.get("scope") == "global"]
+    return link["address"], "UP" in link["flags"], addrs
+
+
+def _entries(cluster: Any, node: Any, peer: Any) -> dict[str, bool]:
+    """Whether node holds peer's route, neighbour and FDB entry of each family of the cluster (the
+    spec's §10 lines)."""
+    env, found = cluster.subnet_env(peer), {}
+    for family, device, public in ((IPV4, "flannel.1", peer.ip), (IPV6, "flannel-v6.1", peer.ip6)):
+        if family.env_subnet not in env:
+            continue
+        gw = str(family.network(env[family.env_subnet]).network_address)
+        v = "-%d" % family.version
+        found[device] = ("via %s dev %s" % (gw, device) in cluster.ns_run(node.netns, "ip", v, "route").stdout and
+                         "%s dev %s lladdr" % (gw, device) in
+                         cluster.ns_run(node.netns, "ip", v, "neigh", "show", "nud", "permanent").stdout and
+                         "dev %s dst %s self permanent" % (device, public) in
+                         cluster.ns_run(node.netns, "bridge", "fdb", "show").stdout)
+    return found
+
+
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.parametrize("stack", ["dual", "v6"])
+def test_the_daemon_programs_and_repairs_each_family_s_device(tmp_path: Path, stack: str) -> None:
+    """Two pyflannel processes in a dual-stack (and an IPv6-only) cluster: each family's device with its
+    address and the MAC annotated, the other node's entries in each family, pods that ping over each;
+    then faults of flannel-v6.1 injected from outside the daemon, each repaired (time to recovery
+    printed); devices lost while the daemon was down come back with the annotated MACs; the other
+    node's deletion removes its entries of both families."""
+    with Cluster(tmp_path, stack=stack) as cluster:
+        n1, n2 = cluster.add_node("k8s01"), cluster.add_node("k8s02")
+        for node in (n1, n2):
+            cluster.start(node)
+        for node in (n1, n2):
+            cluster.wait_ready(node)
+        assert cluster.api is not None
+        notes = cluster.api.get_node("k8s01")["metadata"]["annotations"]
+        mac6 = json.loads(notes[PREFIX + "backend-v6-data"])["VtepMAC"]
+        assert notes[PREFIX + "public-ipv6"] == n1.ip6 == "fd56::11"
+        assert _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+        if stack == "dual":
+            mac4 = json.loads(notes[PREFIX + "backend-data"])["VtepMAC"]
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        else:
+            assert _device(cluster, n1, "flannel.1") == ("", False, []) and PREFIX + "backend-data" not in notes
+        cluster.wait_for("k8s02's entries on k8s01", lambda: all(_entries(cluster, n1, n2).values()))
+        p1, p2 = cluster.add_pod(n1, "pod1"), cluster.add_pod(n2, "pod2")
+        assert p2.ip6 is not None and len(p2.ips) == (2 if stack == "dual" else 1)
+        assert all(cluster.ping(p1, ip) for ip in p2.ips)
+        peer6 = json.loads(cluster.api.get_node("k8s02")["metadata"]["annotations"][PREFIX + "backend-v6-data"])
+        for fault in (("ip", "link", "del", "flannel-v6.1"), ("ip", "link", "set", "flannel-v6.1", "down"),
+                      ("ip", "-6", "addr", "flush", "dev", "flannel-v6.1", "scope", "global"),
+                      ("ip", "-6", "route", "del", "fd00:10:244:2::/64", "dev", "flannel-v6.1"),
+                      ("ip", "-6", "neigh", "del", "fd00:10:244:2::", "dev", "flannel-v6.1"),
+                      ("bridge", "fdb", "del", peer6["VtepMAC"], "dev", "flannel-v6.1", "dst", "fd56::12")):
+            started = time.monotonic()
+            cluster.ns_run(n1.netns, *fault)
+            cluster.wait_for("recovery from %s" % " ".join(fault), lambda: (
+                _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+                and all(_entries(cluster, n1, n2).values())), timeout=60, interval=0.05)
+            print("%s (%s): recovered in %.2fs" % (" ".join(fault), stack, time.monotonic() - started))
+            cluster.wait_for("pod1 -> pod2 over IPv6", lambda: cluster.ping(p1, p2.ip6 or ""), timeout=30)
+        if stack == "dual":  # the other family was left alone
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        # Devices lost while the daemon is down (a reboot) come back with the MACs the annotations advertise.
+        cluster.stop(n1)
+        for device in ("flannel.1", "flannel-v6.1"):
+            cluster.ns_run(n1.netns, "ip", "link", "del", device, check=False)
+        cluster.start(n1)
+        cluster.wait_ready(n1)
+        assert _device(cluster, n1, "flannel-v6.1") == (mac6, True, ["fd00:10:244:1::/128"])
+        if stack == "dual":
+            assert _device(cluster, n1, "flannel.1") == (mac4, True, ["10.244.1.0/32"])
+        cluster.wait_for("k8s02's entries on k8s01 again", lambda: all(_entries(cluster, n1, n2).values()))
+        cluster.api.delete_node("k8s02")
+        cluster.wait_for("k8s02's entries gone from k8s01", lambda: not any(_entries(cluster, n1, n2).values()))

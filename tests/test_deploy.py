@@ -19,11 +19,15 @@ import yaml
 from kubernetes_validate import utils as kube_schemas  # type: ignore[import-untyped]
 
 from pyflannel import __version__, config, flags
+from pyflannel.family import IPV4, IPV6
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kube-flannel.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 WRAPPER = ROOT / "deploy" / "iptables-wrapper"
+RENDER = ROOT / "deploy" / "render.sh"
+EXAMPLES = ROOT / "deploy" / "examples"
+IMAGE = "registry.example.com/pyflannel:v0.1.0"
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def test_install_cni_copies_the_config_and_plugin_to_the_host() -> None:
     assert volumes()[mounts(plugin)["/opt/cni/bin"]]["hostPath"]["path"] == "/opt/cni/bin"
 
     cni = container("install-cni", init=True)
-    assert cni["image"] == container("kube-flannel")["image"] == "ghcr.io/pyflannel/pyflannel:v0.1.0"
+    assert cni["image"] == container("kube-flannel")["image"] == "@IMAGE@", "the image the admin sets"
     assert [*cni["command"], *cni["args"]] == [
         "cp", "-f", "/etc/kube-flannel/cni-conf.json", "/etc/cni/net.d/10-flannel.conflist"]
     assert volumes()[mounts(cni)["/etc/cni/net.d"]]["hostPath"]["path"] == "/etc/cni/net.d"
@@ -198,6 +202,66 @@ def test_daemon_runs_unprivileged_with_its_host_mounts() -> None:
                                                                    "type": "FileOrCreate"}
 
 
+# --- rendering with the admin's image and a net-conf example ------------------------------------------
+
+def render(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(RENDER), *args], capture_output=True, text=True, timeout=30)
+
+
+# example -> (backend type, the Networks pyflannel enables, IPv4 first)
+NET_CONFS = {
+    None: ("vxlan", ["10.244.0.0/16"]),
+    "net-conf-dual-stack.json": ("vxlan", ["10.244.0.0/16", "fd00:10:244::/56"]),
+    "net-conf-ipv6-only.json": ("vxlan", ["fd00:10:244::/56"]),
+    "net-conf-host-gw.json": ("host-gw", ["10.244.0.0/16"]),
+    "net-conf-host-gw-dual-stack.json": ("host-gw", ["10.244.0.0/16", "fd00:10:244::/56"]),
+}
+
+
+@pytest.mark.parametrize("example", list(NET_CONFS))
+def test_render_sets_the_image_and_the_net_conf(example: str | None) -> None:
+    """deploy/render.sh IMAGE [NET_CONF]: a valid manifest with the admin's image in both pyflannel
+    containers and the example's net-conf, which pyflannel parses into the expected stack and backend."""
+    res = render(IMAGE, *([str(EXAMPLES / example)] if example else []))
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d is not None]
+    for doc in docs:
+        kube_schemas.validate(doc, kube_schemas.latest_version(), strict=True)
+    assert [d["kind"] for d in docs] == [d["kind"] for d in documents()]
+    pod = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    images = {c["name"]: c["image"] for c in pod["initContainers"] + pod["containers"]}
+    assert images["install-cni"] == images["kube-flannel"] == IMAGE
+    assert images["install-cni-plugin"] == container("install-cni-plugin", init=True)["image"]
+    data = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert data["cni-conf.json"] == one("ConfigMap")["data"]["cni-conf.json"]
+    if example:
+        assert json.loads(data["net-conf.json"]) == json.loads((EXAMPLES / example).read_text())
+    backend, networks = NET_CONFS[example]
+    cfg = config.parse(data["net-conf.json"], kube=True)
+    assert cfg.backend_type == backend
+    assert [str(n) for n in cfg.networks.values()] == networks
+    assert list(cfg.networks) == [f for f, n in ((IPV4, "."), (IPV6, ":")) if any(n in x for x in networks)]
+
+
+def test_every_example_is_tested() -> None:
+    assert sorted(p.name for p in EXAMPLES.iterdir()) == sorted(e for e in NET_CONFS if e)
+
+
+@pytest.mark.parametrize("args", [[], ["a", "b", "c"], ["bad image name"], [IMAGE, "/nonexistent.json"]])
+def test_render_refuses_bad_arguments(args: list[str]) -> None:
+    res = render(*args)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr
+
+
+def test_docs_name_no_unpublished_image() -> None:
+    """No image is published: the docs and manifest name the admin's $IMAGE, never a registry of ours."""
+    for path in (MANIFEST, DOCKERFILE, ROOT / "deploy" / "README.md"):
+        assert "ghcr.io" not in path.read_text(), path
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "docker buildx build --platform linux/amd64,linux/arm64 -t \"$IMAGE\" --push ." in readme
+    assert 'deploy/render.sh "$IMAGE"' in readme
+
+
 # --- the image ---------------------------------------------------------------------------------------
 
 def test_hadolint_finds_nothing() -> None:
@@ -224,6 +288,15 @@ def test_image_runs_flanneld_and_picks_the_iptables_backend() -> None:
     assert "apt-get install -y --no-install-recommends iptables " in run
     assert "/usr/sbin/iptables-wrapper install" in run
     assert "python -m compileall" in run
+
+
+def test_dockerfile_builds_for_every_platform() -> None:
+    """Nothing tied to one architecture: no --platform pin, no arch names, no downloaded binaries;
+    the base image is the official multi-arch python one."""
+    text = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.startswith("#"))
+    for word in ("--platform", "amd64", "x86_64", "arm64", "aarch64", "curl", "wget", "ADD "):
+        assert word not in text, word
+    assert all(image.startswith("python:") for stage in stages() for image in instructions(stage, "FROM"))
 
 
 def test_install_script_builds_the_image_venv(tmp_path: Path) -> None:

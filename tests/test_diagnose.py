@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ import pytest
 
 from pyflannel import diagnose, flags
 from tests.conftest import needs_netns
+from tests.fakenetlink import FakeNetlink
+from tools.kubeapi import FakeKubeAPI
 from tools.netcluster import REPO, Cluster, Node, socket_in_netns
 
 PREFIX = "flannel.alpha.coreos.com/"
@@ -101,6 +104,175 @@ def test_flags_outside_kube_mode_and_bad_prefix() -> None:
 
 def test_bad_flags_exit_2() -> None:
     assert diagnose.main(["--no-such-flag"], {}) == 2
+
+
+# --- dual-stack, IPv6 and host-gw, in-process: the in-repo API server and a fake kernel --------------
+
+V6_NETWORK = "fd00:10:244::/56"
+
+
+def pod_cidrs(n: int, *families: str) -> list[str]:
+    """Node n's pod CIDRs of the families named ("v4", "v6")."""
+    return [{"v4": "10.244.%d.0/24" % n, "v6": "fd00:10:244:%x::/64" % n}[f] for f in families]
+
+
+def host_gw_annotations(n: int, v4: str = "", v6: str = "") -> dict[str, str]:
+    """What a host-gw daemon writes in dual-stack for node n (public IPs 192.168.56.1n and fd56::1n by default)."""
+    return {PREFIX + "kube-subnet-manager": "true", PREFIX + "backend-type": "host-gw",
+            PREFIX + "backend-data": "null", PREFIX + "public-ip": v4 or "192.168.56.%d" % (10 + n),
+            PREFIX + "backend-v6-data": "null", PREFIX + "public-ipv6": v6 or "fd56::%d" % (10 + n)}
+
+
+class Node6:
+    """This node (k8s01) as diagnose sees it: the API server with the other nodes, a fake kernel with eth1
+    (192.168.56.11/24, fd56::11/64, an IPv6 default route), a /proc with forwarding on, net-conf.json and
+    subnet.env for a dual-stack host-gw network."""
+
+    def __init__(self, tmp_path: Path, api: FakeKubeAPI, url: str) -> None:
+        self.tmp, self.api, self.url = tmp_path, api, url
+        self.nl = FakeNetlink()
+        self.nl.ip_link_add("eth1").flags |= diagnose.IFF_LOWER_UP  # a carrier, which the fake kernel leaves out
+        self.nl.ip_addr_add("eth1", "192.168.56.11/24")
+        self.nl.ip_addr_add("eth1", "fd56::11/64")
+        self.nl.ip_route_add("0.0.0.0/0", "192.168.56.1", "eth1")
+        self.nl.ip_route_add("::/0", "fd56::1", "eth1")
+        self.proc = {"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1",
+                     "net/bridge/bridge-nf-call-iptables": "1"}
+        self.conf = {"Network": NETWORK, "IPv6Network": V6_NETWORK, "EnableIPv6": True, "Backend": {"Type": "host-gw"}}
+        self.env = ("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=%s\n"
+                    "FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n"
+                    % (NETWORK, V6_NETWORK))
+        for n in (1, 2, 3):
+            self.add(n, pod_cidrs(n, "v4", "v6"), host_gw_annotations(n))
+
+    def add(self, n: int, cidrs: list[str], ann: dict[str, str]) -> None:
+        self.api.add_node("k8s%02d" % n, pod_cidr=cidrs[0], annotations=ann)
+        self.api.patch_node("k8s%02d" % n, {"spec": {"podCIDRs": cidrs}})
+
+    def context(self) -> diagnose.Context:
+        """A Context over the state as it is now."""
+        for rel, value in self.proc.items():
+            path = self.tmp / "proc" / "sys" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(value + "\n")
+        (self.tmp / "net-conf.json").write_text(json.dumps(self.conf))
+        (self.tmp / "subnet.env").write_text(self.env)
+        opts = flags.parse(["--kube-subnet-mgr", "--iface=eth1", "--kube-api-url=%s" % self.url,
+                            "--net-config-path=%s" % (self.tmp / "net-conf.json"),
+                            "--subnet-file=%s" % (self.tmp / "subnet.env")], {})
+        return diagnose.Context(opts, {"NODE_NAME": "k8s01"}, proc=str(self.tmp / "proc"), nl=self.nl)
+
+
+@pytest.fixture
+def node6(tmp_path: Path) -> Iterator[Node6]:
+    api = FakeKubeAPI()
+    url = api.start()
+    try:
+        yield Node6(tmp_path, api, url)
+    finally:
+        api.stop()
+
+
+def problems_of(result: diagnose.Result) -> list[str]:
+    """A check's problems as text (headline, explanation and fixes), [] when it passed."""
+    if isinstance(result, str):
+        return []
+    return [" ".join([p.what.replace("\n", " ")] + p.fix) for p in result]
+
+
+def test_a_healthy_dual_stack_host_gw_node_has_only_ok_lines(node6: Node6) -> None:
+    out = io.StringIO()
+    assert diagnose.run(node6.context(), out) == 0, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert all(line.startswith("ok    ") for line in lines), out.getvalue()
+    assert "ok    every node's public IP is on this node's L2 network (eth1: 192.168.56.0/24; fd56::/64)" in lines
+    assert "ok    MTU: eth1 1500, pods 1500 (host-gw: the interface's MTU)" in lines
+
+
+def test_a_healthy_ipv6_only_host_gw_node_has_only_ok_lines(node6: Node6) -> None:
+    for n in (1, 2, 3):
+        node6.api.delete_node("k8s%02d" % n)
+        node6.add(n, pod_cidrs(n, "v6"), host_gw_annotations(n, v4="0.0.0.0"))  # flanneld's v6-only host-gw row
+    node6.conf["EnableIPv4"] = False
+    node6.env = "FLANNEL_IPV6_NETWORK=%s\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1500\n" \
+                "FLANNEL_IPMASQ=true\n" % V6_NETWORK
+    node6.proc["net/ipv4/ip_forward"] = "0"  # not needed
+    out = io.StringIO()
+    assert diagnose.run(node6.context(), out) == 0, out.getvalue()
+    assert "ok    every node's public IP is on this node's L2 network (eth1: fd56::/64)" in out.getvalue().splitlines()
+
+
+@pytest.mark.netns
+@needs_netns
+@pytest.mark.parametrize("stack,backend", [("dual", "vxlan"), ("v6", "vxlan"), ("dual", "host-gw")])
+def test_healthy_nodes_of_each_stack_and_backend_have_only_ok_lines(tmp_path: Path, stack: str, backend: str) -> None:
+    with Cluster(tmp_path, backend={"Type": backend}, stack=stack) as c:
+        nodes = [c.add_node("k8s%02d" % i) for i in (1, 2)]
+        for n in nodes:
+            c.start(n)
+        for n in nodes:
+            c.wait_ready(n)
+        code, out = run_diagnose(c, nodes[0])
+    assert code == 0 and all(line.startswith("ok    ") for line in out.splitlines()), out
+
+
+def test_nodes_without_an_ipv6_pod_cidr_in_a_dual_stack_network(node6: Node6) -> None:
+    node6.api.delete_node("k8s01")
+    node6.add(1, pod_cidrs(1, "v4"), host_gw_annotations(1))
+    node6.add(4, pod_cidrs(4, "v4"), host_gw_annotations(4))
+    ctx = node6.context()
+    [own] = problems_of(diagnose.check_own_pod_cidr(ctx))
+    assert own.startswith('node "k8s01" (this node) has no IPv6 pod CIDR (')
+    assert "10.244.1.0/24), but net-conf.json enables IPv6 (IPv6Network %s)" % V6_NETWORK in own
+    for text in (own, *problems_of(diagnose.check_other_pod_cidrs(ctx))):
+        assert "--cluster-cidr=%s,%s" % (NETWORK, V6_NETWORK) in text
+        assert "kubeadm init --pod-network-cidr=%s,%s" % (NETWORK, V6_NETWORK) in text
+    [others] = problems_of(diagnose.check_other_pod_cidrs(ctx))
+    assert others.startswith("nodes without an IPv6 pod CIDR, which net-conf.json enables (IPv6Network %s): "
+                             "k8s04 (10.244.4.0/24)" % V6_NETWORK)
+
+
+def test_ipv6_enabled_on_an_interface_without_a_global_ipv6_address_or_default_route(node6: Node6) -> None:
+    assert problems_of(diagnose.check_ipv6_interface(node6.context())) == []
+    node6.nl.ip_route_del("::/0")
+    node6.nl.ip_addr_flush("eth1")
+    node6.nl.ip_addr_add("eth1", "192.168.56.11/24")
+    node6.nl.ip_addr_add("eth1", "fe80::11/64")
+    link_local, no_default = problems_of(diagnose.check_ipv6_interface(node6.context()))
+    assert link_local.startswith("interface eth1 has no global IPv6 address, only the link-local fe80::11")
+    assert no_default.startswith("this node has no IPv6 default route")
+    assert "ip -6 route add default via <router> dev eth1" in no_default
+    node6.conf = {"Network": NETWORK, "Backend": {"Type": "host-gw"}}
+    assert diagnose.check_ipv6_interface(node6.context()) == "IPv6 is not enabled in net-conf.json"
+
+
+def test_ipv6_enabled_on_an_interface_without_any_ipv6_address(node6: Node6) -> None:
+    node6.nl.ip_addr_flush("eth1")
+    node6.nl.ip_addr_add("eth1", "192.168.56.11/24")
+    [problem] = problems_of(diagnose.check_interface(node6.context()))
+    assert problem.startswith("interface eth1 has no IPv6 address net-conf.json enables IPv6")
+    assert "failed to find IPv6 address for interface eth1" in problem
+
+
+def test_host_gw_peers_on_another_l2_network(node6: Node6) -> None:
+    node6.add(4, pod_cidrs(4, "v4", "v6"), host_gw_annotations(4, v4="10.9.9.9", v6="fd99::9"))
+    v4, v6 = problems_of(diagnose.check_host_gw_l2(node6.context()))
+    assert v4.startswith("nodes whose IPv4 public IP is not on this node's L2 network (eth1: 192.168.56.0/24): "
+                         "k8s04 (10.9.9.9)")
+    assert v6.startswith("nodes whose IPv6 public IP is not on this node's L2 network (eth1: fd56::/64): "
+                         "k8s04 (fd99::9)")
+    assert '"DirectRouting": true' in v4 and PREFIX + "public-ipv6" in v6
+    node6.conf["Backend"] = {"Type": "vxlan"}
+    assert isinstance(diagnose.check_host_gw_l2(node6.context()), str)
+
+
+def test_ipv6_forwarding_off(node6: Node6) -> None:
+    node6.proc["net/ipv6/conf/all/forwarding"] = "0"
+    [problem] = problems_of(diagnose.check_ip_forward(node6.context()))
+    assert problem.startswith("IP forwarding is off (net.ipv6.conf.all.forwarding = 0)")
+    assert "sysctl -w net.ipv6.conf.all.forwarding=1" in problem and "net.ipv6.conf.eth1.accept_ra=2" in problem
+    node6.conf = {"Network": NETWORK, "Backend": {"Type": "host-gw"}}  # IPv4 only: not looked at
+    assert diagnose.check_ip_forward(node6.context()) == "IP forwarding is on (net.ipv4.ip_forward = 1)"
 
 
 # --- in a namespace cluster --------------------------------------------------------------------------
@@ -439,10 +611,9 @@ def test_mtu_from_net_conf(cluster: Cluster, tmp_path: Path) -> None:
 
 @pytest.mark.netns
 @needs_netns
-def test_net_conf_dual_stack_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+def test_net_conf_multi_network_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
-    conf.write_text(json.dumps({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
-                                "Backend": {"Type": "vxlan"}}))
+    conf.write_text(json.dumps({"Network": NETWORK, "Networks": [NETWORK], "Backend": {"Type": "vxlan"}}))
     code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
     assert code == 1
-    the_block(out, "net-conf.json is invalid: EnableIPv6: pyflannel does not support dual-stack networks yet")
+    the_block(out, "net-conf.json is invalid: Networks: pyflannel does not support multiple networks")

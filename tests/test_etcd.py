@@ -17,6 +17,7 @@ import pytest
 
 from pyflannel import config
 from pyflannel.etcdclient import EtcdClient, EtcdError
+from pyflannel.family import IPV4, IPV6
 from pyflannel.lease import Lease, LeaseError, LeaseRevoked
 from pyflannel.subnet import etcd
 from tools.etcdserver import EtcdServer
@@ -80,7 +81,9 @@ class Manager:
         return self
 
     def acquire(self, ip: str, data: str = DATA) -> Lease:
-        return self.sm.acquire_lease(IPv4Address(ip), "vxlan", data)
+        leases = self.sm.acquire_lease({IPV4: IPv4Address(ip)}, "vxlan", {IPV4: data})
+        assert set(leases) == {IPV4}
+        return leases[IPV4]
 
 
 @pytest.fixture
@@ -102,6 +105,12 @@ def leases_in_etcd(server: EtcdServer) -> dict[str, dict]:
 def test_lease_value_is_flanneld_json() -> None:
     assert etcd.lease_value(IPv4Address("192.168.56.12"), "vxlan", '{"VNI":1,"VtepMAC":"9a:1c:2b:3d:4e:5f"}') \
         == FLANNELD_VALUE.encode()
+
+
+def test_host_gw_lease_value_has_no_backend_data() -> None:
+    # flanneld's host-gw leaves BackendData out (omitempty); the backend's "null" is not written.
+    assert etcd.lease_value(IPv4Address("192.168.56.12"), "host-gw", "null") == \
+        b'{"PublicIP":"192.168.56.12","PublicIPv6":null,"BackendType":"host-gw"}'
 
 
 def test_flanneld_lease_parses() -> None:
@@ -162,6 +171,29 @@ def test_waits_for_the_config_with_a_hint(server: EtcdServer, managers: list[Man
     assert caplog.text.count("flannel config not found") == 1
 
 
+@pytest.mark.parametrize("cfg,error", [
+    ({"Network": "10.5.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:5::/56", "Backend": {"Type": "vxlan"}},
+     "EnableIPv6: pyflannel's etcd mode runs IPv4 only; set it to false (dual-stack runs with --kube-subnet-mgr)"),
+    ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:5::/56", "Backend": {"Type": "vxlan"}},
+     "EnableIPv4: pyflannel's etcd mode runs IPv4 only; set it to true with a Network"),
+    ({"Network": "10.5.0.0/16", "Networks": ["10.5.0.0/16"], "Backend": {"Type": "vxlan"}},
+     "Networks: pyflannel does not support multiple networks"),
+])
+def test_a_config_etcd_mode_does_not_run_waits_naming_the_key(server: EtcdServer, managers: list[Manager],
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              cfg: dict, error: str) -> None:
+    put_config(server, cfg)
+    m = Manager(server)
+    managers.append(m)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(m.sm.get_network_config(m.stop)))
+    t.start()
+    wait_for("the error", lambda: "Couldn't fetch network config: " + error in caplog.text)
+    put_config(server, {"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}})  # host-gw runs in etcd mode
+    t.join(10)
+    assert result[0].networks == {IPV4: IPv4Network("10.5.0.0/16")} and result[0].backend_type == "host-gw"
+
+
 def test_a_changed_config_is_read_and_reported(server: EtcdServer, managers: list[Manager],
                                                caplog: pytest.LogCaptureFixture) -> None:
     put_config(server)
@@ -211,8 +243,8 @@ def test_allocation_reuse_and_flanneld_value(server: EtcdServer, managers: list[
     assert leases_in_etcd(server)[key]["BackendData"]["VtepMAC"] == "aa:bb:cc:dd:ee:02"
 
     # The VtepMAC our IP advertises, for a re-created device.
-    assert b.sm.vtep_mac(IPv4Address("192.168.56.11")) == "aa:bb:cc:dd:ee:02"
-    assert b.sm.vtep_mac(IPv4Address("192.168.56.99")) == ""
+    assert json.loads(b.sm.published_data(IPV4, IPv4Address("192.168.56.11")))["VtepMAC"] == "aa:bb:cc:dd:ee:02"
+    assert b.sm.published_data(IPV4, IPv4Address("192.168.56.99")) == ""
 
     # A new IP with subnet.env's previous subnet free gets that one.
     server.etcdctl("del", PREFIX + "/subnets/" + key)
@@ -365,10 +397,12 @@ def test_watch_sees_every_lease_and_skips_bad_ones(server: EtcdServer, managers:
     server.etcdctl("put", PREFIX + "/subnets/10.6.1.0-24", '{"PublicIP":"192.168.56.66"}')
     server.etcdctl("put", PREFIX + "/subnets/10.5.211.0-25", '{"PublicIP":"192.168.56.67"}')
     want = {"10.5.200.0-24", "10.5.201.0-24", "10.5.202.0-24", "10.5.203.0-24"}
-    wait_for("the leases", lambda: set(a.sm.leases()) == want)
-    assert a.sm.leases()["10.5.200.0-24"] == Lease(IPv4Network("10.5.200.0/24"), IPv4Address("192.168.56.12"),
+    wait_for("the leases", lambda: set(a.sm.leases(IPV4)) == want)
+    assert a.sm.leases(IPV4)["10.5.200.0-24"] == Lease(IPv4Network("10.5.200.0/24"), IPv4Address("192.168.56.12"),
                                                    "vxlan", '{"VNI":1,"VtepMAC":"9a:1c:2b:3d:4e:5f"}')
-    assert a.sm.lease_of(etcd.subnet_key(own.subnet)) is None  # our own is not a peer
+    assert a.sm.lease_of(etcd.subnet_key(own.subnet), IPV4) is None  # our own is not a peer
+    assert a.sm.lease_of("10.5.200.0-24", IPV4) == a.sm.leases(IPV4)["10.5.200.0-24"]
+    assert a.sm.leases(IPV6) == {} and a.sm.lease_of("10.5.200.0-24", IPV6) is None  # etcd mode is IPv4-only
     wait_for("the warnings", lambda: caplog.text.count("Ignoring bad subnet node") == 3)
     assert "10.6.1.0-24: subnet 10.6.1.0/24 is not a /24 inside the Network 10.5.0.0/16" in caplog.text
     assert want <= a.changes.names
@@ -376,7 +410,7 @@ def test_watch_sees_every_lease_and_skips_bad_ones(server: EtcdServer, managers:
     # Fixing a bad value makes it a lease; a deletion removes it; nothing is reported twice.
     server.etcdctl("put", PREFIX + "/subnets/10.5.210.0-24", '{"PublicIP":"192.168.56.70","BackendType":"vxlan"}')
     server.etcdctl("del", PREFIX + "/subnets/10.5.201.0-24")
-    wait_for("the fix and the deletion", lambda: set(a.sm.leases()) == want - {"10.5.201.0-24"} | {"10.5.210.0-24"})
+    wait_for("the fix and the deletion", lambda: set(a.sm.leases(IPV4)) == want - {"10.5.201.0-24"} | {"10.5.210.0-24"})
     assert caplog.text.count("Ignoring bad subnet node") == 3
 
 
@@ -429,7 +463,7 @@ def test_compacted_revision_is_survived(server: EtcdServer, managers: list[Manag
     rev = json.loads(server.etcdctl("-w", "json", "get", PREFIX + "/config").stdout)["header"]["revision"]
     server.etcdctl("compaction", str(rev))
     blocking.release.set()
-    took = wait_for("the re-list", lambda: set(a.sm.leases()) == {"10.5.101.0-24"}, 60)
+    took = wait_for("the re-list", lambda: set(a.sm.leases(IPV4)) == {"10.5.101.0-24"}, 60)
     print("re-listed after compaction in %.1fs" % took)
     assert "Watch of subnet leases failed because etcd index outside history window" in caplog.text
     assert {"10.5.100.0-24", "10.5.101.0-24"} <= a.changes.names
@@ -449,7 +483,7 @@ def test_dropped_watch_resumes_from_its_revision(server: EtcdServer, managers: l
     kill_connections(server)
     server.etcdctl("put", PREFIX + "/subnets/10.5.101.0-24", FLANNELD_VALUE.replace("56.12", "56.13"))
     blocking.release.set()
-    took = wait_for("the lease written while the watch was down", lambda: "10.5.101.0-24" in a.sm.leases())
+    took = wait_for("the lease written while the watch was down", lambda: "10.5.101.0-24" in a.sm.leases(IPV4))
     print("resumed in %.1fs" % took)
     assert "history window" not in caplog.text
 
@@ -462,7 +496,7 @@ def test_etcd_restart_loses_no_lease(server: EtcdServer, managers: list[Manager]
     leases = [m.acquire("192.168.56.%d" % (11 + i)) for i, m in enumerate(nodes)]
     keys = {etcd.subnet_key(le.subnet) for le in leases}
     for m in nodes:
-        wait_for("the peers", lambda m=m: set(m.sm.leases()) == keys - {m.sm.node_name})
+        wait_for("the peers", lambda m=m: set(m.sm.leases(IPV4)) == keys - {m.sm.node_name})
     server.stop()
     time.sleep(10)
     server.start()
@@ -472,7 +506,7 @@ def test_etcd_restart_loses_no_lease(server: EtcdServer, managers: list[Manager]
     managers.append(late)
     keys.add(etcd.subnet_key(late.acquire("192.168.56.20").subnet))
     for m in nodes:
-        wait_for("the joined node", lambda m=m: set(m.sm.leases()) == keys - {m.sm.node_name}, 60)
+        wait_for("the joined node", lambda m=m: set(m.sm.leases(IPV4)) == keys - {m.sm.node_name}, 60)
     print("all nodes saw the node that joined after the restart %.1fs after etcd was back" % (time.monotonic() - start))
     assert set(leases_in_etcd(server)) == keys
     assert not any(m.sm.revoked.is_set() for m in nodes)

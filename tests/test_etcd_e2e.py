@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,36 @@ def test_a_deleted_lease_stops_the_daemon_as_flanneld_does(cluster: Cluster) -> 
     assert "Exiting cleanly..." in node.log()
     cluster.nodes.pop("n4")
     wait_converged(cluster, list(cluster.nodes.values()))
+
+
+def test_host_gw_in_etcd_mode(tmp_path: Path) -> None:
+    # The per-family backends run under either subnet manager: host-gw's leases carry no BackendData,
+    # as flanneld writes them, and the routes go via the peers' public IPs.
+    with Cluster(tmp_path, etcd=True, backend={"Type": "host-gw"}) as c:
+        a, b = c.add_node("h1"), c.add_node("h2")
+        for node in (a, b):
+            c.start(node)
+        for node in (a, b):
+            c.wait_ready(node)
+        leases = etcd_leases(c)
+        assert leases == {
+            own_subnet(n): {"PublicIP": n.ip, "PublicIPv6": None, "BackendType": "host-gw"} for n in (a, b)}
+        route = Cluster.ns_run(a.netns, "ip", "route", "show", own_subnet(b)).stdout
+        assert "via %s dev eth1" % b.ip in route
+        pa, pb = c.add_pod(a, "pa"), c.add_pod(b, "pb")
+        assert c.ping(pa, pb.ip) and c.ping(pb, pa.ip)
+
+
+def test_a_dual_stack_config_is_refused_naming_the_key(tmp_path: Path) -> None:
+    # Etcd mode is IPv4-only: the daemon says which key to change and waits for a config it runs.
+    with Cluster(tmp_path, etcd=True, stack="dual") as c:
+        node = c.add_node("d1")
+        c.start(node)
+        c.wait_for("the refusal", lambda: "Couldn't fetch network config: EnableIPv6: pyflannel's etcd mode runs "
+                   "IPv4 only; set it to false (dual-stack runs with --kube-subnet-mgr)" in node.log())
+        assert c.etcd is not None
+        c.etcd.etcdctl("put", ETCD_PREFIX + "/config", json.dumps({"Network": str(c.network),
+                                                                    "Backend": {"Type": "vxlan"}}))
+        c.wait_ready(node)
+        assert node.log().count("EnableIPv6: pyflannel's etcd mode") == 1
+        assert list(etcd_leases(c)) == [own_subnet(node)]

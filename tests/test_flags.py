@@ -178,10 +178,9 @@ def test_public_ip_checks() -> None:
     assert error(["--public-ipv6=10.0.0.1"]) == "invalid public IPv6 address: 10.0.0.1"
 
 
-def test_public_ipv6_is_refused_by_name() -> None:
-    message = "-public-ipv6: pyflannel does not support IPv6 yet; leave it empty"
-    assert error(["--public-ipv6=fd00::1"]) == message
-    assert error([], {"FLANNELD_PUBLIC_IPV6": "fd00::1"}) == message
+def test_public_ipv6_is_accepted() -> None:
+    assert parse(["--public-ipv6=fd56::11"], {}).public_ipv6 == "fd56::11"
+    assert parse([], {"FLANNELD_PUBLIC_IPV6": "fd56::11"}).public_ipv6 == "fd56::11"
     assert parse(["--public-ipv6="], {}).public_ipv6 == ""
 
 

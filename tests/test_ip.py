@@ -19,11 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, sys
 from pyflannel import ip
+from pyflannel.family import FAMILIES
 from pyflannel.netlink import Netlink
 args = json.loads(sys.argv[1])
+families = [f for f in FAMILIES if f.name in args["families"]]
 try:
-    e = ip.select(Netlink(), args["iface"], args["regex"], args["reach"], args["public"])
-    print(json.dumps({"name": e.name, "mtu": e.mtu, "iface": str(e.iface_addr), "ext": str(e.ext_addr)}))
+    e = ip.select(Netlink(), args["iface"], args["regex"], args["reach"], args["public"], args["public6"], families)
+    if [f.name for f in e.addrs] == ["IPv4"]:
+        print(json.dumps({"name": e.name, "mtu": e.mtu, "iface": str(e.iface_addr), "ext": str(e.ext_addr)}))
+    else:
+        print(json.dumps({"name": e.name, "mtu": e.mtu,
+                          "addrs": {f.name: [str(a.iface_addr), str(a.ext_addr)] for f, a in e.addrs.items()}}))
 except ip.InterfaceError as exc:
     print(json.dumps({"error": str(exc)}))
 """
@@ -42,8 +48,12 @@ def netns() -> Iterator[str]:
             "ip addr add 169.254.9.9/16 dev eth1",
             "ip addr add 192.168.56.11/24 dev eth1",
             "ip addr add 192.168.56.99/24 dev eth1",
+            "ip addr add fd56::11/64 dev eth1 nodad",
+            "ip addr add fd56::aa/64 dev eth1 nodad",
+            "ip addr add 2001:db8::15/64 dev eth0 nodad",
             "ip link set eth0 up", "ip link set eth0p up", "ip link set eth1 up", "ip link set eth1p up",
             "ip route add default via 10.0.2.2 dev eth0",
+            "ip -6 route add default via 2001:db8::1 dev eth0",
         ):
             subprocess.run(["ip", "netns", "exec", ns, *cmd.split()], check=True)
         yield ns
@@ -51,8 +61,10 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", ns])
 
 
-def select(netns: str, iface: list[str] = [], regex: list[str] = [], reach: str = "", public: str = "") -> dict:
-    args = json.dumps({"iface": iface, "regex": regex, "reach": reach, "public": public})
+def select(netns: str, iface: list[str] = [], regex: list[str] = [], reach: str = "", public: str = "",
+           public6: str = "", families: tuple[str, ...] = ("IPv4",)) -> dict:
+    args = json.dumps({"iface": iface, "regex": regex, "reach": reach, "public": public, "public6": public6,
+                       "families": families})
     res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", PROBE, args], capture_output=True,
                          text=True, cwd=REPO, check=True)
     return json.loads(res.stdout)
@@ -93,3 +105,31 @@ def test_errors_use_flanneld_wording(netns: str) -> None:
                                                    "interface 203.0.113.5: No interface with given IP found"}
     assert select(netns, iface=["eth1p"]) == {"error": "Failed to find any valid interface to use: failed to find IPv4 "
                                               "address for interface eth1p"}
+
+
+DUAL = ("IPv4", "IPv6")
+
+
+def test_dual_stack_default_routes(netns: str) -> None:
+    """The kernel's IPv6 dump and default route, read through the real netlink socket (spec §4.1, §4.2)."""
+    assert select(netns, families=DUAL) == {"name": "eth0", "mtu": 1500, "addrs": {
+        "IPv4": ["10.0.2.15", "10.0.2.15"], "IPv6": ["2001:db8::15", "2001:db8::15"]}}
+    assert select(netns, families=("IPv6",)) == {"name": "eth0", "mtu": 1500,
+                                                 "addrs": {"IPv6": ["2001:db8::15", "2001:db8::15"]}}
+
+
+def test_dual_stack_by_name_takes_the_newest_global_ipv6_address(netns: str) -> None:
+    assert select(netns, iface=["eth1"], families=DUAL)["addrs"] == {
+        "IPv4": ["192.168.56.11", "192.168.56.11"], "IPv6": ["fd56::aa", "fd56::aa"]}
+
+
+def test_ipv6_by_address_regex_route_and_public(netns: str) -> None:
+    assert select(netns, iface=["fd56::11"], families=("IPv6",))["addrs"] == {"IPv6": ["fd56::11", "fd56::11"]}
+    assert select(netns, regex=[r"^(192\.168\.56\.1|fd56::1)"], families=DUAL)["addrs"] == {
+        "IPv4": ["192.168.56.11", "192.168.56.11"], "IPv6": ["fd56::11", "fd56::11"]}
+    assert select(netns, reach="fd56::99", families=DUAL)["addrs"]["IPv4"] == ["192.168.56.11", "192.168.56.11"]
+    assert select(netns, public6="fd56::11", families=("IPv6",))["name"] == "eth1"
+    assert select(netns, iface=["eth1"], public6="2001:db8:9::9", families=DUAL)["addrs"]["IPv6"] == [
+        "fd56::aa", "2001:db8:9::9"]
+    assert select(netns, public="10.0.2.15", public6="fd56::11", families=DUAL) == {
+        "error": "Failed to find any valid interface to use: v6 interface eth1 must be the same with v4 interface eth0"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pyflannel.family import IPV4, IPV6
 from pyflannel.kubeclient import ApiError, KubeClient
 from pyflannel.lease import Lease, LeaseError
 from pyflannel.subnet import kube
@@ -70,8 +71,13 @@ def client(api: FakeKubeAPI, tmp_path: Path) -> KubeClient:
 @pytest.fixture
 def manager(client: KubeClient) -> Iterator[tuple[kube.KubeSubnetManager, Recorder]]:
     rec = Recorder()
-    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, NETWORK, rec)
+    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, {IPV4: NETWORK}, rec)
     yield sm, rec
+
+
+def v4_lease(sm: kube.KubeSubnetManager, public_ip: str, data: str) -> Lease:
+    """acquire_lease of an IPv4-only vxlan node."""
+    return sm.acquire_lease({IPV4: IPv4Address(public_ip)}, "vxlan", {IPV4: data})[IPV4]
 
 
 def start(sm: kube.KubeSubnetManager, rec: Recorder) -> threading.Event:
@@ -118,18 +124,18 @@ def test_list_in_pages_and_watch(api: FakeKubeAPI, manager: tuple[kube.KubeSubne
     api.add_node("plain", pod_cidr="10.244.50.0/24")  # no flannel annotations: no lease
     stop = start(sm, rec)
     try:
-        assert sorted(sm.leases()) == ["k8s02", "k8s03", "k8s04", "k8s05", "k8s06"]
+        assert sorted(sm.leases(IPV4)) == ["k8s02", "k8s03", "k8s04", "k8s05", "k8s06"]
         assert api.count("GET", "/api/v1/nodes?limit=2") >= 1 and "continue" in " ".join(p for _, p in api.requests)
         api.patch_node("k8s03", {"metadata": {"annotations": {PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"0a:00:00:00:00:33"}'}}})
         rec.wait_for("k8s03")
-        assert "0a:00:00:00:00:33" in sm.lease_of("k8s03").backend_data
+        assert "0a:00:00:00:00:33" in sm.lease_of("k8s03", IPV4).backend_data
         # A change flannel does not look at is not reported.
         rec.names.clear()
         api.patch_node("k8s04", {"metadata": {"labels": {"x": "y"}}})
         api.delete_node("k8s05")
         rec.wait_for("k8s05")
         assert "k8s04" not in rec.names
-        assert sm.lease_of("k8s05") is None
+        assert sm.lease_of("k8s05", IPV4) is None
     finally:
         stop.set()
 
@@ -149,7 +155,7 @@ def test_relist_after_410_and_errors(api: FakeKubeAPI, manager: tuple[kube.KubeS
         api.delete_node("k8s02")
         api.compact()
         rec.wait_for("k8s02")
-        assert sm.leases() == {}
+        assert sm.leases(IPV4) == {}
         assert api.count("GET", "/api/v1/nodes?limit") > lists
         api.add_node("k8s03", pod_cidr="10.244.3.0/24", annotations=flannel_annotations("192.168.56.13", "0a:00:00:00:00:03"))
         rec.wait_for("k8s03")
@@ -163,15 +169,15 @@ def test_acquire_lease_errors(api: FakeKubeAPI, manager: tuple[kube.KubeSubnetMa
     stop = start(sm, rec)
     try:
         with pytest.raises(LeaseError, match='^node "k8s01" not found$'):
-            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            v4_lease(sm, "192.168.56.11", "{}")
         api.add_node("k8s01")
         rec.wait_for("k8s01")
         with pytest.raises(LeaseError, match='^node "k8s01" pod cidr not assigned$'):
-            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            v4_lease(sm, "192.168.56.11", "{}")
         api.set_pod_cidr("k8s01", "10.10.1.0/24")
         rec.wait_for("k8s01")
         with pytest.raises(LeaseError) as exc:
-            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            v4_lease(sm, "192.168.56.11", "{}")
         assert str(exc.value) == ('subnet "10.244.0.0/16" specified in the flannel net config doesn\'t contain '
                                   '"10.10.1.0/24" PodCIDR of the "k8s01" node')
         assert api.count("PATCH", "/") == 0
@@ -185,17 +191,17 @@ def test_acquire_lease_patches_only_what_differs(api: FakeKubeAPI, manager: tupl
     stop = start(sm, rec)
     data = '{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"}'
     try:
-        lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", data)
+        lease = v4_lease(sm, "192.168.56.11", data)
         assert lease == Lease(IPv4Network("10.244.1.0/24"), IPv4Address("192.168.56.11"), "vxlan", data)
         assert api.get_node("k8s01")["metadata"]["annotations"] == flannel_annotations("192.168.56.11", "0a:00:00:00:00:01")
         assert [p for m, p in api.requests if m == "PATCH"] == ["/api/v1/nodes/k8s01/status"]
         rec.wait_for("k8s01")
-        sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", data)
+        v4_lease(sm, "192.168.56.11", data)
         assert api.count("PATCH", "/") == 1, "an unchanged lease must not be written again"
         # A user's public-ip-overwrite wins over the detected address.
         api.patch_node("k8s01", {"metadata": {"annotations": {PREFIX + "public-ip-overwrite": "203.0.113.7"}}})
         rec.wait_for("k8s01")
-        assert sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", data).public_ip == IPv4Address("203.0.113.7")
+        assert v4_lease(sm, "192.168.56.11", data).public_ip == IPv4Address("203.0.113.7")
         assert api.get_node("k8s01")["metadata"]["annotations"][PREFIX + "public-ip"] == "203.0.113.7"
         sm.complete_lease()
         cond = [c for c in api.get_node("k8s01")["status"]["conditions"] if c["type"] == "NetworkUnavailable"][0]
@@ -211,7 +217,7 @@ def test_patch_error_is_reported(api: FakeKubeAPI, manager: tuple[kube.KubeSubne
     try:
         api.fail_next("PATCH", "k8s01", status=403)
         with pytest.raises(LeaseError):
-            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            v4_lease(sm, "192.168.56.11", "{}")
     finally:
         stop.set()
 
@@ -261,8 +267,8 @@ def test_own_node_is_read_alone_before_the_list(api: FakeKubeAPI, manager: tuple
     sm.fetch_own_node()
     assert [p for m, p in api.requests if m == "GET"] == ["/api/v1/nodes?limit=1&fieldSelector=metadata.name%3Dk8s01"]
     assert sm.own_node() == kube.NodeInfo("k8s01", "10.244.1.0/24", (), {})
-    assert sm.leases() == {} and not sm.synced.is_set()
-    lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+    assert sm.leases(IPV4) == {} and not sm.synced.is_set()
+    lease = v4_lease(sm, "192.168.56.11", "{}")
     assert lease.subnet == IPv4Network("10.244.1.0/24")
 
 
@@ -284,7 +290,7 @@ def test_own_lease_takes_the_same_pod_cidr_as_the_other_nodes(
     sm.fetch_own_node()
     own = sm.own_node()
     assert own is not None
-    lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+    lease = v4_lease(sm, "192.168.56.11", "{}")
     assert str(lease.subnet) == kube.ipv4_pod_cidr(own) == "10.244.1.0/24"
 
 
@@ -322,8 +328,8 @@ def test_bad_pod_cidrs_never_become_leases(api: FakeKubeAPI, manager: tuple[kube
         api.patch_node("v6", {"spec": {"podCIDR": "fd00::/64", "podCIDRs": ["fd00::/64"]}})
         api.add_node("k8s03", pod_cidr="10.244.3.0/24", annotations=ann("192.168.56.13", "0a:00:00:00:00:03"))
         rec.wait_for("k8s03")
-        assert sorted(sm.leases()) == ["k8s02", "k8s03"]
-        assert sm.lease_of("k8s02").subnet == IPv4Network("10.244.2.0/24")
+        assert sorted(sm.leases(IPV4)) == ["k8s02", "k8s03"]
+        assert sm.lease_of("k8s02", IPV4).subnet == IPv4Network("10.244.2.0/24")
         warnings = bad_node_warnings(caplog)
         assert 'Ignoring node "outside": its pod CIDR 172.31.5.0/24 (spec.podCIDR) is outside the Network ' \
                '10.244.0.0/16' in warnings
@@ -348,13 +354,13 @@ def test_bad_pod_cidrs_never_become_leases(api: FakeKubeAPI, manager: tuple[kube
         api.add_node("k8s04", pod_cidr="10.244.4.0/24", annotations=ann("192.168.56.14", "0a:00:00:00:00:04"))
         rec.wait_for("k8s04")
         assert len(bad_node_warnings(caplog)) == before
-        assert sorted(sm.leases()) == ["k8s02", "k8s03", "k8s04"]
+        assert sorted(sm.leases(IPV4)) == ["k8s02", "k8s03", "k8s04"]
 
         # The first holder goes: the node that claimed the same subnet first after it takes it over.
         api.delete_node("k8s02")
         rec.wait_for("dup")
-        assert sm.lease_of("dup").subnet == IPv4Network("10.244.2.0/24")
-        assert sm.lease_of("k8s02") is None and sm.lease_of("covers") is None and sm.lease_of("inside") is None
+        assert sm.lease_of("dup", IPV4).subnet == IPv4Network("10.244.2.0/24")
+        assert all(sm.lease_of(name, IPV4) is None for name in ("k8s02", "covers", "inside"))
     finally:
         stop.set()
 
@@ -366,10 +372,10 @@ def test_a_node_that_takes_this_nodes_subnet_later_loses_it(
     api.add_node("k8s01")
     stop = start(sm, rec)
     try:
-        assert sorted(sm.leases()) == ["k8s02"]  # this node has no pod CIDR yet
+        assert sorted(sm.leases(IPV4)) == ["k8s02"]  # this node has no pod CIDR yet
         api.set_pod_cidr("k8s01", "10.244.1.0/24")
         rec.wait_for("k8s02")
-        assert sm.leases() == {}
+        assert sm.leases(IPV4) == {}
     finally:
         stop.set()
 
@@ -383,7 +389,7 @@ def test_public_ip_overwrite_that_is_not_an_ip_is_ignored(
     stop = start(sm, rec)
     try:
         for _ in range(3):
-            lease = sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            lease = v4_lease(sm, "192.168.56.11", "{}")
             assert lease.public_ip == IPv4Address("192.168.56.11")
         assert api.get_node("k8s01")["metadata"]["annotations"][PREFIX + "public-ip"] == "192.168.56.11"
         assert bad_node_warnings(caplog) == [
@@ -439,7 +445,7 @@ def test_forbidden_and_unauthorized_are_said_once(api: FakeKubeAPI, client: Kube
     forbidden = 'nodes is forbidden: User "system:serviceaccount:kube-flannel:flannel" cannot list resource ' \
                 '"nodes" in API group "" at the cluster scope'
     api.fail_next("GET", r"limit=", status=403, count=5, message=forbidden)
-    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, NETWORK, Recorder())
+    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, {IPV4: NETWORK}, Recorder())
     stop = threading.Event()
     threading.Thread(target=sm.run, args=(stop,), daemon=True).start()
     try:
@@ -490,7 +496,7 @@ def test_progress_advances_with_bookmarks(client: KubeClient, tmp_path: Path) ->
         }))
         server.add_node("k8s01", pod_cidr="10.244.1.0/24")
         rec = Recorder()
-        sm = kube.KubeSubnetManager(KubeClient(kubeconfig_file=str(cfg)), "k8s01", KEYS, PREFIX, NETWORK, rec)
+        sm = kube.KubeSubnetManager(KubeClient(kubeconfig_file=str(cfg)), "k8s01", KEYS, PREFIX, {IPV4: NETWORK}, rec)
         stop = start(sm, rec)
         try:
             first = sm.progress
@@ -521,7 +527,7 @@ def test_in_cluster_https_with_a_rotating_token(tmp_path: Path, monkeypatch: pyt
         client = KubeClient(service_account=str(sa))
         assert client.host == url
         rec = Recorder()
-        sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, NETWORK, rec)
+        sm = kube.KubeSubnetManager(client, "k8s01", KEYS, PREFIX, {IPV4: NETWORK}, rec)
         stop = start(sm, rec)
         try:
             server.add_node("k8s02", pod_cidr="10.244.2.0/24",
@@ -536,7 +542,7 @@ def test_in_cluster_https_with_a_rotating_token(tmp_path: Path, monkeypatch: pyt
             server.add_node("k8s03", pod_cidr="10.244.3.0/24",
                             annotations=flannel_annotations("192.168.56.13", "0a:00:00:00:00:03"))
             rec.wait_for("k8s03", timeout=10)
-            sm.acquire_lease(IPv4Address("192.168.56.11"), "vxlan", "{}")
+            v4_lease(sm, "192.168.56.11", "{}")
             assert server.get_node("k8s01")["metadata"]["annotations"][PREFIX + "public-ip"] == "192.168.56.11"
         finally:
             stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import struct
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from pyflannel._pyroute2 import ifinfmsg, ndmsg, rtmsg
-from pyflannel.netlink import (AF_BRIDGE, DUMP_ATTEMPTS, NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_DONE, RTM_NEWNEIGH,
-                               RTM_NEWROUTE, DumpInterrupted, Netlink, neighbour_request, route_request)
+from pyflannel.netlink import (AF_BRIDGE, DUMP_ATTEMPTS, NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_DONE, RTM_DELNEIGH,
+                               RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE, DumpInterrupted, Netlink, Route, deletions,
+                               neighbour_request, parse_neighbour, parse_route, route_request)
 from tests.conftest import needs_netns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,13 +96,43 @@ def test_pyroute2_message_classes_load_without_the_package_and_round_trip() -> N
     for cls, packed, want in (
         (ndmsg, neighbour_request(RTM_NEWNEIGH, 0, AF_BRIDGE, 7, 0x80, 2, "192.168.56.12", "0a:00:00:00:00:02"),
          {"NDA_DST": "192.168.56.12", "NDA_LLADDR": "0a:00:00:00:00:02"}),
+        (ndmsg, neighbour_request(RTM_NEWNEIGH, 0, socket.AF_INET6, 7, 0x80, 0, "fd00:10:244:1::", "0a:00:00:00:00:02"),
+         {"NDA_DST": "fd00:10:244:1::", "NDA_LLADDR": "0a:00:00:00:00:02"}),
+        (ndmsg, neighbour_request(RTM_NEWNEIGH, 0, AF_BRIDGE, 7, 0x80, 2, "fd56::12", "0a:00:00:00:00:02"),
+         {"NDA_DST": "fd56::12", "NDA_LLADDR": "0a:00:00:00:00:02"}),
+        (rtmsg, route_request(RTM_NEWROUTE, 0, "fd00:10:244:1::", 64, "fd00:10:244:1::", 7, 254, 3, 0, 1, 4),
+         {"RTA_DST": "fd00:10:244:1::", "RTA_GATEWAY": "fd00:10:244:1::", "RTA_OIF": 7}),
         (rtmsg, route_request(RTM_NEWROUTE, 0, "10.244.2.0", 24, "10.244.2.0", 7, 254, 3, 0, 1, 4),
          {"RTA_DST": "10.244.2.0", "RTA_GATEWAY": "10.244.2.0", "RTA_OIF": 7}),
     ):
         raw = cls(HEADER.pack(HEADER.size + len(packed.body), packed.msg_type, 0, 1, 0) + packed.body)
         raw.decode()
         assert {key: raw.get_attr(key) for key in want} == want
+        # ... and through netlink's own parsers, which the dumps and the monitor use
+        if cls is ndmsg:
+            n = parse_neighbour(packed.body, 0, len(packed.body))
+            assert (n.dst, n.lladdr) == (want["NDA_DST"], want["NDA_LLADDR"])
+        else:
+            r = parse_route(packed.body, 0, len(packed.body))
+            assert (r.dst.split("/")[0], r.gateway, r.oif) == (want["RTA_DST"], want["RTA_GATEWAY"], want["RTA_OIF"])
     assert raw["dst_len"] == 24 and raw["flags"] == 4
+    body = route_request(RTM_NEWROUTE, 0, "fd00:10:244:1::", 64, None, None, 254, 3, 0, 1, 0).body
+    assert parse_route(body, 0, len(body)) == Route("fd00:10:244:1::/64", None, 0, 3, 254)
+
+def test_deletions_of_a_family_are_reported_only_when_it_is_listened_to() -> None:
+    """An IPv4-only daemon's monitor leaves the IPv6 neighbour and route deletions aside (a busy IPv6
+    node's neighbour discovery is no news to it); the FDB entries, of either remote family, count."""
+    buf = b""
+    for packed in (neighbour_request(RTM_DELNEIGH, 0, socket.AF_INET6, 7, 0x80, 0, "fd00:10:244:1::", None),
+                   route_request(RTM_DELROUTE, 0, "fd00:10:244:1::", 64, "fd00:10:244:1::", 7, 254, 3, 0, 1, 4),
+                   neighbour_request(RTM_DELNEIGH, 0, AF_BRIDGE, 7, 0x80, 2, "fd56::12", "0a:00:00:00:00:02"),
+                   route_request(RTM_DELROUTE, 0, "10.244.2.0", 24, "10.244.2.0", 5, 254, 3, 0, 1, 4)):
+        buf += HEADER.pack(HEADER.size + len(packed.body), packed.msg_type, 0, 0, 0) + packed.body
+    fdb, v4 = ("fdb", 7, "0a:00:00:00:00:02 fd56::12"), ("route", 254, "10.244.2.0/24")
+    assert deletions(buf) == [fdb, v4]
+    assert deletions(buf, frozenset((socket.AF_INET, socket.AF_INET6))) == [
+        ("neigh", 7, "fd00:10:244:1::"), ("route", 254, "fd00:10:244:1::/64"), fdb, v4]
+
 
 PROBE = r"""
 import errno, json, socket, subprocess, threading
@@ -185,12 +217,86 @@ def test_batch_dumps_and_deletion_monitor(netns: str) -> None:
     assert not [d for d in seen if d[0] == "down" and d[2] == "eth1"]  # eth1 stayed up
 
 
+PROBE6 = r"""
+import json, socket, subprocess, threading
+from pyflannel.netlink import AF_BRIDGE, Monitor, Netlink
+from pyflannel.backend.vxlan import _neigh, _route
+
+def sh(cmd):
+    subprocess.run(cmd.split(), check=True)
+
+sh("sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
+sh("ip link add eth1 type veth peer name eth1p")
+sh("ip addr add fd56::11/64 dev eth1")
+sh("ip link set eth1 up")
+sh("ip link set eth1p up")
+sh("ip link add flannel-v6.1 type vxlan id 1 local fd56::11 dev eth1 nolearning")
+sh("ip link set flannel-v6.1 up")
+sh("ip addr add fd00:10:244::/128 dev flannel-v6.1")
+nl = Netlink()
+idx = nl.link(name="flannel-v6.1")["index"]
+mac = "0a:00:00:00:00:02"
+out = {"codes": nl.batch([
+    _neigh(28, socket.AF_INET6, idx, "fd00:10:244:1::", mac),
+    _neigh(28, AF_BRIDGE, idx, "fd56::12", mac),
+    _route(24, "fd00:10:244:1::/64", "fd00:10:244:1::", idx),
+])}
+out["routes"] = sorted([r.dst, r.gateway, r.proto] for r in nl.routes(family=socket.AF_INET6) if r.oif == idx)
+out["neigh"] = [[n.dst, n.lladdr] for n in nl.neighbours(socket.AF_INET6, idx) if n.state & 0x80]
+out["fdb"] = [[n.lladdr, n.dst] for n in nl.neighbours(AF_BRIDGE, idx)]
+out["addrs"] = sorted("%s/%d" % (m.get_attr("IFA_ADDRESS"), m["prefixlen"])
+                      for m in nl.addresses(idx, socket.AF_INET6))
+out["get"] = [m.get_attr("RTA_GATEWAY") for m in nl.route_get("fd56::12")]
+out["ip6"] = subprocess.run("ip -6 route show dev flannel-v6.1".split(), capture_output=True, text=True).stdout
+mon = Monitor(families=(socket.AF_INET, socket.AF_INET6))
+seen = []
+stop = threading.Event()
+def report(found):
+    seen.extend(found)
+    if any(kind == "link" for kind, _, _ in seen):
+        stop.set()
+t = threading.Thread(target=mon.run, args=(stop, report))
+t.start()
+sh("ip -6 route del fd00:10:244:1::/64 dev flannel-v6.1")
+sh("ip -6 neigh del fd00:10:244:1:: dev flannel-v6.1")
+sh("bridge fdb del %s dev flannel-v6.1 dst fd56::12" % mac)
+sh("ip addr del fd00:10:244::/128 dev flannel-v6.1")
+sh("ip link del flannel-v6.1")
+t.join(10)
+out["seen"] = seen
+print(json.dumps(out))
+"""
+
+
+@needs_netns
+@pytest.mark.netns
+def test_ipv6_entries_dumps_and_deletions(netns: str) -> None:
+    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", PROBE6], capture_output=True, text=True,
+                         cwd=REPO, timeout=30)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["codes"] == [0, 0, 0]
+    assert ["fd00:10:244:1::/64", "fd00:10:244:1::", 3] in out["routes"]
+    assert "fd00:10:244:1::/64 via fd00:10:244:1:: metric 1024 onlink pref medium" in out["ip6"]  # as flanneld's (§10)
+    assert out["neigh"] == [["fd00:10:244:1::", "0a:00:00:00:00:02"]]
+    assert out["fdb"] == [["0a:00:00:00:00:02", "fd56::12"]]
+    assert "fd00:10:244::/128" in out["addrs"]
+    assert out["get"] == [None]  # directly connected
+    seen = [tuple(d) for d in out["seen"]]
+    idx = [where for kind, where, what in seen if kind == "link"][0]
+    assert ("route", 254, "fd00:10:244:1::/64") in seen
+    assert ("neigh", idx, "fd00:10:244:1::") in seen
+    assert ("fdb", idx, "0a:00:00:00:00:02 fd56::12") in seen
+    assert ("addr", idx, "fd00:10:244::/128") in seen
+
+
 OVERRUN = r"""
 import json, subprocess, threading
 from ipaddress import IPv4Address, IPv4Network
 from pyflannel import ip
-from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
 from pyflannel.config import VXLANConfig
+from pyflannel.family import IPV4
 from pyflannel.lease import Lease
 from pyflannel.netlink import Monitor, Netlink
 
@@ -201,7 +307,7 @@ sh("ip link add eth1 type veth peer name eth1p")
 sh("ip addr add 192.168.56.11/24 dev eth1")
 sh("ip link set eth1 up")
 nl = Netlink()
-backend = VXLANBackend(nl, VXLANConfig(), ip.select(nl, ["eth1"], [], "", ""), IPv4Network("10.0.0.0/8"))
+backend = VXLANNetwork(nl, VXLANConfig(), IPV4, ip.select(nl, ["eth1"], [], "", ""), IPv4Network("10.0.0.0/8"))
 backend.create_device()
 backend.configure_device(IPv4Network("10.0.0.0/24"))
 N = 1000

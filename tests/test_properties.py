@@ -4,22 +4,25 @@ unexpected exception (net-conf.json, flags and FLANNELD_* variables, annotations
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyflannel import diagnose, log
-from pyflannel.backend.vxlan import VXLANBackend, backend_data
+from pyflannel.backend.vxlan import VXLANNetwork, backend_data
+from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
                               default_subnet_len, parse)
 from pyflannel.flags import _FLAGS, FlagError, HelpRequested, Options, describe
 from pyflannel.flags import parse as parse_flags
-from pyflannel.ip import ExternalInterface
+from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
 from pyflannel.subnet.kube import node_info, node_to_lease
+from pyflannel.subnetfile import SubnetEnv
+from pyflannel.subnetfile import parse as parse_env
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None)
 
@@ -108,17 +111,23 @@ def check_config(c: Config, kube: bool) -> None:
     if c.enable_ipv6 and not kube:
         assert c.ipv6_network is not None and c.ipv6_subnet_min in c.ipv6_network
         assert c.ipv6_network.prefixlen + 2 <= c.ipv6_subnet_len <= 126
-    assert c.backend_type == "vxlan" and c.vxlan is not None
-    assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
-    assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
-    for iface_mtu in (68, 1280, 1500, 9000, 65535):
-        assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
+    assert list(c.networks) == [f for f, on in ((IPV4, c.enable_ipv4), (IPV6, c.enable_ipv6)) if on]
+    assert all(net.version == fam.version and net.prefixlen + int(net.network_address) > 0
+               for fam, net in c.networks.items())
+    assert c.networks.get(IPV4, c.network) == c.network and c.networks.get(IPV6, c.ipv6_network) == c.ipv6_network
+    assert c.backend_type in ("vxlan", "host-gw") and (c.vxlan is not None) == (c.backend_type == "vxlan")
+    if c.vxlan is not None:
+        assert 0 <= c.vxlan.vni <= 0xFFFFFF and 0 <= c.vxlan.port <= 0xFFFF
+        assert c.vxlan.mtu == 0 or MIN_MTU <= c.vxlan.mtu <= MAX_MTU
+        for iface_mtu in (68, 1280, 1500, 9000, 65535):
+            assert c.vxlan.device_mtu(iface_mtu) <= iface_mtu - OVERHEAD
     try:
         check_supported(c)
-    except ConfigError:
-        assert not c.enable_ipv4 or c.enable_ipv6 or c.networks or c.ipv6_networks or c.enable_nftables
+    except ConfigError as exc:
+        assert c.network_list or c.ipv6_network_list or c.enable_nftables
+        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks", "EnableNFTables")
     else:
-        assert isinstance(c.network, IPv4Network) and not c.enable_ipv6
+        assert not (c.network_list or c.ipv6_network_list or c.enable_nftables)
 
 
 @SETTINGS
@@ -189,9 +198,11 @@ def test_flags_give_options_or_a_flag_error(argv: list[str], environ: dict[str, 
     assert 0 <= o.healthz_port <= 65535 and 0 <= o.metrics_port <= 65535
     assert o.iptables_resync >= 1 and o.datapath_resync >= 1 and 1 <= o.subnet_lease_renew_margin < 1440
     assert o.log_format in ("klog", "json")
-    assert o.public_ipv6 == "" and o.log_backtrace_at == ""
+    assert o.log_backtrace_at == ""
     if o.public_ip:
         IPv4Address(o.public_ip)
+    if o.public_ipv6:
+        IPv6Address(o.public_ipv6)
     log.parse_vmodule(o.vmodule)
 
 
@@ -219,6 +230,7 @@ def test_annotation_prefix_gives_keys_or_a_prefix_error(prefix: str) -> None:
 
 
 KEYS = AnnotationKeys.from_prefix("flannel.alpha.coreos.com")
+ETH1_IP = IPv4Address("192.168.56.11")
 mac = st.binary(min_size=6, max_size=6).map(lambda b: ":".join("%02x" % x for x in b))
 backend_data_text = maybe(st.builds(backend_data, st.integers(0, 2**24 - 1), mac)
                           | st.builds(lambda m: json.dumps({"VNI": 1, "VtepMAC": m}),
@@ -235,6 +247,8 @@ def node_object(draw: st.DrawFn) -> dict[str, Any]:
         KEYS.backend_type: draw(st.sampled_from(["vxlan", "host-gw", ""]) | st.text(max_size=6)),
         KEYS.backend_data: draw(backend_data_text),
         KEYS.backend_public_ip: draw(ipv4 | ipv6 | odd_text),
+        KEYS.backend_v6_data: draw(backend_data_text),
+        KEYS.backend_public_ipv6: draw(ipv6 | ipv4 | odd_text),
         KEYS.subnet_kube_managed: draw(st.sampled_from(["true", "false"])),
         "other.example.com/x": draw(st.text(max_size=5)),
     }
@@ -253,18 +267,20 @@ def node_object(draw: st.DrawFn) -> dict[str, Any]:
 def test_node_annotations_give_a_lease_or_a_value_error(obj: dict[str, Any]) -> None:
     node = node_info(obj, KEYS.prefix)
     assert all(k.startswith(KEYS.prefix) for k in node.annotations)
-    try:
-        lease = node_to_lease(node, KEYS)
-    except ValueError:
-        return
-    assert isinstance(lease.subnet, IPv4Network) and isinstance(lease.public_ip, IPv4Address)
+    for family, network, address in ((IPV4, IPv4Network, IPv4Address), (IPV6, IPv6Network, IPv6Address)):
+        try:
+            lease = node_to_lease(node, KEYS, family)
+        except ValueError:
+            continue
+        assert isinstance(lease.subnet, network) and isinstance(lease.public_ip, address)
+        assert lease.backend_data == node.annotations.get(KEYS.data(family), "")
 
 
 @SETTINGS
 @given(st.integers(1, 250), ipv4, st.sampled_from(["vxlan", "host-gw", ""]), backend_data_text)
 def test_backend_data_gives_an_entry_with_a_valid_mac_or_none(n: int, public_ip: str, kind: str, data: str) -> None:
-    ext = ExternalInterface("eth1", 2, 1500, IPv4Address("192.168.56.11"), IPv4Address("192.168.56.11"))
-    backend = VXLANBackend(None, VXLANConfig(), ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
+    ext = ExternalInterface("eth1", 2, 1500, {IPV4: ExtAddr(ETH1_IP, ETH1_IP)})
+    backend = VXLANNetwork(None, VXLANConfig(), IPV4, ext, IPv4Network("10.244.0.0/16"))  # type: ignore[arg-type]
     backend.own_subnet = IPv4Network("10.244.0.0/24")
     entry = backend._entry("node", Lease(IPv4Network("10.244.%d.0/24" % n), IPv4Address(public_ip), kind, data))
     if entry is None:
@@ -286,3 +302,27 @@ def test_free_subnet_is_inside_the_network_and_unused(network: IPv4Network, used
         return
     assert free.subnet_of(network) and not any(free.overlaps(u) for u in used)
     assert free.prefixlen == default_subnet_len(network)
+
+
+# --- subnet.env ------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.lists(st.sampled_from([IPV4, IPV6]), min_size=1, max_size=2, unique=True), st.randoms(use_true_random=False),
+       st.integers(0, 65535), st.booleans())
+def test_subnet_env_reads_back_per_family(families: list[Any], rnd: Any, mtu: int, ipmasq: bool) -> None:
+    networks = {}
+    for family in families:
+        prefix = rnd.randint(1, family.bits - 2)
+        network = family.network("%s/%d" % (family.address(str(family.network(family.any_network).network_address
+                                                                + rnd.getrandbits(family.bits))), prefix))
+        subnet = next(network.subnets(prefixlen_diff=rnd.randint(1, min(8, family.bits - prefix - 1))))
+        networks[family] = (network, subnet)
+    text = SubnetEnv(networks, mtu, ipmasq).render()
+    lines = text.splitlines()
+    assert lines[-2:] == ["FLANNEL_MTU=%d" % mtu, "FLANNEL_IPMASQ=%s" % str(ipmasq).lower()]
+    assert [line.split("=")[0] for line in lines[:-2]] == [k for f in (IPV4, IPV6) if f in networks
+                                                            for k in (f.env_network, f.env_subnet)]
+    values = parse_env(text)
+    for family, (network, subnet) in networks.items():
+        assert family.network(values[family.env_network]) == network
+        assert family.network(values[family.env_subnet]) == subnet

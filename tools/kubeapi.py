@@ -115,7 +115,11 @@ _IMAGE_REPOS = (
 )
 
 
-def realistic_node(name: str, pod_cidr: str | None, internal_ip: str, images: int = 40) -> dict[str, Any]:
+def _cidrs(pod_cidr: str | list[str]) -> list[str]:
+    return [pod_cidr] if isinstance(pod_cidr, str) else list(pod_cidr)
+
+
+def realistic_node(name: str, pod_cidr: str | list[str] | None, internal_ip: str, images: int = 40) -> dict[str, Any]:
     """A node as a kubelet reports it (about 11.6 KB of JSON with 40 images); deterministic per name."""
     seed = int(_hex(name, "seed")[:8], 16)
     beat = "2024-05-14T09:%02d:%02dZ" % (seed % 60, seed // 60 % 60)
@@ -128,7 +132,7 @@ def realistic_node(name: str, pod_cidr: str | None, internal_ip: str, images: in
 
     spec: dict[str, Any] = {"providerID": "aws:///%s/i-0%s" % (zone, _hex(name, "instance")[:16])}
     if pod_cidr:
-        spec.update(podCIDR=pod_cidr, podCIDRs=[pod_cidr])
+        spec.update(podCIDR=_cidrs(pod_cidr)[0], podCIDRs=_cidrs(pod_cidr))
     volumes = [_hex(name, "volume%d" % i)[:16] for i in range(3)]
     image_list = []
     for i in range(images):
@@ -370,9 +374,12 @@ class FakeKubeAPI:
 
     # ----- state, as tests drive it
 
-    def add_node(self, name: str, pod_cidr: str | None = None, annotations: dict[str, str] | None = None,
+    def add_node(self, name: str, pod_cidr: str | list[str] | None = None, annotations: dict[str, str] | None = None,
                  internal_ip: str | None = None, realistic: bool = False) -> dict[str, Any]:
-        """Create a node (ValueError if it exists); ``realistic`` builds it with realistic_node()."""
+        """Create a node (ValueError if it exists); ``realistic`` builds it with realistic_node().
+
+        A list ``pod_cidr`` (a dual-stack node's, IPv4 first) is spec.podCIDRs; its first entry is spec.podCIDR.
+        """
         if realistic:
             if internal_ip is None:
                 h = int(_hex(name, "ip")[:6], 16)
@@ -382,7 +389,7 @@ class FakeKubeAPI:
             addresses = [{"type": "Hostname", "address": name}]
             if internal_ip:
                 addresses.insert(0, {"type": "InternalIP", "address": internal_ip})
-            spec = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]} if pod_cidr else {}
+            spec = {"podCIDR": _cidrs(pod_cidr)[0], "podCIDRs": _cidrs(pod_cidr)} if pod_cidr else {}
             node = {"kind": "Node", "apiVersion": "v1",
                     "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
                     "spec": spec, "status": {"addresses": addresses}}
@@ -393,9 +400,9 @@ class FakeKubeAPI:
         except _ApiError as exc:
             raise ValueError(str(exc)) from None
 
-    def set_pod_cidr(self, name: str, cidr: str) -> None:
-        """Set spec.podCIDR and spec.podCIDRs=[cidr]."""
-        self.patch_node(name, {"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
+    def set_pod_cidr(self, name: str, cidr: str | list[str]) -> None:
+        """Set spec.podCIDR and spec.podCIDRs=[cidr] (a list: podCIDRs, and its first entry as podCIDR)."""
+        self.patch_node(name, {"spec": {"podCIDR": _cidrs(cidr)[0], "podCIDRs": _cidrs(cidr)}})
 
     def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """Strategic-merge ``patch`` into the whole node (spec and status alike); returns the node.

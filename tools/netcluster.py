@@ -5,6 +5,11 @@ API server, listening on 192.168.56.1:6443. Each node is a namespace with an ``e
 bridge, running a real pyflannel process; each pod is a namespace attached to its node by the real
 CNI ``bridge`` and ``host-local`` plugins, configured from the node's subnet.env the way flannel's
 CNI plugin does. Nothing is created outside these namespaces except files under ``workdir``.
+
+The stack is ``v4`` (the default), ``dual`` or ``v6`` (IPv6-only: ``"EnableIPv4": false``). With
+IPv6 the bridge also has fd56::1/64 and node i fd56::<10+i>/64 (ULA) with an IPv6 default route via
+the hub; each node gets a /64 of the IPv6 Network as its second pod CIDR (its only one in ``v6``).
+The underlay keeps IPv4 in every stack: the API server listens there.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from tools.etcdserver import EtcdServer
@@ -29,6 +34,8 @@ from tools.kubeapi import FakeKubeAPI
 REPO = Path(__file__).resolve().parent.parent
 CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
 HUB_IP = "192.168.56.1"
+HUB_IP6 = "fd56::1"
+STACKS = ("v4", "dual", "v6")
 API_PORT = 6443
 ETCD_PORT = 2379
 ETCD_PREFIX = "/coreos.com/network"
@@ -58,7 +65,7 @@ def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_S
                     raise OSError(ctypes.get_errno(), "setns %s" % netns)
             finally:
                 os.close(fd)
-            s = socket.socket(socket.AF_INET, kind)
+            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, kind)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(addr)
             result.append(s)
@@ -77,8 +84,18 @@ def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_S
 class Pod:
     name: str
     netns: str
-    ip: str
+    ips: list[str]
     node: "Node"
+
+    @property
+    def ip(self) -> str:
+        """The pod's first address (its IPv4 one unless the stack is IPv6-only)."""
+        return self.ips[0]
+
+    @property
+    def ip6(self) -> str | None:
+        """The pod's IPv6 address, if it has one."""
+        return next((ip for ip in self.ips if ":" in ip), None)
 
 
 @dataclass
@@ -87,6 +104,7 @@ class Node:
     netns: str
     ip: str
     dir: Path
+    ip6: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     pods: list[Pod] = field(default_factory=list)
 
@@ -111,22 +129,31 @@ class Cluster:
 
     def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
                  prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True,
-                 etcd: bool = False) -> None:
+                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56", etcd: bool = False) -> None:
         """``kubeconfig=False``: the daemons reach the API with ``--kube-api-url`` alone, unauthenticated,
         the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this).
+        ``stack``: one of STACKS; ``backend``: net-conf's Backend (default vxlan).
         ``etcd=True``: the daemons run in etcd mode against a real etcd in the hub, at
         HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX."""
+        if stack not in STACKS:
+            raise ValueError("stack must be one of %s" % (STACKS,))
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix or "pf" + secrets.token_hex(2)
+        self.stack = stack
         self.network = IPv4Network(network)
+        self.ipv6_network = IPv6Network(ipv6_network)
         self.python = python
         self.nodes: dict[str, Node] = {}
         self.namespaces: list[str] = []
         self.api: FakeKubeAPI | None = None
         self.etcd: EtcdServer | None = None
         self.net_conf = self.workdir / "net-conf.json"
-        self.net_conf.write_text(json.dumps({"Network": network, "Backend": backend or {"Type": "vxlan"}}))
+        conf: dict[str, object] = {"Network": network} if self.ipv4 else {"EnableIPv4": False}
+        if self.ipv6:
+            conf.update(EnableIPv6=True, IPv6Network=ipv6_network)
+        conf["Backend"] = backend or {"Type": "vxlan"}
+        self.net_conf.write_text(json.dumps(conf))
         self.kubeconfig: Path | None = self.workdir / "kubeconfig" if kubeconfig else None
         self.api_url = "http://%s:%d" % (HUB_IP, API_PORT)
         if self.kubeconfig is not None:
@@ -140,6 +167,8 @@ class Cluster:
             self.hub = self._netns("hub")
             self.ns_run(self.hub, "ip", "link", "add", "br0", "type", "bridge")
             self.ns_run(self.hub, "ip", "addr", "add", HUB_IP + "/24", "dev", "br0")
+            if self.ipv6:
+                self.ns_run(self.hub, "ip", "addr", "add", HUB_IP6 + "/64", "dev", "br0")
             self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
             self.api = FakeKubeAPI(token=TOKEN if kubeconfig else None)
             self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
@@ -151,12 +180,25 @@ class Cluster:
             self.close()
             raise
 
+    @property
+    def ipv4(self) -> bool:
+        """True if the pod network has IPv4 (stacks v4 and dual)."""
+        return self.stack != "v6"
+
+    @property
+    def ipv6(self) -> bool:
+        """True if the pod network and the underlay have IPv6 (stacks dual and v6)."""
+        return self.stack != "v4"
+
     # -- namespaces --------------------------------------------------------------------------------
 
     def _netns(self, name: str) -> str:
         ns = "%s-%s" % (self.prefix, name)
         run("ip", "netns", "add", ns)
         self.namespaces.append(ns)
+        if self.ipv6:
+            # Addresses are usable at once, not "tentative" for a second of duplicate address detection.
+            self.ns_run(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
         self.ns_run(ns, "ip", "link", "set", "lo", "up")
         return ns
 
@@ -166,26 +208,40 @@ class Cluster:
         """Run a command inside a namespace."""
         return run("ip", "netns", "exec", netns, *cmd, check=check, input=input, env=env, timeout=timeout)
 
-    def add_node(self, name: str, pod_cidr: str | None = "auto") -> Node:
+    def pod_cidrs(self, i: int) -> list[str]:
+        """The pod CIDRs the controller-manager gives the i-th node: 10.244.<i>.0/24 and/or the i-th /64."""
+        cidrs = [str(IPv4Network((int(self.network.network_address) + (i << 8), 24)))] if self.ipv4 else []
+        if self.ipv6:
+            cidrs.append(str(IPv6Network((int(self.ipv6_network.network_address) + (i << 64), 64))))
+        return cidrs
+
+    def add_node(self, name: str, pod_cidr: str | list[str] | None = "auto") -> Node:
         """A node namespace with eth1 on the underlay, registered with the API server.
 
-        ``pod_cidr="auto"`` gives the n-th node 10.244.<n>.0/24 (within the network); None gives none.
+        ``pod_cidr="auto"`` gives the n-th node pod_cidrs(n) (within the networks); None gives none;
+        a list is the node's spec.podCIDRs.
         """
         assert self.api is not None
         i = len(self.nodes) + 1
         netns = self._netns(name)
         ip = "192.168.56.%d" % (10 + i)
+        ip6 = "fd56::%d" % (10 + i) if self.ipv6 else None
         peer = "%sv%d" % (self.prefix, i)
         run("ip", "link", "add", "eth1", "netns", netns, "type", "veth", "peer", "name", peer, "netns", self.hub)
         self.ns_run(self.hub, "ip", "link", "set", peer, "master", "br0", "up")
         self.ns_run(netns, "ip", "addr", "add", ip + "/24", "dev", "eth1")
+        if ip6 is not None:
+            self.ns_run(netns, "ip", "addr", "add", ip6 + "/64", "dev", "eth1")
         self.ns_run(netns, "ip", "link", "set", "eth1", "up")
         self.ns_run(netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        if ip6 is not None:
+            self.ns_run(netns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+            self.ns_run(netns, "ip", "-6", "route", "add", "default", "via", HUB_IP6, "dev", "eth1")
         if pod_cidr == "auto":
-            pod_cidr = str(list(self.network.subnets(new_prefix=24))[i])
+            pod_cidr = self.pod_cidrs(i)
         d = self.workdir / name
         d.mkdir(exist_ok=True)
-        node = Node(name, netns, ip, d)
+        node = Node(name, netns, ip, d, ip6)
         self.nodes[name] = node
         self.api.add_node(name, pod_cidr=pod_cidr, internal_ip=ip)
         return node
@@ -254,13 +310,19 @@ class Cluster:
         return values
 
     def _cni(self, node: Node, command: str, pod_name: str, netns: str) -> str:
+        # flannel's CNI plugin: one range per subnet in subnet.env (IPv4 first), masked, and a route to
+        # each Network via the bridge's gateway.
         env = self.subnet_env(node)
+        ranges, routes = [], []
+        for net_key, subnet_key in (("FLANNEL_NETWORK", "FLANNEL_SUBNET"), ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET")):
+            if subnet_key in env:
+                ranges.append([{"subnet": str(ip_network(env[subnet_key], strict=False))}])
+                routes.append({"dst": env[net_key]})
         conf = {
             "cniVersion": "0.3.1", "name": "cbr0", "type": "bridge", "hairpinMode": True,
             "ipMasq": env["FLANNEL_IPMASQ"] != "true", "isGateway": True, "isDefaultGateway": True,
             "mtu": int(env["FLANNEL_MTU"]),
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))}]],
-                     "routes": [{"dst": env["FLANNEL_NETWORK"]}], "dataDir": str(node.dir / "ipam")},
+            "ipam": {"type": "host-local", "ranges": ranges, "routes": routes, "dataDir": str(node.dir / "ipam")},
         }
         cni_env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=pod_name, CNI_NETNS="/var/run/netns/" + netns,
                        CNI_IFNAME="eth0", CNI_PATH=CNI_PATH)
@@ -271,15 +333,15 @@ class Cluster:
         """A pod namespace attached by the CNI bridge plugin from the node's subnet.env."""
         netns = self._netns(name)
         result = json.loads(self._cni(node, "ADD", name, netns))
-        ip = result["ips"][0]["address"].split("/")[0]
-        pod = Pod(name, netns, ip, node)
+        pod = Pod(name, netns, [entry["address"].split("/")[0] for entry in result["ips"]], node)
         node.pods.append(pod)
         return pod
 
-    def ping(self, src: Pod, dst_ip: str, count: int = 1, timeout: int = 2) -> bool:
-        """One ping from a pod; True if it was answered."""
-        res = self.ns_run(src.netns, "ping", "-c", str(count), "-W", str(timeout), dst_ip, check=False,
-                          timeout=count * timeout + 5)
+    def ping(self, src: Pod | Node, dst_ip: str, count: int = 1, timeout: int = 2) -> bool:
+        """One ping from a pod or node (``ping -6`` for an IPv6 address); True if it was answered."""
+        family = "-6" if ":" in dst_ip else "-4"
+        res = self.ns_run(src.netns, "ping", family, "-c", str(count), "-i", "0.2", "-W", str(timeout), dst_ip,
+                          check=False, timeout=count * timeout + 5)
         return res.returncode == 0
 
     def logs(self) -> str:

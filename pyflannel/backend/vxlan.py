@@ -1,5 +1,5 @@
-"""The VXLAN backend: the ``flannel.<VNI>`` device and, for every other node, its neighbour, FDB
-entry and route (flannel's ``backend/vxlan``).
+"""The VXLAN backend: per IP family, the ``flannel.<VNI>`` or ``flannel-v6.<VNI>`` device and, for
+every other node, its neighbour, FDB entry and route (flannel's ``backend/vxlan``).
 
 The kernel is converged to the leases: a change to one node programs that node's entries, and a
 periodic full reconcile compares the whole kernel state with the leases and repairs any drift
@@ -14,11 +14,12 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import ip_address, ip_interface
 from typing import Any
 
 from .. import metrics
 from ..config import VXLANConfig
+from ..family import IPV4, Family, IPNetwork, family_of
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
+RTPROT_KERNEL = 2  # the routes the kernel adds for an address (an IPv6 device's /128, fe80::/64)
 RTPROT_BOOT = 3
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
@@ -57,7 +59,7 @@ class Device:
 class Entry:
     """The kernel entries for one remote node: via the tunnel, or direct when ``direct_gw`` is set."""
 
-    dst: str  # the node's subnet, "10.244.1.0/24"
+    dst: str  # the node's subnet, "10.244.1.0/24" or "fd00:10:244:1::/64"
     gw: str  # its network address, the neighbour's IP and the tunnel route's gateway
     mac: str
     public_ip: str
@@ -94,9 +96,9 @@ class VXLANLink:
         return int(self.data.get("IFLA_VXLAN_PORT") or DEFAULT_PORT)
 
 
-def device_name(vni: int) -> str:
-    """The VXLAN device's name: ``flannel.<VNI>``."""
-    return "flannel.%d" % vni
+def device_name(vni: int, family: Family = IPV4) -> str:
+    """The VXLAN device's name: ``flannel.<VNI>``, ``flannel-v6.<VNI>``."""
+    return family.vxlan_device % vni
 
 
 def read_link(link: Any) -> VXLANLink:
@@ -111,12 +113,13 @@ def read_link(link: Any) -> VXLANLink:
                      bool(link["flags"] & IFF_UP), int(link.get_attr("IFLA_MTU") or 0), kind, data)
 
 
-def device_attributes(cfg: VXLANConfig, ext: ExternalInterface) -> list[tuple[str, Any]]:
-    """The IFLA_VXLAN_* attributes flanneld gives a new device: no group, no ageing, the port only when
-    set, GBP only when on. (The device's MTU is a link attribute, set by the backend's ``mtu``.)"""
+def device_attributes(cfg: VXLANConfig, ext: ExternalInterface, family: Family = IPV4) -> list[tuple[str, Any]]:
+    """The IFLA_VXLAN_* attributes flanneld gives a new device: the interface's address of the family as
+    the local end, no group, no ageing, the port only when set, GBP only when on. (The device's MTU is a
+    link attribute.)"""
     data: list[tuple[str, Any]] = [
         ("IFLA_VXLAN_ID", cfg.vni), ("IFLA_VXLAN_LINK", ext.index),
-        ("IFLA_VXLAN_LOCAL", str(ext.iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
+        (family.vxlan_local, str(ext.addrs[family].iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
         ("IFLA_VXLAN_LEARNING", int(cfg.learning)), ("IFLA_VXLAN_PROXY", 0), ("IFLA_VXLAN_RSC", 0),
         ("IFLA_VXLAN_L2MISS", 0), ("IFLA_VXLAN_L3MISS", 0), ("IFLA_VXLAN_UDP_ZERO_CSUM6_TX", 0),
         ("IFLA_VXLAN_UDP_ZERO_CSUM6_RX", 0),
@@ -128,7 +131,7 @@ def device_attributes(cfg: VXLANConfig, ext: ExternalInterface) -> list[tuple[st
     return data
 
 
-def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface) -> str:
+def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface, family: Family = IPV4) -> str:
     """Why an existing device cannot be reused, in flanneld's words (``vni: 2 vs 1``), or '' when it
     can. Learning, MAC and MTU are not compared, as in flanneld."""
     d = link.data
@@ -138,9 +141,10 @@ def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface) -
         return "vni: %s vs %d" % (d.get("IFLA_VXLAN_ID"), cfg.vni)
     if d.get("IFLA_VXLAN_LINK") and d.get("IFLA_VXLAN_LINK") != ext.index:
         return "vtep (external) interface: %s vs %d" % (d.get("IFLA_VXLAN_LINK"), ext.index)
-    local = d.get("IFLA_VXLAN_LOCAL")
-    if local and IPv4Address(local) != ext.iface_addr:
-        return "vtep (external) IP: %s vs %s" % (local, ext.iface_addr)
+    local = d.get(family.vxlan_local)
+    want = ext.addrs[family].iface_addr
+    if local and ip_address(local) != want:
+        return "vtep (external) IP: %s vs %s" % (local, want)
     if d.get("IFLA_VXLAN_GROUP"):
         return "vtep group: %s vs <nil>" % d.get("IFLA_VXLAN_GROUP")
     if d.get("IFLA_VXLAN_L2MISS"):
@@ -153,8 +157,18 @@ def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface) -
     return ""
 
 
-class VXLANBackend:
-    """The device and the per-node kernel entries.
+def log_config(cfg: VXLANConfig, ext: ExternalInterface) -> None:
+    """flanneld's ``VXLAN config:`` line (once per process, whatever the number of families), and a
+    warning when net-conf's MTU is more than the external interface allows."""
+    log.info("VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s", cfg.vni, cfg.port,
+             str(cfg.gbp).lower(), str(cfg.learning).lower(), str(cfg.direct_routing).lower())
+    if cfg.mtu > ext.mtu:
+        log.warning("MTU %d in net-conf.json's Backend is more than %s's MTU %d allows; the device and the pods "
+                    "get %d", cfg.mtu, ext.name, ext.mtu, cfg.device_mtu(ext.mtu))
+
+
+class VXLANNetwork:
+    """The VXLAN network of one IP family: its device and the per-node kernel entries.
 
     The device is watched as the entries are: a notification that it went, went down or lost its
     address, a full reconcile, or a request refused for want of it, looks at it first and restores
@@ -162,34 +176,47 @@ class VXLANBackend:
     entry on it. While it cannot be restored :attr:`device_ok` is False and no entry is sent.
     """
 
-    def __init__(self, nl: Netlink, cfg: VXLANConfig, ext: ExternalInterface, network: IPv4Network) -> None:
+    def __init__(self, nl: Netlink, cfg: VXLANConfig, family: Family, ext: ExternalInterface,
+                 network: IPNetwork) -> None:
         self.nl = nl
         self.cfg = cfg
+        self.family = family
         self.ext = ext
         self.network = network
-        self.name = device_name(cfg.vni)
+        self.name = device_name(cfg.vni, family)
         self.device: Device | None = None
-        self.device_ok = False  # flannel.<VNI> is there, up and configured (from configure_device on)
+        self.device_ok = False  # the device is there, up and configured (from configure_device on)
         self._device_error = ""  # the last failure to restore the device, logged once
-        self.own_subnet: IPv4Network | None = None
+        self.own_subnet: IPNetwork | None = None
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
-        self._keys: dict[tuple[str, str], str] = {}  # each kernel entry of `applied` -> its node
+        self._keys: dict[str, str] = {}  # each kernel entry of `applied`, named as in _keys() -> its node
         self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
-        log.info("VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s", cfg.vni, cfg.port,
-                 str(cfg.gbp).lower(), str(cfg.learning).lower(), str(cfg.direct_routing).lower())
-        if cfg.mtu > ext.mtu:
-            log.warning("MTU %d in net-conf.json's Backend is more than %s's MTU %d allows; the device and the pods "
-                        "get %d", cfg.mtu, ext.name, ext.mtu, self.mtu)
+        # flanneld's log texts of this family: "adding v6 subnet", "AddV6ARP failed", "removing v6subnet" (sic)
+        self._v6 = family.v6
+        self._v6_ = (family.v6 + " ").lstrip()
+        self._V6 = family.v6.upper()
 
     @property
     def mtu(self) -> int:
-        """The MTU of the device and the pods: net-conf's MTU (default: the external interface's) less the overhead."""
+        """The pods' MTU (``FLANNEL_MTU``): net-conf's MTU (default: the external interface's) less 50, in
+        every family as in flanneld."""
         return self.cfg.device_mtu(self.ext.mtu)
+
+    @property
+    def device_mtu(self) -> int:
+        """The device's MTU: the pods', at most what the kernel allows over this family (1430 for IPv6 on a
+        1500 link, 20 less than the pods', as flanneld's)."""
+        return min(self.mtu, self.ext.mtu - self.family.tunnel_overhead)
+
+    def backend_data(self) -> str:
+        """This family's ``backend-data`` / ``backend-v6-data`` annotation."""
+        assert self.device is not None
+        return backend_data(self.cfg.vni, self.device.mac)
 
     # -- the device --------------------------------------------------------------------------------
 
     def create_device(self, mac_hint: str = "") -> Device:
-        """Create ``flannel.<VNI>``, or reuse a compatible existing one with its MAC.
+        """Create the device, or reuse a compatible existing one with its MAC.
 
         A new device takes ``mac_hint`` (the MAC this node last advertised), so a device lost to a
         reboot comes back with the MAC the other nodes already know.
@@ -198,7 +225,7 @@ class VXLANBackend:
             link = self.nl.link(name=self.name)
             if link is not None:
                 found = read_link(link)
-                reason = incompatibility(found, self.cfg, self.ext)
+                reason = incompatibility(found, self.cfg, self.ext, self.family)
                 if not reason:
                     log.log(V(1), "VXLAN device already exists")
                     self.device = Device(self.name, found.index, found.mac)
@@ -214,10 +241,10 @@ class VXLANBackend:
     def _create(self, mac: str) -> Device:
         """Add the device as flanneld does, with flanneld's transmit queue length of 0 too, and the MTU
         of flannel v0.21.3's MTU key (the external interface's by default)."""
+        data = device_attributes(self.cfg, self.ext, self.family)
         self.nl.call(request(ifinfmsg, RTM_NEWLINK, CREATE, attrs=[
-            ("IFLA_IFNAME", self.name), ("IFLA_TXQLEN", 0), ("IFLA_ADDRESS", mac), ("IFLA_MTU", self.mtu),
-            ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"),
-                                         ("IFLA_INFO_DATA", {"attrs": device_attributes(self.cfg, self.ext)})]}),
+            ("IFLA_IFNAME", self.name), ("IFLA_TXQLEN", 0), ("IFLA_ADDRESS", mac), ("IFLA_MTU", self.device_mtu),
+            ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]}),
         ]))
         link = self.nl.link(name=self.name)
         if link is None:
@@ -228,16 +255,21 @@ class VXLANBackend:
             pass
         return Device(self.name, link["index"], link.get_attr("IFLA_ADDRESS"))
 
-    def configure_device(self, subnet: IPv4Network) -> None:
-        """Give the device ``<subnet network address>/32`` (and no other address in the network), and bring it up."""
+    def _addresses(self, idx: int) -> list[Any]:
+        """The device's addresses of this family, as ip_interface objects, in kernel order."""
+        return [ip_interface((m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"]))
+                for m in self.nl.addresses(idx, self.family.af)]
+
+    def configure_device(self, subnet: IPNetwork) -> None:
+        """Give the device ``<subnet network address>/32`` (``/128`` for IPv6) and no other address in the
+        network, and bring it up."""
         assert self.device is not None
         idx = self.device.index
         self.own_subnet = subnet
         want = _device_address(subnet)
         try:
             present = False
-            for m in self.nl.addresses(idx):
-                addr = IPv4Interface((m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"]))
+            for addr in self._addresses(idx):
                 if addr == want:
                     present = True
                 elif addr.ip in self.network:
@@ -248,13 +280,13 @@ class VXLANBackend:
                 self.nl.call(request(ifaddrmsg, RTM_NEWADDR, CREATE, fields=_addr_fields(idx, want),
                                      attrs=[("IFA_LOCAL", str(want.ip)), ("IFA_ADDRESS", str(want.ip))]))
         except OSError as exc:
-            raise DeviceError("failed to configure interface %s: failed to ensure address of interface %s: %s"
-                              % (self.name, self.name, _errstr(exc))) from exc
+            raise DeviceError("failed to configure interface %s: failed to ensure %saddress of interface %s: %s"
+                              % (self.name, self._v6_, self.name, _errstr(exc))) from exc
         try:
             self.nl.call(request(ifinfmsg, RTM_NEWLINK, fields={"index": idx, "flags": IFF_UP, "change": IFF_UP}))
         except OSError as exc:
-            raise DeviceError("failed to configure interface %s: failed to set interface %s to UP state: %s"
-                              % (self.name, self.name, _errstr(exc))) from exc
+            raise DeviceError("failed to configure interface %s: failed to set %sinterface %s to UP state: %s"
+                              % (self.name, self._v6_, self.name, _errstr(exc))) from exc
         self.device_ok = True
 
     def _device_problem(self) -> str:
@@ -264,7 +296,7 @@ class VXLANBackend:
         if link is None:
             return "was deleted"
         found = read_link(link)
-        reason = incompatibility(found, self.cfg, self.ext)
+        reason = incompatibility(found, self.cfg, self.ext, self.family)
         if reason:
             return "was replaced by an incompatible device (%s)" % reason
         if found.index != self.device.index:
@@ -274,8 +306,7 @@ class VXLANBackend:
         if not found.up:
             return "was set down"
         want = _device_address(self.own_subnet)
-        if not any(IPv4Interface((m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"])) == want
-                   for m in self.nl.addresses(found.index)):
+        if want not in self._addresses(found.index):
             return "lost its address %s" % want
         return ""
 
@@ -286,7 +317,7 @@ class VXLANBackend:
         mac = self.device.mac
         link = self.nl.link(name=self.name)
         found = read_link(link) if link is not None else None
-        if found is not None and incompatibility(found, self.cfg, self.ext):
+        if found is not None and incompatibility(found, self.cfg, self.ext, self.family):
             self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
             found = None
         if found is None:
@@ -355,7 +386,9 @@ class VXLANBackend:
         if lease.subnet == self.own_subnet:
             return None
         if lease.backend_type != "vxlan":
-            log.warning("ignoring non-vxlan v4Subnet(%s) v6Subnet(<nil>): type=%s", lease.subnet, lease.backend_type)
+            subnets = {4: "<nil>", 6: "<nil>", lease.subnet.version: str(lease.subnet)}
+            log.warning("ignoring non-vxlan v4Subnet(%s) v6Subnet(%s): type=%s", subnets[4], subnets[6],
+                        lease.backend_type)
             return None
         try:
             data = json.loads(lease.backend_data)
@@ -364,11 +397,11 @@ class VXLANBackend:
             if len(raw) != 6 or ":".join("%02x" % b for b in raw) != mac:
                 raise ValueError("invalid MAC address %r" % data["VtepMAC"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            log.error("error decoding subnet lease JSON: %s (node %s)", exc, name)
+            log.error("error decoding %ssubnet lease JSON: %s (node %s)", self._v6_, exc, name)
             return None
-        # inet_ntoa: str() of ipaddress objects costs some 10 ms of CPU at 5,000 nodes
-        public_ip = socket.inet_ntoa(lease.public_ip.packed)
-        gw = socket.inet_ntoa(lease.subnet.network_address.packed)
+        # inet_ntop: str() of ipaddress objects costs some 10 ms of CPU at 5,000 nodes
+        public_ip = socket.inet_ntop(self.family.af, lease.public_ip.packed)
+        gw = socket.inet_ntop(self.family.af, lease.subnet.network_address.packed)
         direct = self._direct_gateway(public_ip) if self.cfg.direct_routing else None
         return Entry("%s/%d" % (gw, lease.subnet.prefixlen), gw, mac, public_ip, direct)
 
@@ -385,31 +418,37 @@ class VXLANBackend:
     def _add(self, e: Entry) -> list[tuple[str, Packed]]:
         """The requests that program an entry, each with the error text flanneld logs for it."""
         assert self.device is not None
-        log.log(V(2), "adding subnet: %s PublicIP: %s VtepMAC: %s", e.dst, e.public_ip, e.mac)
+        v6, v6_, V6 = self._v6, self._v6_, self._V6
         if e.direct_gw is not None:
-            return [("failed to add direct route (%s -> %s)" % (e.dst, e.direct_gw),
+            log.log(V(2), "Adding %sdirect route to %ssubnet: %s PublicIP%s: %s", v6_, v6_, e.dst, v6, e.public_ip)
+            return [("Error adding %sroute to %s via %s" % (v6_, e.dst, e.direct_gw),
                      _route(RTM_NEWROUTE, e.dst, e.direct_gw, None))]
+        log.log(V(2), "adding %ssubnet: %s PublicIP%s: %s VtepMAC: %s", v6_, e.dst, v6, e.public_ip, e.mac)
         idx = self.device.index
-        return [("AddARP failed", _neigh(RTM_NEWNEIGH, socket.AF_INET, idx, e.gw, e.mac)),
-                ("AddFDB failed", _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)),
-                ("failed to add vxlanRoute (%s -> %s)" % (e.dst, e.gw), _route(RTM_NEWROUTE, e.dst, e.gw, idx))]
+        return [("Add%sARP failed" % V6, _neigh(RTM_NEWNEIGH, self.family.af, idx, e.gw, e.mac)),
+                ("Add%sFDB failed" % V6, _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)),
+                ("failed to add %svxlanRoute (%s -> %s)" % (v6_, e.dst, e.gw), _route(RTM_NEWROUTE, e.dst, e.gw, idx))]
 
     def _remove(self, e: Entry, keep: Entry | None = None) -> list[tuple[str, Packed]]:
         """The requests that delete an entry, except the parts ``keep`` (its replacement) overwrites."""
         assert self.device is not None
-        log.log(V(2), "removing subnet: %s PublicIP: %s VtepMAC: %s", e.dst, e.public_ip, e.mac)
+        v6, v6_, V6 = self._v6, self._v6_, self._V6
         if e.direct_gw is not None:
+            log.log(V(2), "Removing %sdirect route to %ssubnet: %s PublicIP%s: %s", v6_, v6_, e.dst, v6, e.public_ip)
             if keep is not None and keep.dst == e.dst:
                 return []
-            return [("failed to delete direct route (%s -> %s)" % (e.dst, e.direct_gw),
+            # flanneld v0.20.2 never removes an IPv6 direct route (it deletes the IPv4 one instead); this does
+            return [("Error deleting %sroute to %s via %s" % (v6_, e.dst, e.direct_gw),
                      _route(RTM_DELROUTE, e.dst, e.direct_gw, None))]
+        log.log(V(2), "removing %ssubnet: %s PublicIP%s: %s VtepMAC: %s", v6, e.dst, v6, e.public_ip, e.mac)
         idx = self.device.index
         out = []
         if keep is None or keep.direct_gw is not None or keep.dst != e.dst:
-            out.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, e.gw, e.mac)))
-            out.append(("failed to delete vxlanRoute (%s -> %s)" % (e.dst, e.gw), _route(RTM_DELROUTE, e.dst, e.gw, idx)))
+            out.append(("Del%sARP failed" % V6, _neigh(RTM_DELNEIGH, self.family.af, idx, e.gw, e.mac)))
+            out.append(("failed to delete %svxlanRoute (%s -> %s)" % (v6_, e.dst, e.gw),
+                        _route(RTM_DELROUTE, e.dst, e.gw, idx)))
         if keep is None or keep.direct_gw is not None or (keep.mac, keep.public_ip) != (e.mac, e.public_ip):
-            out.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)))
+            out.append(("Del%sFDB failed" % V6, _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)))
         return out
 
     def _send(self, work: list[tuple[str, Packed]]) -> list[int]:
@@ -508,7 +547,7 @@ class VXLANBackend:
         lost: dict[str, Entry] = {}
         for kind, where, what in deleted:
             if (kind == "route" and where == MAIN_TABLE) or (kind in ("neigh", "fdb") and where == idx):
-                name = self._keys.get((kind, what))
+                name = self._keys.get(what)
                 if name is not None:
                     lost[name] = self.applied[name]
         restored = self._program(lost, missing_only=True)
@@ -566,13 +605,14 @@ class VXLANBackend:
         own = str(self.own_subnet)
         strays: list[tuple[str, Packed]] = []
         have_neigh: set[str] = set()
-        for n in self.nl.neighbours(socket.AF_INET, idx):
+        for n in self.nl.neighbours(self.family.af, idx):
             if not n.state & NUD_PERMANENT or n.dst is None:
                 continue
             if want_neigh.get(n.dst) == n.lladdr:
                 have_neigh.add(n.dst)
             elif n.dst not in want_neigh:
-                strays.append(("DelARP failed", _neigh(RTM_DELNEIGH, socket.AF_INET, idx, n.dst, n.lladdr)))
+                strays.append(("Del%sARP failed" % self._V6,
+                               _neigh(RTM_DELNEIGH, self.family.af, idx, n.dst, n.lladdr)))
         have_fdb: set[tuple[str, str]] = set()
         for n in self.nl.neighbours(AF_BRIDGE, idx):
             if n.dst is None or n.lladdr is None:
@@ -580,19 +620,21 @@ class VXLANBackend:
             if (n.lladdr, n.dst) in want_fdb:
                 have_fdb.add((n.lladdr, n.dst))
             else:
-                strays.append(("DelFDB failed", _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, n.dst, n.lladdr)))
+                strays.append(("Del%sFDB failed" % self._V6, _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, n.dst, n.lladdr)))
         have_routes: set[str] = set()
-        for r in self.nl.routes():
+        for r in self.nl.routes(family=self.family.af):
             if r.oif != idx:
                 if r.oif != self.ext.index or r.gateway is None or r.proto != RTPROT_BOOT:
                     continue
-                dst = IPv4Network(r.dst)  # a DirectRouting route, if it lies within the network
-                if not dst.subnet_of(self.network) or dst == self.network:
+                dst = self.family.network(r.dst)  # a DirectRouting route, if it lies within the network
+                if not dst.subnet_of(self.network) or dst == self.network:  # type: ignore[arg-type]
                     continue
+            elif r.proto == RTPROT_KERNEL:  # the route of the device's own address, or of its link-local one
+                continue
             if want_routes.get(r.dst) == (r.gateway, r.oif == idx):
                 have_routes.add(r.dst)
             elif r.dst != own:
-                strays.append(("failed to delete vxlanRoute (%s -> %s)" % (r.dst, r.gateway),
+                strays.append(("failed to delete %svxlanRoute (%s -> %s)" % (self._v6_, r.dst, r.gateway),
                                _route(RTM_DELROUTE, r.dst, r.gateway, r.oif)))
         self._send(strays)
         missing = set()
@@ -605,22 +647,23 @@ class VXLANBackend:
         return len(strays), missing
 
 
-def _keys(e: Entry) -> list[tuple[str, str]]:
-    """The kernel entries an Entry owns, as :func:`netlink.deletions` names them."""
-    keys = [("route", e.dst)]
-    if e.direct_gw is None:
-        keys += [("neigh", e.gw), ("fdb", "%s %s" % (e.mac, e.public_ip))]
-    return keys
+def _keys(e: Entry) -> list[str]:
+    """The kernel entries an Entry owns, as :func:`netlink.deletions` names them: its route ("dst/len"),
+    neighbour ("ip") and FDB entry ("mac ip"), whose shapes never coincide. (Plain strings, not
+    (kind, text) pairs: thousands of nodes' tuples cost some 0.8 MiB per family.)"""
+    if e.direct_gw is not None:
+        return [e.dst]
+    return [e.dst, e.gw, "%s %s" % (e.mac, e.public_ip)]
 
 
 def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str | None) -> Packed:
-    """A permanent neighbour (AF_INET) or FDB entry (AF_BRIDGE, NTF_SELF) on the device."""
+    """A permanent neighbour (AF_INET, AF_INET6) or FDB entry (AF_BRIDGE, NTF_SELF) on the device."""
     return neighbour_request(msg_type, REPLACE if msg_type == RTM_NEWNEIGH else 0, family, idx, NUD_PERMANENT,
                              NTF_SELF if family == AF_BRIDGE else 0, dst, mac)
 
 
 def _route(msg_type: int, dst: str, gw: str | None, oif: int | None) -> Packed:
-    """A main-table route to ``dst`` ("a.b.c.d/len") via ``gw``: onlink through ``oif`` when given (the
+    """A main-table route to ``dst`` ("a.b.c.d/len", "x::/len") via ``gw``: onlink through ``oif`` when given (the
     tunnel). A new route has protocol boot and universe scope, as flanneld's; a deletion matches any."""
     address, _, length = dst.partition("/")
     if msg_type == RTM_NEWROUTE:
@@ -629,13 +672,13 @@ def _route(msg_type: int, dst: str, gw: str | None, oif: int | None) -> Packed:
     return route_request(msg_type, 0, address, int(length), gw, oif, MAIN_TABLE, 0, RT_SCOPE_NOWHERE, 0, 0)
 
 
-def _device_address(subnet: IPv4Network) -> IPv4Interface:
-    """The device's address: the subnet's network address, /32, as flanneld gives it."""
-    return IPv4Interface((subnet.network_address, 32))
+def _device_address(subnet: IPNetwork) -> Any:
+    """The device's address: the subnet's network address, /32 or /128, as flanneld gives it."""
+    return ip_interface((subnet.network_address, subnet.max_prefixlen))
 
 
-def _addr_fields(idx: int, addr: IPv4Interface) -> dict[str, Any]:
-    return {"family": socket.AF_INET, "prefixlen": addr.network.prefixlen, "index": idx}
+def _addr_fields(idx: int, addr: Any) -> dict[str, Any]:
+    return {"family": family_of(addr).af, "prefixlen": addr.network.prefixlen, "index": idx}
 
 
 def _errno(exc: BaseException) -> int:

@@ -2,15 +2,16 @@
 
 ``kube.KubeSubnetManager`` keeps them in the Kubernetes node objects, ``etcd.EtcdSubnetManager``
 in etcd. The daemon's start-up and its reconcile loop use only what ``SubnetManager`` lists, so
-both modes share one backend and one loop.
+both modes share one backend and one loop. Leases are per family: a manager answers for the
+families of its config (etcd mode: IPv4 only) and has no leases of the others.
 """
 
 from __future__ import annotations
 
 import threading
-from ipaddress import IPv4Address
 from typing import Protocol
 
+from ..family import Family, IPAddress
 from ..lease import Lease
 
 
@@ -36,14 +37,20 @@ class SubnetManager(Protocol):
     def wait_synced(self, stop: threading.Event, timeout: float) -> None:
         """Block until the first list of leases is in; raises LeaseError after ``timeout`` seconds."""
 
-    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
-        """This node's lease, published with these attributes; idempotent. Raises LeaseError."""
+    def acquire_lease(self, public_ips: dict[Family, IPAddress], backend_type: str,
+                      backend_data: dict[Family, str]) -> dict[Family, Lease]:
+        """This node's lease of every enabled family, published with each family's public IP and
+        backend data; idempotent. Raises LeaseError (LeaseRevoked once the lease was deleted)."""
 
-    def leases(self) -> dict[str, Lease]:
-        """The other nodes' valid leases, by name."""
+    def leases(self, family: Family) -> dict[str, Lease]:
+        """The other nodes' valid leases of ``family``, by name."""
 
-    def lease_of(self, name: str) -> Lease | None:
-        """One other node's valid lease."""
+    def lease_of(self, name: str, family: Family) -> Lease | None:
+        """One other node's valid lease of ``family``."""
+
+    def published_data(self, family: Family, public_ip: IPAddress) -> str:
+        """The backend data this node published for ``family`` before ('' if none): a re-created VXLAN
+        device keeps the VtepMAC in it (kube: the node's annotation; etcd: the lease carrying ``public_ip``)."""
 
     def complete_lease(self) -> None:
         """What follows a programmed datapath (kube: the NetworkUnavailable condition)."""

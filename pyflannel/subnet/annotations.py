@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..family import Family
+
 __all__ = ["AnnotationKeys", "PrefixError", "normalize_prefix"]
 
 # Unanchored at the start, like Go's regexp.MatchString; \Z because Python's $ also matches before "\n".
@@ -46,6 +48,18 @@ class AnnotationKeys:
     backend_v6_data: str
     backend_public_ipv6: str
     backend_public_ipv6_overwrite: str  # read only: set by users
+
+    def data(self, family: Family) -> str:
+        """The key of ``family``'s backend data (``backend-data``, ``backend-v6-data``)."""
+        return self.prefix + family.data_annotation
+
+    def public_ip(self, family: Family) -> str:
+        """The key of ``family``'s public address (``public-ip``, ``public-ipv6``)."""
+        return self.prefix + family.public_ip_annotation
+
+    def public_ip_overwrite(self, family: Family) -> str:
+        """The key a user sets to overwrite ``family``'s public address (read only)."""
+        return self.prefix + family.public_ip_overwrite_annotation
 
     @classmethod
     def from_prefix(cls, prefix: str) -> AnnotationKeys:

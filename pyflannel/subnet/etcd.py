@@ -10,6 +10,9 @@ revision, every event of every message (flanneld v0.20.2 read only the first eve
 opened a new watch for each, so it missed leases). A dropped watch resumes from the last revision
 it saw; a compacted revision is followed by a new list. Leases that are malformed, outside the
 Network or of another length than SubnetLen are skipped with a warning.
+
+Etcd mode runs IPv4 only: the leases are IPv4 leases, and the IPv4 part of flanneld's dual-stack
+keys (``10.244.1.0-24&fd00::-64``) is read. A config enabling IPv6 or disabling IPv4 is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ipaddress import IPv4Address, IPv4Network
 from .. import config, metrics
 from ..config import Config, ConfigError
 from ..etcdclient import Compacted, EtcdClient, EtcdError, Event, KeyValue
+from ..family import IPV4, Family, IPAddress
 from ..kubeclient import CONNECT_TIMEOUT, WATCH_READ_TIMEOUT
 from ..lease import Lease, LeaseError, LeaseRevoked
 from ..log import V
@@ -67,8 +71,10 @@ def parse_subnet_key(name: str) -> IPv4Network | None:
 
 
 def lease_value(public_ip: IPv4Address, backend_type: str, backend_data: str) -> bytes:
-    """flanneld's LeaseAttrs JSON, byte for byte as its ``json.Marshal`` writes it."""
+    """flanneld's LeaseAttrs JSON, byte for byte as its ``json.Marshal`` writes it (host-gw's ``null``
+    backend data is left out, as flanneld's ``omitempty`` does)."""
     data = json.dumps(json.loads(backend_data), separators=(",", ":")) if backend_data else ""
+    data = "" if data == "null" else data
     value = '{"PublicIP":%s,"PublicIPv6":null' % json.dumps(str(public_ip))
     if backend_type:
         value += ',"BackendType":%s' % json.dumps(backend_type)
@@ -98,6 +104,26 @@ def parse_lease(name: str, value: bytes) -> Lease:
     data = attrs.get("BackendData")
     return Lease(subnet, public_ip, backend_type,
                  json.dumps(data, separators=(",", ":")) if data is not None else "")
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse, naming the key, what etcd mode does not run; raises ConfigError.
+
+    Besides what :func:`config.check_supported` refuses, etcd mode is IPv4-only for now.
+    """
+    config.check_supported(cfg)
+    if not cfg.enable_ipv4:
+        raise ConfigError("EnableIPv4: pyflannel's etcd mode runs IPv4 only; set it to true with a Network "
+                          "(IPv6-only runs with --kube-subnet-mgr)")
+    if cfg.enable_ipv6:
+        raise ConfigError("EnableIPv6: pyflannel's etcd mode runs IPv4 only; set it to false "
+                          "(dual-stack runs with --kube-subnet-mgr)")
+
+
+def _subnet(lease: Lease) -> IPv4Network:
+    """The subnet of a lease read from etcd: IPv4, as :func:`parse_lease` makes it."""
+    assert isinstance(lease.subnet, IPv4Network)
+    return lease.subnet
 
 
 def _go_time(t: datetime) -> str:
@@ -171,8 +197,8 @@ class EtcdSubnetManager:
             self.progress = time.monotonic()
             try:
                 cfg, raw = self._read_config()
-                if cfg.network is None or cfg.vxlan is None:
-                    raise ConfigError("pyflannel needs an IPv4 Network and the vxlan backend")
+                check_supported(cfg)
+                assert cfg.network is not None  # IPv4 is enabled
                 self.config, self.network, self._config_raw = cfg, cfg.network, raw
                 return cfg
             except (EtcdError, ConfigError) as exc:
@@ -207,14 +233,16 @@ class EtcdSubnetManager:
 
     # -- the lease cache -------------------------------------------------------------------------
 
-    def leases(self) -> dict[str, Lease]:
-        """The other nodes' valid leases, by key."""
+    def leases(self, family: Family) -> dict[str, Lease]:
+        """The other nodes' valid leases of ``family``, by key (none but IPv4 ones)."""
+        if family is not IPV4:
+            return {}
         with self._lock:
             return {k: v for k, v in self._leases.items() if k != self.node_name}
 
-    def lease_of(self, name: str) -> Lease | None:
-        """One other node's valid lease."""
-        if name == self.node_name:
+    def lease_of(self, name: str, family: Family) -> Lease | None:
+        """One other node's valid lease of ``family``."""
+        if name == self.node_name or family is not IPV4:
             return None
         with self._lock:
             return self._leases.get(name)
@@ -224,7 +252,7 @@ class EtcdSubnetManager:
         try:
             lease = parse_lease(name, value)
             assert self.config is not None and self.network is not None
-            if not lease.subnet.subnet_of(self.network) or lease.subnet.prefixlen != self.config.subnet_len:
+            if not _subnet(lease).subnet_of(self.network) or lease.subnet.prefixlen != self.config.subnet_len:
                 raise ValueError("%s: subnet %s is not a /%d inside the Network %s"
                                  % (name, lease.subnet, self.config.subnet_len, self.network))
             self._bad.pop(name, None)
@@ -392,9 +420,9 @@ class EtcdSubnetManager:
             raise LeaseError("out of subnets")
         return random.choice(free)
 
-    def vtep_mac(self, public_ip: IPv4Address) -> str:
-        """The VtepMAC of the lease in etcd that carries ``public_ip``, or '': a re-created VXLAN device
-        takes it, so that the other nodes need not change anything."""
+    def published_data(self, family: Family, public_ip: IPAddress) -> str:
+        """The BackendData of the lease in etcd that carries ``public_ip``, or '': a re-created VXLAN
+        device takes its VtepMAC, so that the other nodes need not change anything."""
         try:
             kvs, _ = self.client.get(self.subnets_prefix, prefix=True)
         except EtcdError:
@@ -402,8 +430,8 @@ class EtcdSubnetManager:
         for kv in kvs:
             try:
                 attrs = json.loads(kv.value)
-                if attrs["PublicIP"] == str(public_ip):
-                    return str(attrs["BackendData"]["VtepMAC"])
+                if attrs["PublicIP"] == str(public_ip) and "BackendData" in attrs:
+                    return json.dumps(attrs["BackendData"], separators=(",", ":"))
             except (ValueError, KeyError, TypeError):
                 continue
         return ""
@@ -447,7 +475,14 @@ class EtcdSubnetManager:
         self._expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl)
         self.acquired.set()
 
-    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
+    def acquire_lease(self, public_ips: dict[Family, IPAddress], backend_type: str,
+                      backend_data: dict[Family, str]) -> dict[Family, Lease]:
+        """This node's IPv4 lease (the one family of etcd mode), by family."""
+        public_ip = public_ips[IPV4]
+        assert isinstance(public_ip, IPv4Address)
+        return {IPV4: self._acquire(public_ip, backend_type, backend_data[IPV4])}
+
+    def _acquire(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
         """flanneld's AcquireLease: reuse the lease carrying our IP, else the previous subnet, else a
         random free one, created in a transaction so that racing nodes never share a subnet.
 
@@ -477,19 +512,20 @@ class EtcdSubnetManager:
                     except ValueError:
                         continue
                     if not kv.lease:
-                        reservations.add(existing[-1].subnet)
+                        reservations.add(_subnet(existing[-1]))
                 mine = next((le for le in existing if le.public_ip == public_ip), None)
                 if mine is not None:
-                    if self._compatible(mine.subnet):
-                        log.info("Found lease (ip: %s ipv6: ::/0) for current IP (%s), reusing", mine.subnet, public_ip)
+                    ours = _subnet(mine)
+                    if self._compatible(ours):
+                        log.info("Found lease (ip: %s ipv6: ::/0) for current IP (%s), reusing", ours, public_ip)
                         with self._renew_lock:
-                            self._write(mine.subnet, value, create=False, reserved=mine.subnet in reservations)
-                        return Lease(mine.subnet, public_ip, backend_type, backend_data)
+                            self._write(ours, value, create=False, reserved=ours in reservations)
+                        return Lease(ours, public_ip, backend_type, backend_data)
                     log.info("Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
-                             mine.subnet, public_ip)
-                    self.client.delete(self.subnets_prefix + subnet_key(mine.subnet))
+                             ours, public_ip)
+                    self.client.delete(self.subnets_prefix + subnet_key(ours))
                     existing.remove(mine)
-                taken = [le.subnet for le in existing]
+                taken = [_subnet(le) for le in existing]
                 subnet = None
                 prev = self.previous
                 if prev is not None and prev not in taken:

@@ -2,9 +2,10 @@
 
 One thread lists the nodes (in pages) and then watches them, keeping a small record a node, never
 the node object. It turns the records into the other nodes' leases and reports which nodes'
-leases changed; the daemon converges the kernel to them. Nothing from the API becomes a lease
-unless its pod CIDR is IPv4, inside the Network and overlaps no other lease and not this node's
-subnet: a bad node is skipped with one warning.
+leases changed; the daemon converges the kernel to them. Each enabled family (IPv4, IPv6) has its
+own leases, validated alike: nothing from the API becomes a lease unless its pod CIDR of that
+family is inside that family's Network and overlaps no other lease and not this node's subnet. A
+bad node is skipped with one warning, in that family only.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any, TypedDict
 
 from .. import metrics
+from ..family import FAMILIES, IPV4, IPV6, Family, IPAddress, IPNetwork
 from ..kubeclient import CONNECT_TIMEOUT, WATCH_READ_TIMEOUT, ApiError, KubeClient
 from ..lease import Lease, LeaseError
 from ..log import V
@@ -109,6 +111,7 @@ def decode_node_list(raw: bytes) -> Any:
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _DOTTED_QUAD = re.compile(r"%s(?:\.%s){3}" % (_OCTET, _OCTET))
 _DOTTED_CIDR = re.compile(r"(%s(?:\.%s){3})/(3[0-2]|[12]?[0-9])" % (_OCTET, _OCTET))
+_V6_CIDR = re.compile(r"([0-9A-Fa-f:.]+)/(12[0-8]|1[01][0-9]|[1-9]?[0-9])")
 
 
 def _ipv4_address(text: str) -> IPv4Address:
@@ -122,20 +125,53 @@ def _ipv4_network(cidr: str) -> IPv4Network:
     return IPv4Network((socket.inet_aton(m[1]), int(m[2])), strict=False) if m else IPv4Network(cidr, strict=False)
 
 
-def ipv4_pod_cidr(node: NodeInfo) -> str:
-    """The node's IPv4 pod CIDR as flannel takes it, unparsed; "" when it has none.
+def _ipv6_address(text: str) -> IPv6Address:
+    """``IPv6Address(text)`` without a zone (Go's ``net.ParseIP``), through the C parser."""
+    try:
+        return IPv6Address(socket.inet_pton(socket.AF_INET6, text))
+    except OSError:
+        raise ValueError("not an IPv6 address: %r" % text) from None
 
-    The first IPv4 entry of ``spec.podCIDRs``, or ``spec.podCIDR`` when the list is empty. It is
-    what flanneld v0.20.2 routes to for another node (the API server allows one IPv4 entry), so
-    this node takes the same for itself.
+
+def _ipv6_network(cidr: str) -> IPv6Network:
+    """``IPv6Network(cidr, strict=False)``, the same way."""
+    m = _V6_CIDR.fullmatch(cidr)
+    if m is None:
+        raise ValueError("not an IPv6 network: %r" % cidr)
+    return IPv6Network((_ipv6_address(m[1]), int(m[2])), strict=False)
+
+
+# The parsers of each family's annotation values and pod CIDRs (data, not branches).
+_ADDRESS: dict[Family, Callable[[str], IPAddress]] = {IPV4: _ipv4_address, IPV6: _ipv6_address}
+_NETWORK: dict[Family, Callable[[str], IPNetwork]] = {IPV4: _ipv4_network, IPV6: _ipv6_network}
+# How flanneld names a family's pod CIDR in its containment error ("... IPv6 PodCIDR of the ...").
+_PODCIDR_NAME = {IPV4: "PodCIDR", IPV6: "IPv6 PodCIDR"}
+_NETWORK_KEY = {IPV4: "Network", IPV6: "IPv6Network"}  # the net-conf key of each family's Network
+# Backends whose IPv4 annotations flanneld v0.20.2 writes even in an IPv6-only network (backend-data
+# null, public-ip 0.0.0.0); the others write a family's annotations only when it is enabled.
+_V4_ANNOTATIONS_ALWAYS = {"host-gw": "null"}
+
+
+def pod_cidr(node: NodeInfo, family: Family) -> str:
+    """The node's pod CIDR of ``family`` as flannel takes it, unparsed; "" when it has none.
+
+    The first entry of that family in ``spec.podCIDRs``, or ``spec.podCIDR`` when the list is
+    empty. It is what flanneld v0.20.2 routes to for another node (the API server allows one entry
+    a family), so this node takes the same for itself.
     """
+    want_colon = family.version == 6
     if node.pod_cidrs:
-        return next((c for c in node.pod_cidrs if ":" not in c), "")
-    return "" if ":" in node.pod_cidr else node.pod_cidr
+        return next((c for c in node.pod_cidrs if (":" in c) == want_colon), "")
+    return node.pod_cidr if (":" in node.pod_cidr) == want_colon else ""
+
+
+def ipv4_pod_cidr(node: NodeInfo) -> str:
+    """The node's IPv4 pod CIDR (:func:`pod_cidr` of IPv4): the one pod-CIDR choice."""
+    return pod_cidr(node, IPV4)
 
 
 def pod_cidr_field(node: NodeInfo) -> str:
-    """The node field ipv4_pod_cidr() reads, for messages."""
+    """The node field pod_cidr() reads, for messages."""
     return "spec.podCIDRs" if node.pod_cidrs else "spec.podCIDR"
 
 
@@ -171,31 +207,36 @@ def list_nodes(client: KubeClient, prefix: str, page_size: int = LIST_PAGE_SIZE,
     return [info for _, info in nodes], meta.get("resourceVersion") or ""
 
 
-def node_to_lease(node: NodeInfo, keys: AnnotationKeys) -> Lease:
-    """The lease a node's annotations and pod CIDR describe; raises ValueError with flanneld's text."""
+def node_to_lease(node: NodeInfo, keys: AnnotationKeys, family: Family = IPV4) -> Lease:
+    """The lease of ``family`` a node's annotations and pod CIDR describe; raises ValueError with flanneld's text."""
     try:
-        public_ip = _ipv4_address(node.annotations.get(keys.backend_public_ip, ""))
+        public_ip = _ADDRESS[family](node.annotations.get(keys.public_ip(family), ""))
     except ValueError:
         raise ValueError("Invalid IP address format") from None
     if log.isEnabledFor(V(2)):
-        log.log(V(2), "Creating the node lease for IPv4. This is the n.Spec.PodCIDRs: [%s]",
+        log.log(V(2), "Creating the node lease for %s. This is the n.Spec.PodCIDRs: [%s]", family,
                 " ".join(node.pod_cidrs or (node.pod_cidr,)))
     if not node.pod_cidr and not node.pod_cidrs:
         raise ValueError("pod cidr not assigned")
-    cidr = ipv4_pod_cidr(node)
+    cidr = pod_cidr(node, family)
     if not cidr:
-        raise ValueError("missing IPv4 address on n.Spec.PodCIDRs")
+        raise ValueError("missing %s address on n.Spec.PodCIDRs" % family)
     try:
-        subnet = _ipv4_network(cidr)
+        subnet = _NETWORK[family](cidr)
     except ValueError:
         raise ValueError("invalid CIDR address: %s" % cidr) from None
     return Lease(subnet, public_ip, node.annotations.get(keys.backend_type, ""),
-                 node.annotations.get(keys.backend_data, ""))
+                 node.annotations.get(keys.data(family), ""))
 
 
-def subnet_problem(subnet: IPv4Network, network: IPv4Network) -> str:
+def _inside(subnet: IPNetwork, network: IPNetwork) -> bool:
+    """``subnet`` is of ``network``'s family and inside it."""
+    return subnet.version == network.version and subnet.subnet_of(network)  # type: ignore[arg-type]
+
+
+def subnet_problem(subnet: IPNetwork, network: IPNetwork) -> str:
     """Why a node's pod CIDR cannot be a lease in ``network`` ("" when it can)."""
-    if not subnet.subnet_of(network):
+    if not _inside(subnet, network):
         return "is outside the Network %s" % network
     if subnet.prefixlen == network.prefixlen:
         return "is the whole Network %s" % network
@@ -210,7 +251,7 @@ class _Claims:
         self._lasts: list[int] = []
         self._names: list[str] = []
 
-    def holder(self, subnet: IPv4Network) -> str | None:
+    def holder(self, subnet: IPNetwork) -> str | None:
         """The node holding a subnet that overlaps ``subnet``, if any."""
         # The held ranges are disjoint: only the last one starting at or before our end can overlap.
         i = bisect_right(self._firsts, int(subnet.broadcast_address)) - 1
@@ -218,16 +259,154 @@ class _Claims:
             return self._names[i]
         return None
 
-    def add(self, subnet: IPv4Network, name: str) -> None:
+    def add(self, subnet: IPNetwork, name: str) -> None:
         first = int(subnet.network_address)
         i = bisect_left(self._firsts, first)
         self._firsts.insert(i, first)
         self._lasts.insert(i, int(subnet.broadcast_address))
         self._names.insert(i, name)
 
-    def remove(self, subnet: IPv4Network) -> None:
+    def remove(self, subnet: IPNetwork) -> None:
         i = bisect_left(self._firsts, int(subnet.network_address))
         del self._firsts[i], self._lasts[i], self._names[i]
+
+
+class _FamilyLeases:
+    """The other nodes' valid leases of one family, and this node's subnet of it.
+
+    Every method is called with the manager's lock held; ``nodes`` is the manager's node cache.
+    """
+
+    def __init__(self, family: Family, network: IPNetwork, node_name: str, keys: AnnotationKeys,
+                 nodes: dict[str, NodeInfo], dual: bool) -> None:
+        self.family = family
+        self.network = network
+        self.node_name = node_name
+        self.keys = keys
+        self.nodes = nodes
+        self.leases: dict[str, Lease] = {}
+        self.claims = _Claims()  # the subnets of leases and this node's own subnet
+        self.own_subnet: IPNetwork | None = None
+        self.waiting: dict[str, None] = {}  # nodes refused for an overlap, in the order they came
+        # In dual-stack a node skipped in one family keeps its lease of the other: say which.
+        self._only = " (skipped for %s only)" % family if dual else ""
+
+    def candidate(self, node: NodeInfo, quiet: bool) -> Lease | None:
+        """The lease a node describes if it is valid, before the overlap check; logs why not unless quiet."""
+        try:
+            lease = node_to_lease(node, self.keys, self.family)
+        except ValueError as exc:
+            if not quiet:
+                log.info("Error turning node \"%s\" to lease: %s%s", node.name, exc, self._only)
+            return None
+        problem = subnet_problem(lease.subnet, self.network)
+        if problem:
+            if not quiet:
+                log.warning('Ignoring node "%s": its pod CIDR %s (%s) %s%s', node.name, pod_cidr(node, self.family),
+                            pod_cidr_field(node), problem, self._only)
+            return None
+        return lease
+
+    def _overlap(self, node: NodeInfo, lease: Lease, quiet: bool) -> bool:
+        """True (and a warning unless quiet) if another node holds part of the lease's subnet."""
+        holder = self.claims.holder(lease.subnet)
+        if holder is None:
+            return False
+        if not quiet:
+            whose = "this node" if holder == self.node_name else 'node "%s", which held it first' % holder
+            log.warning('Ignoring node "%s": its pod CIDR %s (%s) overlaps the pod CIDR of %s%s', node.name,
+                        pod_cidr(node, self.family), pod_cidr_field(node), whose, self._only)
+        return True
+
+    def _grant(self, name: str, lease: Lease) -> None:
+        self.leases[name] = lease
+        self.claims.add(lease.subnet, name)
+        self.waiting.pop(name, None)
+        metrics.LEASE_EVENTS.labels("added").inc()
+
+    def _revoke(self, name: str) -> IPNetwork:
+        lease = self.leases.pop(name)
+        self.claims.remove(lease.subnet)
+        metrics.LEASE_EVENTS.labels("removed").inc()
+        return lease.subnet
+
+    def _retry_waiting(self) -> set[str]:
+        """Give waiting nodes the subnets that are free now; the names that got a lease."""
+        granted = set()
+        for name in list(self.waiting):
+            lease = self.candidate(self.nodes[name], quiet=True)
+            if lease is None:
+                del self.waiting[name]
+            elif self.claims.holder(lease.subnet) is None:
+                log.info('Node "%s" takes pod CIDR %s, which no other node claims now', name, lease.subnet)
+                self._grant(name, lease)
+                granted.add(name)
+        return granted
+
+    def update(self, node: NodeInfo, managed: bool, quiet: bool) -> set[str]:
+        """Apply another node's new record; the names whose lease changed.
+
+        ``managed``: the node carries ``kube-subnet-manager: "true"``; ``quiet``: its record is
+        as before, so its problems were logged already.
+        """
+        lease = self.candidate(node, quiet) if managed else None
+        current = self.leases.get(node.name)
+        if lease == current:
+            return set()
+        changed = set()
+        freed = None
+        if current is not None:
+            freed = self._revoke(node.name)
+            changed.add(node.name)
+        if lease is None:
+            self.waiting.pop(node.name, None)
+        elif self._overlap(node, lease, quiet and node.name in self.waiting):
+            self.waiting[node.name] = None
+        else:
+            self._grant(node.name, lease)
+            changed.add(node.name)
+        if freed is not None and (lease is None or lease.subnet != freed):
+            changed |= self._retry_waiting()
+        return changed
+
+    def update_own(self, node: NodeInfo) -> set[str]:
+        """Reserve this node's subnet; a node holding part of it loses its lease."""
+        try:
+            subnet: IPNetwork | None = _NETWORK[self.family](pod_cidr(node, self.family))
+        except ValueError:
+            subnet = None
+        if subnet is not None and not _inside(subnet, self.network):
+            subnet = None
+        if subnet == self.own_subnet:
+            return set()
+        changed = set()
+        if self.own_subnet is not None:
+            self.claims.remove(self.own_subnet)
+        self.own_subnet = subnet
+        if subnet is not None:
+            while (holder := self.claims.holder(subnet)) is not None:
+                held = self.nodes[holder]
+                log.warning('Ignoring node "%s": its pod CIDR %s (%s) overlaps the pod CIDR of this node%s', holder,
+                            pod_cidr(held, self.family), pod_cidr_field(held), self._only)
+                self._revoke(holder)
+                self.waiting[holder] = None
+                changed.add(holder)
+            self.claims.add(subnet, self.node_name)
+        return changed | self._retry_waiting()
+
+    def delete(self, name: str) -> set[str]:
+        """Forget a node (already gone from ``nodes``); the names whose lease changed."""
+        self.waiting.pop(name, None)
+        if name == self.node_name:
+            if self.own_subnet is None:
+                return set()
+            self.claims.remove(self.own_subnet)
+            self.own_subnet = None
+            return self._retry_waiting()
+        if name not in self.leases:
+            return set()
+        self._revoke(name)
+        return {name} | self._retry_waiting()
 
 
 class _Backoff:
@@ -255,23 +434,22 @@ class KubeSubnetManager:
     """
 
     def __init__(self, client: KubeClient, node_name: str, keys: AnnotationKeys, prefix: str,
-                 network: IPv4Network, on_change: Callable[[set[str]], None]) -> None:
+                 networks: dict[Family, IPNetwork], on_change: Callable[[set[str]], None]) -> None:
         self.client = client
         self.node_name = node_name
         self.keys = keys
         self.prefix = prefix
-        self.network = network
+        self.networks = {f: networks[f] for f in FAMILIES if f in networks}
         self.on_change = on_change
         self.synced = threading.Event()
         self.progress = time.monotonic()
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeInfo] = {}
-        self._leases: dict[str, Lease] = {}
-        self._claims = _Claims()  # the subnets of _leases and this node's own subnet
-        self._own_subnet: IPv4Network | None = None
-        self._waiting: dict[str, None] = {}  # nodes refused for an overlap, in the order they came
+        dual = len(self.networks) > 1
+        self._families = {f: _FamilyLeases(f, net, node_name, keys, self._nodes, dual)
+                          for f, net in self.networks.items()}
         self._rv = ""
-        self._bad_overwrite = ""
+        self._bad_overwrite: dict[Family, str] = {}
 
     @property
     def name(self) -> str:
@@ -284,142 +462,51 @@ class KubeSubnetManager:
         with self._lock:
             return self._nodes.get(self.node_name)
 
-    def leases(self) -> dict[str, Lease]:
-        """The other nodes' valid leases, by node name."""
+    def leases(self, family: Family) -> dict[str, Lease]:
+        """The other nodes' valid leases of ``family`` (an enabled one), by node name."""
         with self._lock:
-            return dict(self._leases)
+            return dict(self._families[family].leases)
 
-    def lease_of(self, name: str) -> Lease | None:
-        """One node's valid lease."""
+    def lease_of(self, name: str, family: Family) -> Lease | None:
+        """One node's valid lease of ``family``."""
         with self._lock:
-            return self._leases.get(name)
+            return self._families[family].leases.get(name)
 
-    def _candidate(self, node: NodeInfo, quiet: bool) -> Lease | None:
-        """The lease a node describes if it is valid, before the overlap check; logs why not unless quiet."""
-        if node.annotations.get(self.keys.subnet_kube_managed) != "true":
-            return None
-        try:
-            lease = node_to_lease(node, self.keys)
-        except ValueError as exc:
-            if not quiet:
-                log.info("Error turning node \"%s\" to lease: %s", node.name, exc)
-            return None
-        problem = subnet_problem(lease.subnet, self.network)
-        if problem:
-            if not quiet:
-                log.warning('Ignoring node "%s": its pod CIDR %s (%s) %s', node.name, ipv4_pod_cidr(node),
-                            pod_cidr_field(node), problem)
-            return None
-        return lease
+    def published_data(self, family: Family, public_ip: IPAddress) -> str:
+        """The backend data this node's annotation of ``family`` holds ('' if none); ``public_ip`` is not needed."""
+        own = self.own_node()
+        return own.annotations.get(self.keys.data(family), "") if own else ""
 
-    def _overlap(self, node: NodeInfo, lease: Lease, quiet: bool) -> bool:
-        """True (and a warning unless quiet) if another node holds part of the lease's subnet."""
-        holder = self._claims.holder(lease.subnet)
-        if holder is None:
-            return False
-        if not quiet:
-            whose = "this node" if holder == self.node_name else 'node "%s", which held it first' % holder
-            log.warning('Ignoring node "%s": its pod CIDR %s (%s) overlaps the pod CIDR of %s', node.name,
-                        ipv4_pod_cidr(node), pod_cidr_field(node), whose)
-        return True
-
-    def _grant(self, name: str, lease: Lease) -> None:
-        self._leases[name] = lease
-        self._claims.add(lease.subnet, name)
-        self._waiting.pop(name, None)
-        metrics.LEASE_EVENTS.labels("added").inc()
-
-    def _revoke(self, name: str) -> IPv4Network:
-        lease = self._leases.pop(name)
-        self._claims.remove(lease.subnet)
-        metrics.LEASE_EVENTS.labels("removed").inc()
-        return lease.subnet
-
-    def _retry_waiting(self) -> set[str]:
-        """Give waiting nodes the subnets that are free now; the names that got a lease."""
-        granted = set()
-        for name in list(self._waiting):
-            node = self._nodes[name]
-            lease = self._candidate(node, quiet=True)
-            if lease is None:
-                del self._waiting[name]
-            elif self._claims.holder(lease.subnet) is None:
-                log.info('Node "%s" takes pod CIDR %s, which no other node claims now', name, lease.subnet)
-                self._grant(name, lease)
-                granted.add(name)
-        return granted
+    def _count(self) -> None:
+        metrics.LEASES.set(sum(len(f.leases) for f in self._families.values()))
 
     def _update(self, node: NodeInfo) -> set[str]:
-        """Store a node; the names whose lease changed (this node's own name when it is the node).
-
-        Called with the lock held.
-        """
+        """Store a node; the names whose lease changed in any family (this node's own name when it
+        is the node). Called with the lock held."""
         old = self._nodes.get(node.name)
         self._nodes[node.name] = node
+        changed: set[str] = set()
         if node.name == self.node_name:
-            return {node.name} | self._update_own(node)
+            changed.add(node.name)
+            for fam in self._families.values():
+                changed |= fam.update_own(node)
+            return changed
         # Log a bad node once when it changes, not on every relist.
         quiet = old is not None and old.annotations == node.annotations and old.pod_cidrs == node.pod_cidrs \
             and old.pod_cidr == node.pod_cidr
-        lease = self._candidate(node, quiet)
-        current = self._leases.get(node.name)
-        if lease == current:
-            return set()
-        changed = set()
-        freed = None
-        if current is not None:
-            freed = self._revoke(node.name)
-            changed.add(node.name)
-        if lease is None:
-            self._waiting.pop(node.name, None)
-        elif self._overlap(node, lease, quiet and node.name in self._waiting):
-            self._waiting[node.name] = None
-        else:
-            self._grant(node.name, lease)
-            changed.add(node.name)
-        if freed is not None and (lease is None or lease.subnet != freed):
-            changed |= self._retry_waiting()
+        managed = node.annotations.get(self.keys.subnet_kube_managed) == "true"
+        for fam in self._families.values():
+            changed |= fam.update(node, managed, quiet)
         return changed
-
-    def _update_own(self, node: NodeInfo) -> set[str]:
-        """Reserve this node's subnet; a node holding part of it loses its lease. Lock held."""
-        try:
-            subnet: IPv4Network | None = IPv4Network(ipv4_pod_cidr(node), strict=False)
-        except ValueError:
-            subnet = None
-        if subnet is not None and not subnet.subnet_of(self.network):
-            subnet = None
-        if subnet == self._own_subnet:
-            return set()
-        changed = set()
-        if self._own_subnet is not None:
-            self._claims.remove(self._own_subnet)
-        self._own_subnet = subnet
-        if subnet is not None:
-            while (holder := self._claims.holder(subnet)) is not None:
-                log.warning('Ignoring node "%s": its pod CIDR %s (%s) overlaps the pod CIDR of this node', holder,
-                            ipv4_pod_cidr(self._nodes[holder]), pod_cidr_field(self._nodes[holder]))
-                self._revoke(holder)
-                self._waiting[holder] = None
-                changed.add(holder)
-            self._claims.add(subnet, self.node_name)
-        return changed | self._retry_waiting()
 
     def _delete(self, name: str) -> set[str]:
         """Forget a node; the names whose lease changed. Lock held."""
-        node = self._nodes.pop(name, None)
-        self._waiting.pop(name, None)
-        if name == self.node_name:
-            changed = {name}
-            if self._own_subnet is not None:
-                self._claims.remove(self._own_subnet)
-                self._own_subnet = None
-                changed |= self._retry_waiting()
-            return changed
-        if node is None or name not in self._leases:
+        if self._nodes.pop(name, None) is None and name != self.node_name:
             return set()
-        self._revoke(name)
-        return {name} | self._retry_waiting()
+        changed = {name} if name == self.node_name else set()
+        for fam in self._families.values():
+            changed |= fam.delete(name)
+        return changed
 
     # -- list and watch --------------------------------------------------------------------------
 
@@ -440,7 +527,7 @@ class KubeSubnetManager:
             for info in sorted(nodes, key=lambda n: n.name != self.node_name):
                 changed |= self._update(info)
             self._rv = rv
-            metrics.LEASES.set(len(self._leases))
+            self._count()
         if changed:
             self.on_change(changed)
 
@@ -465,7 +552,7 @@ class KubeSubnetManager:
                     changed = self._delete((obj.get("metadata") or {}).get("name", ""))
                 if rv:
                     self._rv = rv
-                metrics.LEASES.set(len(self._leases))
+                self._count()
             if changed:
                 self.on_change(changed)
 
@@ -543,27 +630,49 @@ class KubeSubnetManager:
 
     # -- the own lease ---------------------------------------------------------------------------
 
-    def _public_ip(self, detected: IPv4Address, overwrite: str) -> IPv4Address:
-        """The address to advertise: ``public-ip-overwrite`` when it is an IPv4 address, else the detected one."""
+    def _public_ip(self, family: Family, detected: IPAddress, overwrite: str) -> IPAddress:
+        """The address to advertise: the ``public-ip(v6)-overwrite`` annotation when it is an address
+        of ``family``, else the detected one."""
         if not overwrite:
             return detected
+        key = self.keys.public_ip_overwrite(family)
         try:
-            address = IPv4Address(overwrite)
+            address = _ADDRESS[family](overwrite)
         except ValueError:
-            if overwrite != self._bad_overwrite:  # once until the value changes
-                log.warning('Ignoring annotation %s="%s" of this node: it is not an IPv4 address; advertising %s',
-                            self.keys.backend_public_ip_overwrite, overwrite, detected)
-                self._bad_overwrite = overwrite
+            if overwrite != self._bad_overwrite.get(family):  # once until the value changes
+                log.warning('Ignoring annotation %s="%s" of this node: it is not an %s address; advertising %s',
+                            key, overwrite, family, detected)
+                self._bad_overwrite[family] = overwrite
             return detected
-        log.info("Overriding public ip with '%s' from node annotation '%s'", overwrite,
-                 self.keys.backend_public_ip_overwrite)
+        if address != detected:
+            # "Overriding public ip with ..." / "Overriding public ipv6 with ...", as flanneld says it
+            log.info("Overriding %s with '%s' from node annotation '%s'",
+                     family.public_ip_annotation.replace("-", " "), overwrite, key)
         return address
 
-    def acquire_lease(self, public_ip: IPv4Address, backend_type: str, backend_data: str) -> Lease:
-        """Take this node's pod CIDR as its lease and publish the annotations when they differ.
+    def _missing_family(self, node: NodeInfo, family: Family) -> LeaseError:
+        """The error for a node without a pod CIDR of an enabled family, with the fix."""
+        cidrs = ",".join(str(net) for net in self.networks.values())
+        if len(self.networks) > 1:
+            other = 'set "Enable%s": false' % family
+        else:
+            other = "enable in the flannel net config the families the pod CIDRs have"
+        return LeaseError(
+            'node "%s" has no %s pod CIDR (%s: %s) but the flannel net config enables %s (%s %s): give the nodes '
+            'a pod CIDR of each enabled family (kube-controller-manager --cluster-cidr=%s, kubeadm '
+            '--pod-network-cidr=%s) or %s; waiting for it'
+            % (self.node_name, family, pod_cidr_field(node), ",".join(node.pod_cidrs or (node.pod_cidr,)), family,
+               _NETWORK_KEY[family], self.networks[family], cidrs, cidrs, other))
 
-        Raises LeaseError with flanneld's message when the node is missing, has no pod CIDR, or
-        its pod CIDR is outside the network.
+    def acquire_lease(self, public_ips: dict[Family, IPAddress], backend_type: str,
+                      backend_data: dict[Family, str]) -> dict[Family, Lease]:
+        """Take this node's pod CIDRs as its leases, one per enabled family, and publish the
+        annotations (flanneld v0.20.2's keys and values) when they differ.
+
+        ``public_ips`` and ``backend_data`` hold a value for each enabled family. Raises
+        LeaseError with flanneld's message when the node is missing, has no pod CIDR, or a pod
+        CIDR is outside its Network; and with the fix when an enabled family has no pod CIDR
+        (flanneld v0.20.2 panics). A pod CIDR of a family that is not enabled is ignored.
         """
         node = self.own_node()
         if node is None:
@@ -572,20 +681,32 @@ class KubeSubnetManager:
             raise LeaseError('node "%s" pod cidrs should be IPv4/IPv6 only or dualstack' % self.node_name)
         if not node.pod_cidr:
             raise LeaseError('node "%s" pod cidr not assigned' % self.node_name)
-        cidr = ipv4_pod_cidr(node) or node.pod_cidr
-        try:
-            subnet = ip_network(cidr, strict=False)
-        except ValueError:
-            raise LeaseError("invalid CIDR address: %s" % cidr) from None
-        if not isinstance(subnet, IPv4Network) or not subnet.subnet_of(self.network):
-            raise LeaseError('subnet "%s" specified in the flannel net config doesn\'t contain "%s" PodCIDR of '
-                             'the "%s" node' % (self.network, cidr, self.node_name))
+        for cidr in node.pod_cidrs or (node.pod_cidr,):
+            try:
+                ip_network(cidr, strict=False)
+            except ValueError:
+                raise LeaseError("invalid CIDR address: %s" % cidr) from None
+        subnets: dict[Family, IPNetwork] = {}
+        for family, network in self.networks.items():
+            cidr = pod_cidr(node, family)
+            if not cidr:
+                raise self._missing_family(node, family)
+            subnet = family.network(cidr)
+            if not _inside(subnet, network):
+                raise LeaseError('subnet "%s" specified in the flannel net config doesn\'t contain "%s" %s of '
+                                 'the "%s" node' % (network, cidr, _PODCIDR_NAME[family], self.node_name))
+            subnets[family] = subnet
 
         keys, ann = self.keys, node.annotations
-        advertised = self._public_ip(public_ip, ann.get(keys.backend_public_ip_overwrite, ""))
-        wanted = {keys.backend_data: backend_data, keys.backend_type: backend_type,
-                  keys.subnet_kube_managed: "true", keys.backend_public_ip: str(advertised)}
-        diff = {k: v for k, v in wanted.items() if ann.get(k) != v}
+        advertised = {f: self._public_ip(f, public_ips[f], ann.get(keys.public_ip_overwrite(f), "")) for f in subnets}
+        wanted = {keys.backend_type: backend_type, keys.subnet_kube_managed: "true"}
+        if IPV4 not in subnets and backend_type in _V4_ANNOTATIONS_ALWAYS:
+            wanted[keys.data(IPV4)] = _V4_ANNOTATIONS_ALWAYS[backend_type]
+            wanted[keys.public_ip(IPV4)] = "0.0.0.0"
+        for f, address in advertised.items():
+            wanted[keys.data(f)] = backend_data[f]
+            wanted[keys.public_ip(f)] = str(address)
+        diff = {k: v for k, v in sorted(wanted.items()) if ann.get(k) != v}
         if diff:
             try:
                 self.client.patch_node_status(self.node_name, {"metadata": {"annotations": diff}})
@@ -594,7 +715,7 @@ class KubeSubnetManager:
                 raise LeaseError(str(exc)) from exc
             with self._lock:  # the watch brings the same change; record it now so a retry sends nothing
                 ann.update(diff)
-        return Lease(subnet, advertised, backend_type, backend_data)
+        return {f: Lease(subnets[f], advertised[f], backend_type, backend_data[f]) for f in subnets}
 
     def complete_lease(self) -> None:
         """Set the node's NetworkUnavailable condition to False, once, as flanneld v0.20 does."""
