@@ -20,12 +20,7 @@ pytestmark = [needs_netns, pytest.mark.netns]
 @pytest.fixture(scope="module", params=["v4", "dual", "v6"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("cluster"), stack=request.param, backend={"Type": "host-gw"}) as c:
-        for name in ("k8s01", "k8s02", "k8s03"):
-            c.start(c.add_node(name))
-        for node in c.nodes.values():
-            c.wait_ready(node)
-        for i, node in enumerate(list(c.nodes.values())):
-            c.add_pod(node, "pod%d" % (i + 1))
+        c.start_nodes_with_pods("k8s01", "k8s02", "k8s03")
         yield c
 
 

@@ -75,12 +75,7 @@ def all_ping(cluster: Cluster) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("etcd-cluster"), etcd=True) as c:
-        for name in ("n1", "n2", "n3"):
-            c.start(c.add_node(name))
-        for node in c.nodes.values():
-            c.wait_ready(node)
-        for i, node in enumerate(list(c.nodes.values())):
-            c.add_pod(node, "pod%d" % (i + 1))
+        c.start_nodes_with_pods("n1", "n2", "n3")
         yield c
 
 

@@ -28,12 +28,7 @@ RECOVERY_GOAL = 5.0  # seconds from the fault to the device and every entry back
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("kfaults"), prefix="pfk" + secrets.token_hex(2)) as c:
-        for name in ("k8s01", "k8s02", "k8s03"):
-            c.start(c.add_node(name))
-        for node in c.nodes.values():
-            c.wait_ready(node)
-        for i, node in enumerate(list(c.nodes.values())):
-            c.add_pod(node, "pod%d" % (i + 1))
+        c.start_nodes_with_pods("k8s01", "k8s02", "k8s03")
         yield c
 
 

@@ -329,6 +329,19 @@ class Cluster:
         res = self.ns_run(node.netns, os.path.join(CNI_PATH, "bridge"), input=json.dumps(conf), env=cni_env)
         return res.stdout
 
+    def start_nodes_with_pods(self, *names: str) -> list[Node]:
+        """Add and start the named nodes, wait until each is ready, then attach one pod to each
+        (``pod1``, ``pod2``, … in the order given)."""
+        nodes = []
+        for name in names:
+            nodes.append(self.add_node(name))
+            self.start(nodes[-1])
+        for node in nodes:
+            self.wait_ready(node)
+        for i, node in enumerate(nodes):
+            self.add_pod(node, "pod%d" % (i + 1))
+        return nodes
+
     def add_pod(self, node: Node, name: str) -> Pod:
         """A pod namespace attached by the CNI bridge plugin from the node's subnet.env."""
         netns = self._netns(name)
