@@ -394,7 +394,7 @@ class VXLANNetwork:
             data = json.loads(lease.backend_data)
             mac = str(data["VtepMAC"]).lower()
             raw = bytes.fromhex(mac.replace(":", ""))
-            if len(raw) != 6 or ":".join("%02x" % b for b in raw) != mac:
+            if len(raw) != 6 or raw.hex(":") != mac:
                 raise ValueError("invalid MAC address %r" % data["VtepMAC"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             log.error("error decoding %ssubnet lease JSON: %s (node %s)", self._v6_, exc, name)
