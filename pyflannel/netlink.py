@@ -116,7 +116,7 @@ def _address_attr(kind: int, address: str) -> bytes:
 def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, state: int, ntf_flags: int,
                       dst: str, lladdr: str | None) -> Packed:
     """RTM_NEWNEIGH or RTM_DELNEIGH: a neighbour (AF_INET, AF_INET6) or an FDB entry (AF_BRIDGE, to an
-    IPv4 or IPv6 remote)."""
+    IPv4 or IPv6 remote). ``lladdr`` is an Ethernet MAC, as on every device flannel programs."""
     body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _address_attr(NDA_DST, dst)
     if lladdr is not None:
         body += _MAC_ATTR.pack(10, NDA_LLADDR, bytes.fromhex(lladdr.replace(":", "")))
