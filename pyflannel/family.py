@@ -15,9 +15,13 @@ IPAddress = Union[IPv4Address, IPv6Address]
 IPNetwork = Union[IPv4Network, IPv6Network]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
-    """One IP family and the names flanneld gives its parts."""
+    """One IP family and the names flanneld gives its parts.
+
+    IPV4 and IPV6 below are the only instances: they compare and hash by identity, which keeps the
+    per-family dict look-ups made for every node as cheap as a plain object's.
+    """
 
     name: str  # "IPv4", "IPv6"
     version: int  # 4, 6

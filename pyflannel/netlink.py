@@ -81,6 +81,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
 _IPV4_ATTR = struct.Struct("=HH4s")  # fixed-size attributes, packed in one call: thousands at start-up
 _IPV6_ATTR = struct.Struct("=HH16s")
+_MAC_ATTR = struct.Struct("=HH6s2x")  # 6 bytes, padded to 4-byte alignment
 _U32_ATTR = struct.Struct("=HHI")
 
 Deletion = tuple[str, int, str]
@@ -105,10 +106,6 @@ def _mac(b: bytes) -> str:
     return ":".join("%02x" % x for x in b)
 
 
-def _rtattr(kind: int, payload: bytes) -> bytes:
-    return _RTATTR.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
-
-
 def _address_attr(kind: int, address: str) -> bytes:
     """An attribute holding an IPv4 or IPv6 address given as text."""
     if ":" in address:
@@ -119,10 +116,10 @@ def _address_attr(kind: int, address: str) -> bytes:
 def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, state: int, ntf_flags: int,
                       dst: str, lladdr: str | None) -> Packed:
     """RTM_NEWNEIGH or RTM_DELNEIGH: a neighbour (AF_INET, AF_INET6) or an FDB entry (AF_BRIDGE, to an
-    IPv4 or IPv6 remote)."""
+    IPv4 or IPv6 remote). ``lladdr`` is an Ethernet MAC, as on every device flannel programs."""
     body = _NDMSG.pack(family, ifindex, state, ntf_flags, 0) + _address_attr(NDA_DST, dst)
     if lladdr is not None:
-        body += _rtattr(NDA_LLADDR, bytes.fromhex(lladdr.replace(":", "")))
+        body += _MAC_ATTR.pack(10, NDA_LLADDR, bytes.fromhex(lladdr.replace(":", "")))
     return Packed(msg_type, flags, body)
 
 

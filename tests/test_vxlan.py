@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from pyflannel.backend.vxlan import (VXLANLink, VXLANNetwork, backend_data, device_attributes, device_name,
-                                     incompatibility, read_link)
+from pyflannel.backend.vxlan import (PROGRAM_NODES, VXLANLink, VXLANNetwork, backend_data, device_attributes,
+                                     device_name, incompatibility, read_link)
 from pyflannel.config import VXLANConfig
 from pyflannel.family import IPV4, IPV6, Family, IPNetwork
 from pyflannel import ip
@@ -260,6 +260,25 @@ def test_sync_programs_changes_and_removals(running: tuple[FakeNetlink, VXLANNet
     assert ("0a:00:00:00:00:02", stack.public(2)) not in dp["fdb"]
     nl.take_writes()
     assert b.sync({"k8s02": stack.lease(2, mac="0a:00:00:00:02:22")}) == set()
+    assert nl.take_writes() == []
+
+
+def test_more_nodes_than_a_batch_are_all_programmed_and_recorded() -> None:
+    """Entries go out PROGRAM_NODES nodes at a time; every node's are in the kernel and in :attr:`applied`."""
+    nl, b = node()
+    b.create_device(MAC)
+    b.configure_device(OWN)
+    count = 2 * PROGRAM_NODES + 1
+    subnets = [IPV4.network("%s/28" % IPv4Address(int(IPv4Address("10.244.2.0")) + 16 * i)) for i in range(count)]
+    leases = {"n%d" % i: Lease(s, IPv4Address(int(IPv4Address("192.168.100.1")) + i), "vxlan",
+                               backend_data(1, "0a:00:00:00:%02x:%02x" % (i >> 8, i & 255)))
+              for i, s in enumerate(subnets)}
+    assert b.reconcile(leases) == 0
+    dp = nl.datapath("flannel.1")
+    assert (len(dp["routes"]), len(dp["neigh"]), len(dp["fdb"])) == (count, count, count)
+    assert set(b.applied) == set(leases)
+    nl.take_writes()
+    assert b.reconcile(leases) == 0
     assert nl.take_writes() == []
 
 

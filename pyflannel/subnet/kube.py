@@ -125,20 +125,26 @@ def _ipv4_network(cidr: str) -> IPv4Network:
     return IPv4Network((socket.inet_aton(m[1]), int(m[2])), strict=False) if m else IPv4Network(cidr, strict=False)
 
 
-def _ipv6_address(text: str) -> IPv6Address:
-    """``IPv6Address(text)`` without a zone (Go's ``net.ParseIP``), through the C parser."""
+def _ipv6_packed(text: str) -> bytes:
+    """The 16 bytes of an IPv6 address without a zone (Go's ``net.ParseIP``), from the C parser."""
     try:
-        return IPv6Address(socket.inet_pton(socket.AF_INET6, text))
+        return socket.inet_pton(socket.AF_INET6, text)
     except OSError:
         raise ValueError("not an IPv6 address: %r" % text) from None
 
 
+def _ipv6_address(text: str) -> IPv6Address:
+    """``IPv6Address(text)``, the same way."""
+    return IPv6Address(_ipv6_packed(text))
+
+
 def _ipv6_network(cidr: str) -> IPv6Network:
-    """``IPv6Network(cidr, strict=False)``, the same way."""
+    """``IPv6Network(cidr, strict=False)``, the same way. (Given an IPv6Address rather than its bytes,
+    IPv6Network would write it out as text and parse that.)"""
     m = _V6_CIDR.fullmatch(cidr)
     if m is None:
         raise ValueError("not an IPv6 network: %r" % cidr)
-    return IPv6Network((_ipv6_address(m[1]), int(m[2])), strict=False)
+    return IPv6Network((_ipv6_packed(m[1]), int(m[2])), strict=False)
 
 
 # The parsers of each family's annotation values and pod CIDRs (data, not branches).
@@ -230,8 +236,16 @@ def node_to_lease(node: NodeInfo, keys: AnnotationKeys, family: Family = IPV4) -
 
 
 def _inside(subnet: IPNetwork, network: IPNetwork) -> bool:
-    """``subnet`` is of ``network``'s family and inside it."""
-    return subnet.version == network.version and subnet.subnet_of(network)  # type: ignore[arg-type]
+    """``subnet`` is of ``network``'s family and inside it (``subnet_of``, in integers: it runs for every node)."""
+    shift = network.max_prefixlen - network.prefixlen
+    return (subnet.version == network.version and subnet.prefixlen >= network.prefixlen
+            and int(subnet.network_address) >> shift == int(network.network_address) >> shift)
+
+
+def _last(subnet: IPNetwork) -> int:
+    """The subnet's last address as an integer, without ``broadcast_address``, which keeps two more
+    objects on every lease's network."""
+    return int(subnet.network_address) | ((1 << (subnet.max_prefixlen - subnet.prefixlen)) - 1)
 
 
 def subnet_problem(subnet: IPNetwork, network: IPNetwork) -> str:
@@ -254,7 +268,7 @@ class _Claims:
     def holder(self, subnet: IPNetwork) -> str | None:
         """The node holding a subnet that overlaps ``subnet``, if any."""
         # The held ranges are disjoint: only the last one starting at or before our end can overlap.
-        i = bisect_right(self._firsts, int(subnet.broadcast_address)) - 1
+        i = bisect_right(self._firsts, _last(subnet)) - 1
         if i >= 0 and self._lasts[i] >= int(subnet.network_address):
             return self._names[i]
         return None
@@ -263,7 +277,7 @@ class _Claims:
         first = int(subnet.network_address)
         i = bisect_left(self._firsts, first)
         self._firsts.insert(i, first)
-        self._lasts.insert(i, int(subnet.broadcast_address))
+        self._lasts.insert(i, _last(subnet))
         self._names.insert(i, name)
 
     def remove(self, subnet: IPNetwork) -> None:
