@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
@@ -15,7 +13,8 @@ from ipaddress import IPv4Network
 import pytest
 
 from tests.conftest import needs_netns
-from tools.netcluster import HUB_IP, Cluster, Node, socket_in_netns
+from tests.e2e_families import source_seen_by_hub
+from tools.netcluster import Cluster, Node
 
 pytestmark = [needs_netns, pytest.mark.netns]
 
@@ -105,24 +104,8 @@ def test_pods_ping_across_nodes(cluster: Cluster) -> None:
 
 
 def test_pod_traffic_to_the_underlay_is_masqueraded(cluster: Cluster) -> None:
-    sock = socket_in_netns(cluster.hub, (HUB_IP, 9999), socket.SOCK_DGRAM)
-    seen: list[str] = []
-
-    def echo() -> None:
-        sock.settimeout(10)
-        data, addr = sock.recvfrom(100)
-        seen.append(addr[0])
-        sock.sendto(addr[0].encode(), addr)
-
-    t = threading.Thread(target=echo)
-    t.start()
     n1 = base_nodes(cluster)[0]
-    client = ("import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(5);"
-              "s.sendto(b'hi',('%s',9999));print(s.recvfrom(100)[0].decode())" % HUB_IP)
-    out = Cluster.ns_run(n1.pods[0].netns, "python3", "-c", client).stdout.strip()
-    t.join()
-    sock.close()
-    assert seen == [n1.ip] and out == n1.ip
+    assert source_seen_by_hub(cluster, n1.pods[0], 4) == (n1.ip, n1.ip)
 
 
 def test_node_without_pod_cidr_waits_then_joins(cluster: Cluster) -> None:
