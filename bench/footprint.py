@@ -385,10 +385,12 @@ class Setup:
     Used as a context manager: everything it made is removed on exit, also on errors and Ctrl-C.
     """
 
-    def __init__(self, nodes: int, limits: bool, spare: int = 0, stack: str = "v4") -> None:
+    def __init__(self, nodes: int, limits: bool, spare: int = 0, stack: str = "v4", realistic: bool = True) -> None:
+        """``realistic=False``: the peers' nodes hold only their pod CIDRs, flannel's annotations and an address."""
         self.nodes = nodes
         self.limits = limits
         self.stack = stack
+        self.realistic = realistic
         # /24 and /64 pod CIDRs: 10.244.0.0/16 and fd00:10:244::/56 hold 256 of them, 10.0.0.0/8 and
         # fd00:10::/40 (as many as 10.0.0.0/8) are used beyond that.
         small = nodes + spare < 256
@@ -419,7 +421,7 @@ class Setup:
             self.api = api
             for peer in self.peers:
                 api.add_node(peer.name, pod_cidr=peer.pod_cidrs, annotations=peer.annotations(), internal_ip=peer.ip,
-                             realistic=True)
+                             realistic=self.realistic)
             self.kernel = Kernel(self.node.netns, tuple(FAMILY[f][0] for f in STACK_FAMILIES[self.stack]))
             stack.callback(self.kernel.close)
             for peer in self.peers:
