@@ -11,6 +11,9 @@ from . import flags, log
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and the FLANNELD_* environment, then run the daemon (or ``diagnose``)."""
     args = sys.argv[1:] if argv is None else argv
+    from .kubeclient import allow_deep_json
+
+    allow_deep_json()  # every node the API server stores must decode, before any thread starts
     if args[:1] == ["diagnose"]:
         from . import diagnose
 

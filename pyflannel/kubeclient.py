@@ -1,7 +1,9 @@
 """The one adapter to the Kubernetes API: node list and watch, node status patches, pod reads.
 
 Requests go over the standard library's ``http.client``; responses are read as JSON (a watch line
-by line) and only the fields the daemon uses are kept, never typed client objects. Importing the
+by line) and only the fields the daemon uses are kept, never typed client objects. Nothing is read
+without a bound: an answer may hold MAX_BODY bytes and a watch line MAX_LINE, and a document the
+decoder cannot read (too deep, not JSON) is an ApiError, not an exception of the decoder. Importing the
 kubernetes client alone costs more CPU than the whole start-up may use under the manifest's 100m
 limit (see the README's Performance section), so it is loaded only to read a ``--kubeconfig-file``,
 where its loader brings every kubeconfig auth method. In a pod (the DaemonSet) the in-cluster
@@ -16,6 +18,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +42,15 @@ USER_TIMEOUT = 30
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 USER_AGENT = "pyflannel/%s" % __version__
 NODES_ACCESS = "list and watch on nodes"
+# The most bytes read of one answer, and of one watch line (one event). etcd stores objects of at most
+# 1.5 MiB by default (--max-request-bytes), so a line holds one node with room to spare; a node list
+# page over MAX_BODY is asked for again in smaller pages (subnet.kube.list_nodes).
+MAX_BODY = 8 << 20
+MAX_LINE = 4 << 20
+# Go's encoding/json, and so the API server, accepts 10,000 levels of nesting: every object it stores
+# must decode here too. The daemon raises Python's recursion limit above this (daemon.main).
+MAX_DEPTH = 10_000
+THREAD_STACK = 16 << 20  # bytes of stack of each thread (address space: only the pages used take memory)
 
 
 class ApiError(Exception):
@@ -51,6 +63,59 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+class TooLarge(ApiError):
+    """An answer or a watch line longer than its bound (MAX_BODY, MAX_LINE); its connection was closed."""
+
+
+class Undecodable(ApiError):
+    """An answer or a watch event that is not JSON of the expected shape (or nests deeper than Python can
+    follow); the watch lists the nodes again rather than resume after it."""
+
+
+def allow_deep_json() -> None:
+    """Let this process decode what the API server stores, MAX_DEPTH levels of nesting, in any thread
+    started from now on. (Python stops at 1,000; json.loads needs some 2 MiB of stack for 10,000.)"""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), MAX_DEPTH + 1000))
+    threading.stack_size(THREAD_STACK)
+
+
+def read_body(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes:
+    """The whole body of an answer; TooLarge once it passes ``limit`` bytes (MAX_BODY by default; the
+    caller closes the connection).
+
+    A body of known length is read in one piece; a chunked one in pieces of a MiB, so that a body is in
+    memory about once, not twice as a list of chunks and their join."""
+    limit = MAX_BODY if limit is None else limit
+    if resp.length is not None:
+        if resp.length > limit:
+            raise TooLarge(0, "the answer is %d bytes, more than %d" % (resp.length, limit))
+        return resp.read()
+    body = bytearray()
+    while piece := resp.read(1 << 20):
+        body += piece
+        if len(body) > limit:
+            raise TooLarge(0, "the answer is more than %d bytes" % limit)
+    return bytes(body)
+
+
+def read_line(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes:
+    """The next line of a streamed answer (b'' at its end); TooLarge for a line of more than ``limit`` bytes
+    (MAX_LINE by default)."""
+    limit = MAX_LINE if limit is None else limit
+    line = resp.readline(limit + 1)
+    if len(line) > limit:
+        raise TooLarge(0, "a line of more than %d bytes" % limit)
+    return line
+
+
+def decode_json(raw: bytes, decode: Callable[[bytes], Any] = json.loads) -> Any:
+    """``decode(raw)``, with Undecodable for what it cannot read: not JSON, not of its shape, too deep."""
+    try:
+        return decode(raw)
+    except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
+        raise Undecodable(0, "%s: %s" % (type(exc).__name__, str(exc)[:200])) from None
 
 
 def _retry_after(value: str | None) -> float:
@@ -210,9 +275,11 @@ class KubeClient:
         """The ApiError for a non-2xx answer; 401 and 403 say which token or permission is wrong."""
         try:
             doc = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             doc = None
         message = (doc.get("message") if isinstance(doc, dict) else None) or "%d %s" % (resp.status, resp.reason)
+        if not isinstance(message, str):
+            message = "%d %s" % (resp.status, resp.reason)
         if resp.status == 401:
             message = "%s: %s" % (message, self._credentials)
         elif resp.status == 403:
@@ -246,11 +313,15 @@ class KubeClient:
             raise ApiError(0, "%s %s%s: %s" % (method, self.host, url, exc)) from exc
 
     def _call(self, method: str, path: str, needs: str, query: dict[str, Any] | None = None, body: Any = None,
-              content_type: str | None = None, decode: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
+              content_type: str | None = None, decode: Callable[[bytes], Any] | None = json.loads) -> Any:
+        """The decoded answer (None when ``decode`` is None: the answer is read and dropped)."""
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
         conn, resp = self._request(method, path, query, data, content_type, REQUEST_TIMEOUT)
         try:
-            raw = resp.read()
+            raw = read_body(resp)
+        except TooLarge as exc:
+            conn.close()
+            raise TooLarge(0, "%s %s: %s" % (method, path, exc)) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             self._drop_idle()
@@ -262,30 +333,38 @@ class KubeClient:
                 self._idle.append(conn)
         if not 200 <= resp.status < 300:
             raise self._error(resp, raw, needs)
+        if decode is None:
+            return None
         try:
-            doc = decode(raw)
-        except ValueError:
-            doc = None
+            doc = decode_json(raw, decode)
+        except Undecodable as exc:
+            raise Undecodable(resp.status, "invalid JSON from the API server for %s %s: %s" % (method, path, exc)) \
+                from None
         if not isinstance(doc, dict):
-            raise ApiError(resp.status, "invalid JSON from the API server for %s %s" % (method, path))
+            raise Undecodable(resp.status, "invalid JSON from the API server for %s %s" % (method, path))
         return doc
 
     def list_nodes(self, limit: int, cont: str = "", field_selector: str = "",
                    decode: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
-        """One page of the node list, parsed by ``decode`` (which may skip the fields it does not need)."""
+        """One page of the node list, parsed by ``decode`` (which may skip the fields it does not need).
+
+        Raises TooLarge for a page of more than MAX_BODY bytes, Undecodable for one ``decode`` cannot read."""
         query: dict[str, Any] = {"limit": limit}
         if cont:
             query["continue"] = cont
         if field_selector:
             query["fieldSelector"] = field_selector
-        return self._call("GET", "/api/v1/nodes", NODES_ACCESS, query, decode=decode)
+        page: dict[str, Any] = self._call("GET", "/api/v1/nodes", NODES_ACCESS, query, decode=decode)
+        return page
 
-    def watch_nodes(self, resource_version: str, timeout_seconds: int) -> Iterator[dict[str, Any]]:
-        """The watch events after ``resource_version``, one dict each, until the server ends the stream.
+    def watch_nodes(self, resource_version: str, timeout_seconds: int,
+                    decode: Callable[[bytes], Any] = json.loads) -> Iterator[dict[str, Any]]:
+        """The watch events after ``resource_version``, each parsed by ``decode``, until the server ends the stream.
 
         Each watch has a connection of its own. A read times out after WATCH_READ_TIMEOUT without
         a line (bookmarks included), and the kernel ends a connection whose peer went silent
-        within KEEPALIVE_IDLE + USER_TIMEOUT, so a dead connection cannot hang the watch.
+        within KEEPALIVE_IDLE + USER_TIMEOUT, so a dead connection cannot hang the watch. A line of
+        more than MAX_LINE bytes raises TooLarge, an event ``decode`` cannot read Undecodable.
         """
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": timeout_seconds}
@@ -293,13 +372,13 @@ class KubeClient:
         try:
             if resp.status != 200:
                 try:
-                    raw = resp.read()
-                except (OSError, http.client.HTTPException):
+                    raw = read_body(resp)
+                except (OSError, http.client.HTTPException, TooLarge):
                     raw = b""
                 raise self._error(resp, raw, NODES_ACCESS)
             while True:
                 try:
-                    line = resp.readline()
+                    line = read_line(resp)
                 except TimeoutError as exc:
                     self._drop_idle()
                     raise ApiError(0, "watch of nodes: no event or bookmark for %ds" % WATCH_READ_TIMEOUT) from exc
@@ -310,17 +389,22 @@ class KubeClient:
                     return
                 if line.strip():
                     try:
-                        yield json.loads(line)
-                    except ValueError as exc:
-                        raise ApiError(0, "invalid watch event: %s" % exc) from exc
+                        event = decode_json(line, decode)
+                    except Undecodable as exc:
+                        raise Undecodable(0, "invalid watch event: %s" % exc) from None
+                    if not isinstance(event, dict):
+                        raise Undecodable(0, "invalid watch event: not a JSON object")
+                    yield event
         finally:
             conn.close()  # a watch may be left mid-stream: its connection is never reused
 
     def patch_node_status(self, name: str, patch: dict[str, Any]) -> None:
         """A strategic-merge patch of ``nodes/<name>/status``."""
         self._call("PATCH", "/api/v1/nodes/%s/status" % name, "patch on nodes/status", body=patch,
-                   content_type="application/strategic-merge-patch+json")
+                   content_type="application/strategic-merge-patch+json", decode=None)
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
         """The pod object."""
-        return self._call("GET", "/api/v1/namespaces/%s/pods/%s" % (namespace, name), "get on pods")
+        pod: dict[str, Any] = self._call("GET", "/api/v1/namespaces/%s/pods/%s" % (namespace, name),
+                                         "get on pods in namespace %s" % namespace)
+        return pod

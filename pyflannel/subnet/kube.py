@@ -1,11 +1,19 @@
 """The Kubernetes subnet manager: leases from node pod CIDRs and flannel's node annotations.
 
 One thread lists the nodes (in pages) and then watches them, keeping a small record a node, never
-the node object. It turns the records into the other nodes' leases and reports which nodes'
-leases changed; the daemon converges the kernel to them. Each enabled family (IPv4, IPv6) has its
-own leases, validated alike: nothing from the API becomes a lease unless its pod CIDR of that
-family is inside that family's Network and overlaps no other lease and not this node's subnet. A
-bad node is skipped with one warning, in that family only.
+the node object: this node's flannel annotations whole, and of every other node only its lease of
+each family, parsed, or why it has none. Every node is untrusted input: the list pages and watch
+events are decoded into the few fields read (msgspec skips the rest without building it), bounded
+in size (kubeclient.MAX_BODY, MAX_LINE), and another node's lease annotation of more than
+MAX_ANNOTATION bytes is refused. The manager turns the records into the other nodes' leases and
+reports which nodes' leases changed; the daemon converges the kernel to them.
+
+Each enabled family (IPv4, IPv6) has its own leases, validated alike: nothing from the API becomes
+a lease unless its pod CIDR of that family is inside that family's Network, overlaps no other lease
+and not this node's subnet or network (nodenet), and its public IP is a usable unicast address that
+lies in no other node's pod CIDR. Of two nodes claiming one thing the one seen first (the older, at
+a list) keeps it; the other waits and takes over when it is free. A bad node is skipped with one
+warning, in that family only.
 """
 
 from __future__ import annotations
@@ -25,24 +33,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
 
 from .. import metrics
 from ..family import FAMILIES, IPV4, IPV6, Family, IPAddress, IPNetwork
-from ..kubeclient import CONNECT_TIMEOUT, WATCH_READ_TIMEOUT, ApiError, KubeClient
+from ..kubeclient import CONNECT_TIMEOUT, MAX_BODY, WATCH_READ_TIMEOUT, ApiError, KubeClient, TooLarge, Undecodable
 from ..lease import Lease, LeaseError
 from ..log import V
 from .annotations import AnnotationKeys
+from .nodenet import NodeNetwork, public_ip_problem
 
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 100  # a page of kubelet-sized nodes is ~1.2 MB of JSON, ~3.4 MB once parsed
+# Bodies and watch lines up to this size are parsed by json.loads, which the daemon loads anyway;
+# msgspec's import alone costs 10 ms of CPU (0.1 s of a start-up under the 100m limit), and it is
+# loaded only for what is larger: a list page of several nodes, a node heavier than a kubelet's.
+SMALL_JSON = 64 << 10
+# The most bytes of one of another node's lease annotations (backend-type, public-ip, backend-data):
+# flannel writes some tens of bytes there; the API server allows 256 KiB of annotations a node.
+MAX_ANNOTATION = 1024
 WATCH_TIMEOUT_RANGE = (300, 600)  # seconds, spread like client-go's reflector
 INITIAL_BACKOFF = 1.0
 MAX_BACKOFF = 30.0  # also the longest Retry-After honoured
 # The most seconds between two updates of KubeSubnetManager.progress while the watch works or
 # retries: a read that times out, then the longest wait, then a connection attempt.
 PROGRESS_BOUND = WATCH_READ_TIMEOUT + MAX_BACKOFF + CONNECT_TIMEOUT
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -55,22 +73,59 @@ class NodeInfo:
     annotations: dict[str, str]  # only the keys under the annotation prefix
 
 
-def node_info(obj: dict[str, Any], prefix: str) -> NodeInfo:
-    """Extract a NodeInfo from a node object as the API returns it.
+class _Fields(NamedTuple):
+    """A node object's fields flannel reads, checked for their types."""
 
-    Thousands of these are kept, so the annotation keys (the same on every node) are interned.
-    """
-    meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    annotations = {sys.intern(k): v for k, v in (meta.get("annotations") or {}).items() if k.startswith(prefix)}
-    pod_cidr = spec.get("podCIDR") or ""
-    pod_cidrs = tuple(spec.get("podCIDRs") or ())
-    return NodeInfo(meta.get("name", ""), pod_cidr, () if pod_cidrs == (pod_cidr,) else pod_cidrs, annotations)
+    name: str
+    created: str
+    annotations: dict[str, str]  # all of them
+    pod_cidr: str
+    pod_cidrs: tuple[str, ...]  # empty when it only repeats pod_cidr
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("%s is not a string" % what)
+    return value
+
+
+def _node_fields(obj: Any) -> _Fields:
+    """The fields of a node object as the API returns it; ValueError naming a field of another type
+    (the typed decoder lets none through, json.loads may)."""
+    if not isinstance(obj, dict):
+        raise ValueError("the node is not a JSON object")
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    if not isinstance(meta, dict) or not isinstance(spec, dict):
+        raise ValueError("its metadata or spec is not a JSON object")
+    annotations = meta.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+        raise ValueError("metadata.annotations is not a map of strings")
+    cidrs = spec.get("podCIDRs") or []
+    if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
+        raise ValueError("spec.podCIDRs is not a list of strings")
+    cidr = _text(spec.get("podCIDR"), "spec.podCIDR")
+    return _Fields(_text(meta.get("name"), "metadata.name"), _text(meta.get("creationTimestamp"), "creationTimestamp"),
+                   annotations, cidr, () if cidrs == [cidr] else tuple(cidrs))
+
+
+def _info(fields: _Fields, prefix: str) -> NodeInfo:
+    # Thousands of these may be kept, so the annotation keys (the same on every node) are interned.
+    return NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs,
+                    {sys.intern(k): v for k, v in fields.annotations.items() if k.startswith(prefix)})
+
+
+def node_info(obj: Any, prefix: str) -> NodeInfo:
+    """A NodeInfo from a node object as the API returns it (``prefix`` selects the annotations kept);
+    ValueError when a field flannel reads has the wrong type."""
+    return _info(_node_fields(obj), prefix)
 
 
 class _Metadata(TypedDict, total=False):
     name: str
     creationTimestamp: str
+    resourceVersion: str
     annotations: dict[str, str]
 
 
@@ -80,32 +135,61 @@ class _Spec(TypedDict, total=False):
 
 
 class _Node(TypedDict, total=False):
+    """A node; or, in a watch's ERROR event, a Status (its code and message)."""
+
     metadata: _Metadata
     spec: _Spec
+    code: int
+    message: str
+
+
+# "continue" is a Python keyword: only the functional form can name it
+_NodeListMeta = TypedDict("_NodeListMeta", {"resourceVersion": str, "continue": str}, total=False)
 
 
 class _NodeList(TypedDict, total=False):
-    metadata: dict[str, Any]
+    metadata: _NodeListMeta
     items: list[_Node]
 
 
-@functools.cache
-def _node_list_decoder() -> Any:
-    import msgspec  # only when a list has several pages: the import alone costs 11 ms of CPU
+class _NodeListHead(TypedDict, total=False):
+    metadata: _NodeListMeta
 
-    return msgspec.json.Decoder(_NodeList)
+
+class _WatchEvent(TypedDict, total=False):
+    type: str
+    object: _Node
+
+
+@functools.cache
+def _decoder(kind: type) -> Any:
+    import msgspec  # only for what json.loads should not parse (see SMALL_JSON)
+
+    return msgspec.json.Decoder(kind)
+
+
+def _decode(raw: bytes, kind: type) -> Any:
+    """``raw`` as json.loads gives it when small; else decoded into ``kind``, a TypedDict of the fields
+    flannel reads: the rest (status, labels, managed fields: nine tenths of a kubelet's node) is skipped,
+    never built. Raises ValueError or RecursionError for what it cannot read."""
+    if len(raw) <= SMALL_JSON:
+        return json.loads(raw)
+    return _decoder(kind).decode(raw)
 
 
 def decode_node_list(raw: bytes) -> Any:
-    """A node list page as ``json.loads`` would give it, less every field :func:`node_info` does not read.
+    """A node list page, as json.loads would give it, less every field flannel does not read."""
+    return _decode(raw, _NodeList)
 
-    The status, labels and managed fields, nine tenths of a kubelet's node, are skipped rather than
-    built: a 5,000-node list parses in a sixth of the CPU. A page of an unexpected shape is parsed whole.
-    """
-    try:
-        return _node_list_decoder().decode(raw)
-    except ValueError:  # not shaped like a node list, or not JSON: json.loads reads it or says why not
-        return json.loads(raw)
+
+def decode_watch_event(raw: bytes) -> Any:
+    """A node watch event, as json.loads would give it, less every field flannel does not read."""
+    return _decode(raw, _WatchEvent)
+
+
+def _decode_list_head(raw: bytes) -> Any:
+    """Only a node list page's metadata: its items are skipped, whatever their shape."""
+    return _decoder(_NodeListHead).decode(raw)
 
 
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -158,7 +242,7 @@ _NETWORK_KEY = {IPV4: "Network", IPV6: "IPv6Network"}  # the net-conf key of eac
 _V4_ANNOTATIONS_ALWAYS = {"host-gw": "null"}
 
 
-def pod_cidr(node: NodeInfo, family: Family) -> str:
+def pod_cidr(node: _HasPodCIDRs, family: Family) -> str:
     """The node's pod CIDR of ``family`` as flannel takes it, unparsed; "" when it has none.
 
     The first entry of that family in ``spec.podCIDRs``, or ``spec.podCIDR`` when the list is
@@ -176,41 +260,76 @@ def ipv4_pod_cidr(node: NodeInfo) -> str:
     return pod_cidr(node, IPV4)
 
 
-def pod_cidr_field(node: NodeInfo) -> str:
+def pod_cidr_field(node: _HasPodCIDRs) -> str:
     """The node field pod_cidr() reads, for messages."""
     return "spec.podCIDRs" if node.pod_cidrs else "spec.podCIDR"
 
 
-def list_nodes(client: KubeClient, prefix: str, page_size: int = LIST_PAGE_SIZE,
-               on_page: Callable[[], None] | None = None) -> tuple[list[NodeInfo], str]:
-    """Every node, read in pages, as NodeInfo oldest first; and the list's resourceVersion.
+def _list_records(client: KubeClient, convert: Callable[[_Fields], T], page_size: int = LIST_PAGE_SIZE,
+                  on_page: Callable[[], None] | None = None) -> tuple[list[T], str]:
+    """Every node, read in pages, as ``convert`` makes it of the node's fields, oldest first; and the
+    list's resourceVersion.
 
-    ``prefix`` selects the annotations kept; ``on_page`` is called after each page.
+    A page over kubeclient.MAX_BODY, or one that cannot be decoded, is read again in pages of a tenth
+    of the nodes, down to one: a node that still cannot be decoded alone is skipped with a warning. A
+    node of the wrong shape is skipped with a warning too. ``on_page`` is called after each page.
     """
     # Parsed pages hold no reference cycles: the cycle collector's passes over thousands of
     # node dicts would only cost CPU while listing.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        nodes: list[tuple[str, NodeInfo]] = []
+        records: list[tuple[tuple[str, str], T]] = []
         cont = ""
-        decode: Callable[[bytes], Any] = json.loads  # decode_node_list earns its import from the second page on
+        limit = page_size
         while True:
-            page = client.list_nodes(page_size, cont, decode=decode)
-            for obj in page.get("items") or ():
-                nodes.append(((obj.get("metadata") or {}).get("creationTimestamp") or "", node_info(obj, prefix)))
+            try:
+                page = client.list_nodes(limit, cont, decode=decode_node_list)
+            except (TooLarge, Undecodable) as exc:
+                if limit > 1:
+                    limit = max(1, limit // 10)
+                    continue
+                if isinstance(exc, TooLarge):
+                    raise ApiError(0, "the node list holds a node of more than %d bytes: %s" % (MAX_BODY, exc)) \
+                        from None
+                page = client.list_nodes(1, cont, decode=_decode_list_head)
+                log.warning("Skipping a node of the node list that cannot be read: %s", exc)
+            limit = page_size
+            items = page.get("items") or ()
+            for obj in items if isinstance(items, list) else ():
+                try:
+                    fields = _node_fields(obj)
+                except ValueError as exc:
+                    log.warning('Skipping node "%s" of the node list: %s', _name_of(obj), exc)
+                    continue
+                records.append(((fields.created, fields.name), convert(fields)))
             if on_page is not None:
                 on_page()
             meta = page.get("metadata") or {}
             cont = meta.get("continue") or ""
             if not cont:
                 break
-            decode = decode_node_list
     finally:
         if was_enabled:
             gc.enable()
-    nodes.sort(key=lambda n: (n[0], n[1].name))  # RFC 3339 in UTC sorts as text
-    return [info for _, info in nodes], meta.get("resourceVersion") or ""
+    records.sort(key=lambda r: r[0])  # RFC 3339 in UTC sorts as text
+    return [record for _, record in records], meta.get("resourceVersion") or ""
+
+
+def list_nodes(client: KubeClient, prefix: str, page_size: int = LIST_PAGE_SIZE,
+               on_page: Callable[[], None] | None = None) -> tuple[list[NodeInfo], str]:
+    """Every node, read in pages, as NodeInfo oldest first; and the list's resourceVersion.
+
+    ``prefix`` selects the annotations kept; ``on_page`` is called after each page. See _list_records.
+    """
+    return _list_records(client, lambda fields: _info(fields, prefix), page_size, on_page)
+
+
+def _name_of(obj: Any) -> str:
+    """A node object's name for a message, as far as it has one."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name[:253] if isinstance(name, str) else "?"
 
 
 def node_to_lease(node: NodeInfo, keys: AnnotationKeys, family: Family = IPV4) -> Lease:
@@ -231,7 +350,7 @@ def node_to_lease(node: NodeInfo, keys: AnnotationKeys, family: Family = IPV4) -
         subnet = _NETWORK[family](cidr)
     except ValueError:
         raise ValueError("invalid CIDR address: %s" % cidr) from None
-    return Lease(subnet, public_ip, node.annotations.get(keys.backend_type, ""),
+    return Lease(subnet, public_ip, sys.intern(node.annotations.get(keys.backend_type, "")),
                  node.annotations.get(keys.data(family), ""))
 
 
@@ -265,13 +384,20 @@ class _Claims:
         self._lasts: list[int] = []
         self._names: list[str] = []
 
-    def holder(self, subnet: IPNetwork) -> str | None:
-        """The node holding a subnet that overlaps ``subnet``, if any."""
+    def _holder(self, first: int, last: int) -> str | None:
         # The held ranges are disjoint: only the last one starting at or before our end can overlap.
-        i = bisect_right(self._firsts, _last(subnet)) - 1
-        if i >= 0 and self._lasts[i] >= int(subnet.network_address):
+        i = bisect_right(self._firsts, last) - 1
+        if i >= 0 and self._lasts[i] >= first:
             return self._names[i]
         return None
+
+    def holder(self, subnet: IPNetwork) -> str | None:
+        """The node holding a subnet that overlaps ``subnet``, if any."""
+        return self._holder(int(subnet.network_address), _last(subnet))
+
+    def holder_of(self, address: IPAddress) -> str | None:
+        """The node holding a subnet that contains ``address``, if any."""
+        return self._holder(int(address), int(address))
 
     def add(self, subnet: IPNetwork, name: str) -> None:
         first = int(subnet.network_address)
@@ -285,106 +411,210 @@ class _Claims:
         del self._firsts[i], self._lasts[i], self._names[i]
 
 
+class _Addresses:
+    """The public IPs of the leases, sorted; finds one inside a subnet by bisection. (Two nodes may
+    advertise one address: their tunnels end at the same host, which takes nothing from either.)"""
+
+    def __init__(self) -> None:
+        self._values: list[int] = []  # sorted
+        self._names: list[str] = []
+
+    def inside(self, subnet: IPNetwork) -> str | None:
+        """A node whose public IP lies in ``subnet``, if any."""
+        i = bisect_left(self._values, int(subnet.network_address))
+        return self._names[i] if i < len(self._values) and self._values[i] <= _last(subnet) else None
+
+    def add(self, address: IPAddress, name: str) -> None:
+        i = bisect_right(self._values, int(address))
+        self._values.insert(i, int(address))
+        self._names.insert(i, name)
+
+    def remove(self, address: IPAddress, name: str) -> None:
+        i = bisect_left(self._values, int(address))
+        while self._names[i] != name:
+            i += 1
+        del self._values[i], self._names[i]
+
+
+@dataclass(frozen=True, slots=True)
+class _Skip:
+    """Why a node has no lease of a family: a refusal (a warning), or what flanneld reports at Info when it
+    cannot turn a node into a lease (a node that is not set up yet)."""
+
+    reason: str
+    warn: bool
+
+
+@dataclass(slots=True)
+class _Peer:
+    """Another node as the manager keeps it: its pod CIDRs (for messages) and, per enabled family in the
+    manager's order, its lease or why it has none. No annotation is kept."""
+
+    name: str
+    pod_cidr: str
+    pod_cidrs: tuple[str, ...]
+    managed: bool  # it carries kube-subnet-manager: "true"
+    leases: tuple[Lease | _Skip, ...]  # empty when not managed
+
+
+def _peer_lease(info: NodeInfo, keys: AnnotationKeys, family: Family) -> Lease | _Skip:
+    """Another node's lease of ``family``, or why it has none: its annotations bounded, parsed, its public IP
+    a usable unicast address."""
+    for key in (keys.backend_type, keys.public_ip(family), keys.data(family)):
+        size = len(info.annotations.get(key, ""))
+        if size > MAX_ANNOTATION:
+            return _Skip("its annotation %s is %d bytes, more than the %d flannel allows" % (key, size, MAX_ANNOTATION),
+                         True)
+    try:
+        lease = node_to_lease(info, keys, family)
+    except ValueError as exc:
+        return _Skip(str(exc), False)
+    problem = public_ip_problem(lease.public_ip)
+    if problem:
+        return _Skip("its public IP %s (%s) %s" % (lease.public_ip, keys.public_ip(family), problem), True)
+    return lease
+
+
+class _HasPodCIDRs(Protocol):
+    @property
+    def pod_cidr(self) -> str: ...
+
+    @property
+    def pod_cidrs(self) -> tuple[str, ...]: ...
+
+
 class _FamilyLeases:
     """The other nodes' valid leases of one family, and this node's subnet of it.
 
-    Every method is called with the manager's lock held; ``nodes`` is the manager's node cache.
+    Every method is called with the manager's lock held; ``nodes`` is the manager's record of the other
+    nodes, ``index`` this family's place in their ``leases``.
     """
 
-    def __init__(self, family: Family, network: IPNetwork, node_name: str, keys: AnnotationKeys,
-                 nodes: dict[str, NodeInfo], dual: bool) -> None:
+    def __init__(self, family: Family, index: int, network: IPNetwork, node_name: str,
+                 nodes: dict[str, _Peer], dual: bool) -> None:
         self.family = family
+        self.index = index
         self.network = network
         self.node_name = node_name
-        self.keys = keys
         self.nodes = nodes
+        self.host = NodeNetwork()  # this node's network, once the daemon knows its interface
         self.leases: dict[str, Lease] = {}
         self.claims = _Claims()  # the subnets of leases and this node's own subnet
+        self.addresses = _Addresses()  # the public IPs of leases
         self.own_subnet: IPNetwork | None = None
-        self.waiting: dict[str, None] = {}  # nodes refused for an overlap, in the order they came
+        self.waiting: dict[str, None] = {}  # nodes refused for what another holds, in the order they came
         # In dual-stack a node skipped in one family keeps its lease of the other: say which.
         self._only = " (skipped for %s only)" % family if dual else ""
 
-    def candidate(self, node: NodeInfo, quiet: bool) -> Lease | None:
-        """The lease a node describes if it is valid, before the overlap check; logs why not unless quiet."""
-        try:
-            lease = node_to_lease(node, self.keys, self.family)
-        except ValueError as exc:
-            if not quiet:
-                log.info("Error turning node \"%s\" to lease: %s%s", node.name, exc, self._only)
+    def candidate(self, node: _Peer, quiet: bool) -> Lease | None:
+        """The lease a node describes if it is valid, before the checks against the other leases; logs why
+        not unless quiet."""
+        found = node.leases[self.index]
+        if isinstance(found, _Skip):
+            if quiet:
+                pass
+            elif found.warn:
+                log.warning('Ignoring node "%s": %s%s', node.name, found.reason, self._only)
+            else:
+                log.info("Error turning node \"%s\" to lease: %s%s", node.name, found.reason, self._only)
             return None
-        problem = subnet_problem(lease.subnet, self.network)
+        problem = subnet_problem(found.subnet, self.network) or self.host.subnet_problem(found.subnet)
         if problem:
             if not quiet:
                 log.warning('Ignoring node "%s": its pod CIDR %s (%s) %s%s', node.name, pod_cidr(node, self.family),
                             pod_cidr_field(node), problem, self._only)
             return None
-        return lease
+        problem = self.host.public_ip_problem(found.public_ip)
+        if problem:
+            if not quiet:
+                log.warning('Ignoring node "%s": its public IP %s %s%s', node.name, found.public_ip, problem,
+                            self._only)
+            return None
+        return found
 
-    def _overlap(self, node: NodeInfo, lease: Lease, quiet: bool) -> bool:
-        """True (and a warning unless quiet) if another node holds part of the lease's subnet."""
+    def _whose(self, holder: str) -> str:
+        return "this node" if holder == self.node_name else 'node "%s", which held it first' % holder
+
+    def _conflict(self, node: _Peer, lease: Lease) -> str:
+        """What of another node the lease would take ('' when nothing): part of its pod CIDR, or of the pod CIDR
+        its public IP lies in, or another node's public IP inside its pod CIDR."""
         holder = self.claims.holder(lease.subnet)
-        if holder is None:
-            return False
-        if not quiet:
-            whose = "this node" if holder == self.node_name else 'node "%s", which held it first' % holder
-            log.warning('Ignoring node "%s": its pod CIDR %s (%s) overlaps the pod CIDR of %s%s', node.name,
-                        pod_cidr(node, self.family), pod_cidr_field(node), whose, self._only)
-        return True
+        if holder is not None:
+            return "its pod CIDR %s (%s) overlaps the pod CIDR of %s" % (
+                pod_cidr(node, self.family), pod_cidr_field(node), self._whose(holder))
+        holder = self.claims.holder_of(lease.public_ip)
+        if holder is not None:
+            return "its public IP %s lies in the pod CIDR of %s" % (lease.public_ip, self._whose(holder))
+        holder = self.addresses.inside(lease.subnet)
+        if holder is not None:
+            return "its pod CIDR %s (%s) contains the public IP of %s" % (
+                pod_cidr(node, self.family), pod_cidr_field(node), self._whose(holder))
+        return ""
 
     def _grant(self, name: str, lease: Lease) -> None:
         self.leases[name] = lease
         self.claims.add(lease.subnet, name)
+        self.addresses.add(lease.public_ip, name)
         self.waiting.pop(name, None)
         metrics.LEASE_EVENTS.labels("added").inc()
 
-    def _revoke(self, name: str) -> IPNetwork:
+    def _revoke(self, name: str) -> None:
         lease = self.leases.pop(name)
         self.claims.remove(lease.subnet)
+        self.addresses.remove(lease.public_ip, name)
         metrics.LEASE_EVENTS.labels("removed").inc()
-        return lease.subnet
 
     def _retry_waiting(self) -> set[str]:
-        """Give waiting nodes the subnets that are free now; the names that got a lease."""
+        """Give waiting nodes what is free now; the names that got a lease."""
         granted = set()
         for name in list(self.waiting):
-            lease = self.candidate(self.nodes[name], quiet=True)
+            node = self.nodes[name]
+            lease = self.candidate(node, quiet=True)
             if lease is None:
                 del self.waiting[name]
-            elif self.claims.holder(lease.subnet) is None:
+            elif not self._conflict(node, lease):
                 log.info('Node "%s" takes pod CIDR %s, which no other node claims now', name, lease.subnet)
                 self._grant(name, lease)
                 granted.add(name)
         return granted
 
-    def update(self, node: NodeInfo, managed: bool, quiet: bool) -> set[str]:
+    def update(self, node: _Peer, quiet: bool) -> set[str]:
         """Apply another node's new record; the names whose lease changed.
 
-        ``managed``: the node carries ``kube-subnet-manager: "true"``; ``quiet``: its record is
-        as before, so its problems were logged already.
+        ``quiet``: its record is as before, so its problems were logged already.
         """
-        lease = self.candidate(node, quiet) if managed else None
+        lease = self.candidate(node, quiet) if node.managed else None
         current = self.leases.get(node.name)
         if lease == current:
             return set()
         changed = set()
-        freed = None
         if current is not None:
-            freed = self._revoke(node.name)
+            self._revoke(node.name)
             changed.add(node.name)
         if lease is None:
             self.waiting.pop(node.name, None)
-        elif self._overlap(node, lease, quiet and node.name in self.waiting):
-            self.waiting[node.name] = None
         else:
-            self._grant(node.name, lease)
-            changed.add(node.name)
-        if freed is not None and (lease is None or lease.subnet != freed):
+            conflict = self._conflict(node, lease)
+            if not conflict:
+                self._grant(node.name, lease)
+                changed.add(node.name)
+            else:
+                if not (quiet and node.name in self.waiting):
+                    log.warning('Ignoring node "%s": %s%s', node.name, conflict, self._only)
+                self.waiting[node.name] = None
+        if current is not None:
             changed |= self._retry_waiting()
         return changed
 
+    def _evict(self, name: str, reason: str, wait: bool) -> None:
+        """Take a node's lease away for something this node holds: it waits for it if ``wait``."""
+        log.warning('Ignoring node "%s": %s%s', name, reason, self._only)
+        self._revoke(name)
+        if wait:
+            self.waiting[name] = None
+
     def update_own(self, node: NodeInfo) -> set[str]:
-        """Reserve this node's subnet; a node holding part of it loses its lease."""
+        """Reserve this node's subnet; a node holding part of it, or advertising a public IP in it, loses its lease."""
         try:
             subnet: IPNetwork | None = _NETWORK[self.family](pod_cidr(node, self.family))
         except ValueError:
@@ -400,16 +630,35 @@ class _FamilyLeases:
         if subnet is not None:
             while (holder := self.claims.holder(subnet)) is not None:
                 held = self.nodes[holder]
-                log.warning('Ignoring node "%s": its pod CIDR %s (%s) overlaps the pod CIDR of this node%s', holder,
-                            pod_cidr(held, self.family), pod_cidr_field(held), self._only)
-                self._revoke(holder)
-                self.waiting[holder] = None
+                self._evict(holder, "its pod CIDR %s (%s) overlaps the pod CIDR of this node" % (
+                    pod_cidr(held, self.family), pod_cidr_field(held)), wait=True)
+                changed.add(holder)
+            while (holder := self.addresses.inside(subnet)) is not None:
+                self._evict(holder, "its public IP %s lies in the pod CIDR of this node"
+                            % self.leases[holder].public_ip, wait=True)
                 changed.add(holder)
             self.claims.add(subnet, self.node_name)
         return changed | self._retry_waiting()
 
+    def set_host(self, host: NodeNetwork) -> set[str]:
+        """Refuse from now on what would point into this node's network; the leases that already do go."""
+        self.host = host
+        changed = set()
+        for name in list(self.leases):
+            node = self.nodes[name]
+            lease = self.leases[name]
+            problem = host.subnet_problem(lease.subnet)
+            if problem:
+                self._evict(name, "its pod CIDR %s (%s) %s" % (pod_cidr(node, self.family), pod_cidr_field(node),
+                                                               problem), wait=False)
+                changed.add(name)
+            elif problem := host.public_ip_problem(lease.public_ip):
+                self._evict(name, "its public IP %s %s" % (lease.public_ip, problem), wait=False)
+                changed.add(name)
+        return changed | (self._retry_waiting() if changed else set())
+
     def delete(self, name: str) -> set[str]:
-        """Forget a node (already gone from ``nodes``); the names whose lease changed."""
+        """Forget a node (already gone from ``nodes`` unless it is this node); the names whose lease changed."""
         self.waiting.pop(name, None)
         if name == self.node_name:
             if self.own_subnet is None:
@@ -458,10 +707,11 @@ class KubeSubnetManager:
         self.synced = threading.Event()
         self.progress = time.monotonic()
         self._lock = threading.Lock()
-        self._nodes: dict[str, NodeInfo] = {}
+        self._own: NodeInfo | None = None  # this node, with its flannel annotations whole
+        self._nodes: dict[str, _Peer] = {}  # the other nodes
         dual = len(self.networks) > 1
-        self._families = {f: _FamilyLeases(f, net, node_name, keys, self._nodes, dual)
-                          for f, net in self.networks.items()}
+        self._families = {f: _FamilyLeases(f, i, net, node_name, self._nodes, dual)
+                          for i, (f, net) in enumerate(self.networks.items())}
         self._rv = ""
         self._bad_overwrite: dict[Family, str] = {}
 
@@ -472,9 +722,10 @@ class KubeSubnetManager:
     # -- the node cache --------------------------------------------------------------------------
 
     def own_node(self) -> NodeInfo | None:
-        """This node's record in the cache (flannel reads its node from the cache, never with GET)."""
+        """This node's record in the cache, with its flannel annotations whole (flannel reads its node
+        from the cache, never with GET)."""
         with self._lock:
-            return self._nodes.get(self.node_name)
+            return self._own
 
     def leases(self, family: Family) -> dict[str, Lease]:
         """The other nodes' valid leases of ``family`` (an enabled one), by node name."""
@@ -494,28 +745,51 @@ class KubeSubnetManager:
     def _count(self) -> None:
         metrics.LEASES.set(sum(len(f.leases) for f in self._families.values()))
 
-    def _update(self, node: NodeInfo) -> set[str]:
-        """Store a node; the names whose lease changed in any family (this node's own name when it
-        is the node). Called with the lock held."""
-        old = self._nodes.get(node.name)
-        self._nodes[node.name] = node
+    def set_node_network(self, networks: dict[Family, NodeNetwork]) -> None:
+        """Refuse from now on the leases that point into this node's network of each family (with the API
+        server's address added); the leases that already do are taken away."""
         changed: set[str] = set()
-        if node.name == self.node_name:
+        with self._lock:
+            for family, fam in self._families.items():
+                if family in networks:
+                    changed |= fam.set_host(networks[family].with_servers([self.client.host]))
+            self._count()
+        if changed:
+            self.on_change(changed)
+
+    def _record(self, fields: _Fields) -> NodeInfo | _Peer:
+        """What is kept of a node: this node's flannel annotations whole; another node's leases, parsed."""
+        if fields.name == self.node_name:
+            return _info(fields, self.prefix)
+        ann = fields.annotations
+        if ann.get(self.keys.subnet_kube_managed) != "true":
+            return _Peer(fields.name, fields.pod_cidr, fields.pod_cidrs, False, ())
+        info = NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs, ann)
+        return _Peer(fields.name, fields.pod_cidr, fields.pod_cidrs, True,
+                     tuple(_peer_lease(info, self.keys, family) for family in self._families))
+
+    def _update(self, node: NodeInfo | _Peer) -> set[str]:
+        """Store a node's record; the names whose lease changed in any family (this node's own name when
+        it is the node). Called with the lock held."""
+        changed: set[str] = set()
+        if isinstance(node, NodeInfo):
+            self._own = node
             changed.add(node.name)
             for fam in self._families.values():
                 changed |= fam.update_own(node)
             return changed
-        # Log a bad node once when it changes, not on every relist.
-        quiet = old is not None and old.annotations == node.annotations and old.pod_cidrs == node.pod_cidrs \
-            and old.pod_cidr == node.pod_cidr
-        managed = node.annotations.get(self.keys.subnet_kube_managed) == "true"
+        old = self._nodes.get(node.name)
+        self._nodes[node.name] = node
+        quiet = old == node  # log a bad node once when it changes, not on every relist
         for fam in self._families.values():
-            changed |= fam.update(node, managed, quiet)
+            changed |= fam.update(node, quiet)
         return changed
 
     def _delete(self, name: str) -> set[str]:
         """Forget a node; the names whose lease changed. Lock held."""
-        if self._nodes.pop(name, None) is None and name != self.node_name:
+        if name == self.node_name:
+            self._own = None
+        elif self._nodes.pop(name, None) is None:
             return set()
         changed = {name} if name == self.node_name else set()
         for fam in self._families.values():
@@ -529,11 +803,11 @@ class KubeSubnetManager:
 
     def _list(self) -> None:
         """List every node in pages and replace the cache with the result."""
-        nodes, rv = list_nodes(self.client, self.prefix, LIST_PAGE_SIZE, self._made_progress)
+        nodes, rv = _list_records(self.client, self._record, LIST_PAGE_SIZE, self._made_progress)
         names = {info.name for info in nodes}
         changed: set[str] = set()
         with self._lock:
-            for name in list(self._nodes):
+            for name in [*self._nodes, *([self.node_name] if self._own is not None else [])]:
                 if name not in names:
                     changed |= self._delete(name)
             # This node's subnet is reserved first; the others come oldest first, so of two nodes
@@ -548,23 +822,32 @@ class KubeSubnetManager:
     def _watch(self, stop: threading.Event, backoff: _Backoff) -> None:
         """Apply watch events until the stream ends; raises ApiError(410) when the cache must be relisted."""
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
-        for event in self.client.watch_nodes(self._rv, timeout):
+        for event in self.client.watch_nodes(self._rv, timeout, decode=decode_watch_event):
             self._made_progress()
             if stop.is_set():
                 return
             kind = event.get("type")
             obj = event.get("object") or {}
+            if not isinstance(obj, dict):
+                raise Undecodable(0, "invalid watch event: its object is not a JSON object")
             if kind == "ERROR":
-                raise ApiError(int(obj.get("code") or 0), obj.get("message") or "watch error")
+                code, message = obj.get("code"), obj.get("message")
+                raise ApiError(code if isinstance(code, int) else 0,
+                               message if isinstance(message, str) and message else "watch error")
             backoff.reset()
-            rv = (obj.get("metadata") or {}).get("resourceVersion")
+            try:
+                fields = _node_fields(obj)
+            except ValueError as exc:
+                raise Undecodable(0, 'invalid watch event of node "%s": %s' % (_name_of(obj), exc)) from None
+            record = self._record(fields) if kind in ("ADDED", "MODIFIED") else None
             changed: set[str] = set()
             with self._lock:
-                if kind in ("ADDED", "MODIFIED"):
-                    changed = self._update(node_info(obj, self.prefix))
+                if record is not None:
+                    changed = self._update(record)
                 elif kind == "DELETED":
-                    changed = self._delete((obj.get("metadata") or {}).get("name", ""))
-                if rv:
+                    changed = self._delete(fields.name)
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if rv and isinstance(rv, str):
                     self._rv = rv
                 self._count()
             if changed:
@@ -598,7 +881,11 @@ class KubeSubnetManager:
                 continue
             except ApiError as exc:
                 delay = backoff.next()
-                if exc.status == 410:
+                if isinstance(exc, (TooLarge, Undecodable)) and not need_list:
+                    log.warning("Skipping a node watch event that cannot be read (%s); listing the nodes again", exc)
+                    metrics.WATCH_RESTARTS.labels("error").inc()
+                    need_list = True
+                elif exc.status == 410:
                     log.info("Node watch expired (%s); listing the nodes again in %.1fs", exc, delay)
                     metrics.WATCH_RESTARTS.labels("expired").inc()
                     need_list = True
@@ -621,15 +908,18 @@ class KubeSubnetManager:
         manifests grant no ``get nodes``). The list and watch keep the record up to date afterwards.
         """
         try:
-            page = self.client.list_nodes(1, field_selector="metadata.name=" + self.node_name)
-        except ApiError as exc:
+            page = self.client.list_nodes(1, field_selector="metadata.name=" + self.node_name,
+                                          decode=decode_node_list)
+            items = [_node_fields(obj) for obj in page.get("items") or ()]
+        except (ApiError, ValueError, TypeError) as exc:
             metrics.API_ERRORS.inc()
             log.warning("Failed to read node %s, waiting for the node list: %s", self.node_name, exc)
             return
         with self._lock:
-            if self.node_name not in self._nodes:  # the list may have been quicker
-                for obj in page.get("items") or ():
-                    self._update(node_info(obj, self.prefix))
+            if self._own is None:  # the list may have been quicker
+                for fields in items:
+                    if fields.name == self.node_name:
+                        self._update(self._record(fields))
 
     def wait_synced(self, stop: threading.Event, timeout: float = 600.0) -> None:
         """Block until the first list is in the cache (flanneld waits up to 10 min)."""
