@@ -19,7 +19,7 @@ from typing import Protocol
 from . import __version__, config, health, ip, metrics, subnetfile
 from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
-from .etcdclient import EtcdClient, EtcdError
+from .etcdclient import EtcdClient, EtcdError, read_password_file
 from .family import IPV4, Family, IPNetwork
 from .flags import Options, describe
 from .kubeclient import ApiError, KubeClient
@@ -30,6 +30,7 @@ from .subnet import SubnetManager
 from .subnet.annotations import AnnotationKeys, normalize_prefix
 from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
+from .subnet.nodenet import node_network, warn_overlap
 from .trafficmngr.iptables import IPTablesManager
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,10 @@ def node_name(client: KubeClient, environ: Mapping[str, str] = os.environ) -> st
     try:
         name = (client.get_pod(ns, pod).get("spec") or {}).get("nodeName") or ""
     except ApiError as exc:
-        raise NodeNameError("error retrieving pod spec for '%s/%s': %s" % (ns, pod, exc)) from exc
+        raise NodeNameError("error retrieving pod spec for '%s/%s': %s (NODE_NAME is unset, so the node name is "
+                            "read from this pod, which needs get on pods in namespace %s; set NODE_NAME from the "
+                            "pod's spec.nodeName instead, as the manifest does, and drop that permission)"
+                            % (ns, pod, exc, ns)) from exc
     if not name:
         raise NodeNameError("node name not present in pod spec '%s/%s'" % (ns, pod))
     return name
@@ -317,8 +321,12 @@ class Daemon:
         """The etcd subnet manager, once ``<prefix>/config`` holds a valid network config (None if stopped)."""
         opts = self.opts
         try:
+            password = read_password_file(opts.etcd_password_file) if opts.etcd_password_file else opts.etcd_password
+        except OSError as exc:
+            raise Fatal("Failed to create SubnetManager: cannot read --etcd-password-file: %s" % exc) from exc
+        try:
             client = EtcdClient(opts.etcd_endpoints, opts.etcd_keyfile, opts.etcd_certfile, opts.etcd_cafile,
-                                opts.etcd_username, opts.etcd_password)
+                                opts.etcd_username, password)
         except EtcdError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         _, previous = subnetfile.read_previous(opts.subnet_file, IPV4)
@@ -380,6 +388,21 @@ class Daemon:
                 raise Fatal("Error registering network: %s" % exc) from exc
         return backends
 
+    @staticmethod
+    def _protect_node_network(sm: SubnetManager, nl: Netlink, ext: ip.ExternalInterface,
+                              networks: dict[Family, IPNetwork]) -> None:
+        """Give the subnet manager this node's network, which no other node's lease may point into; warn
+        when net-conf's Network overlaps it."""
+        try:
+            found = {f: node_network(nl, ext, f) for f in networks}
+        except OSError as exc:
+            log.error("Failed to read the addresses and routes of %s: %s; other nodes' leases are not checked "
+                      "against this node's network", ext.name, exc)
+            return
+        for family, nodenet in found.items():
+            warn_overlap(networks[family], nodenet, ext)
+        sm.set_node_network(found)
+
     def _configure(self) -> None:
         """Give each family's device its lease's address (flanneld's RegisterNetwork after the lease)."""
         for family, backend in self.backends.items():
@@ -407,6 +430,7 @@ class Daemon:
         except ip.InterfaceError as exc:
             raise Fatal(str(exc)) from exc
         self.ext = ext
+        self._protect_node_network(sm, nl, ext, cfg.networks)
         self.backends = self._backends(cfg, sm, nl, ext)
         leases = self._acquire_lease(sm, ext, cfg.networks)
         if leases is None:

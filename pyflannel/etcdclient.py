@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .kubeclient import CONNECT_TIMEOUT, REQUEST_TIMEOUT, WATCH_READ_TIMEOUT
+from .log import loopback_host, redact_url
+
+from .kubeclient import CONNECT_TIMEOUT, REQUEST_TIMEOUT, WATCH_READ_TIMEOUT, TooLarge, read_body, read_line
 from .kubeclient import _HTTPConnection as HTTPConnection
 from .kubeclient import _HTTPSConnection as HTTPSConnection
 
@@ -61,6 +63,7 @@ class KeyValue:
     value: bytes
     mod_revision: int
     lease: int
+    create_revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,12 @@ class Event:
 
     kv: KeyValue
     deleted: bool
+
+
+def read_password_file(path: str) -> str:
+    """The password in a file (``--etcd-password-file``), without its trailing newline; raises OSError."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return f.read(4096).rstrip("\r\n")
 
 
 def prefix_end(prefix: str) -> str:
@@ -90,7 +99,15 @@ def _b64(text: str | bytes) -> str:
 def _kv(obj: dict[str, Any]) -> KeyValue:
     return KeyValue(base64.b64decode(obj.get("key") or "").decode("utf-8", errors="replace"),
                     base64.b64decode(obj.get("value") or ""), int(obj.get("mod_revision") or 0),
-                    int(obj.get("lease") or 0))
+                    int(obj.get("lease") or 0), int(obj.get("create_revision") or 0))
+
+
+def _loads(raw: bytes) -> Any:
+    """JSON from etcd; ValueError for what cannot be read, too deep included."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _revision(doc: dict[str, Any]) -> int:
@@ -99,8 +116,8 @@ def _revision(doc: dict[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class _Endpoint:
-    url: str
-    netloc: str
+    url: str  # as given, its password masked: the form logged
+    netloc: str  # host and port, without userinfo
     https: bool
 
 
@@ -110,19 +127,33 @@ class EtcdClient:
     ``--etcd-cafile`` verifies the server (the system's CAs without it), ``--etcd-certfile`` and
     ``--etcd-keyfile`` authenticate this client, and ``--etcd-username``/``--etcd-password`` get an
     auth token that is renewed when etcd no longer accepts it. The password is sent only in the
-    authenticate request and never appears in an error or a log line.
+    authenticate request and never appears in an error or a log line. Userinfo in an endpoint URL is not
+    used (as in flanneld's etcd client), and is masked wherever the URL is logged; a password sent over
+    plain HTTP to another host than this one gets one warning.
     """
 
     def __init__(self, endpoints: str, keyfile: str = "", certfile: str = "", cafile: str = "",
                  username: str = "", password: str = "") -> None:
         self.endpoints: list[_Endpoint] = []
         for url in filter(None, (e.strip() for e in endpoints.split(","))):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise EtcdError(0, "invalid etcd endpoint %r" % url)
-            self.endpoints.append(_Endpoint(url, parts.netloc, parts.scheme == "https"))
+            try:
+                parts = urlsplit(url)
+                valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                valid = False
+            if not valid:
+                raise EtcdError(0, "invalid etcd endpoint %r" % redact_url(url))
+            if "@" in parts.netloc:
+                log.warning("Ignoring the user and password in the etcd endpoint %s: give them with --etcd-username "
+                            "and --etcd-password-file", redact_url(url))
+            self.endpoints.append(_Endpoint(redact_url(url), parts.netloc.rpartition("@")[2],
+                                            parts.scheme == "https"))
         if not self.endpoints:
             raise EtcdError(0, "no etcd endpoints given")
+        clear = [e.url for e in self.endpoints if not e.https and not loopback_host(e.url)]
+        if username and clear:
+            log.warning("The etcd password of --etcd-username %s, and the token it gets, are sent unencrypted to %s: "
+                        "use https:// endpoints (with --etcd-cafile)", username, ", ".join(clear))
         self._ctx: ssl.SSLContext | None = None
         if any(e.https for e in self.endpoints):
             try:
@@ -191,16 +222,16 @@ class EtcdClient:
     @staticmethod
     def _error(status: int, raw: bytes) -> EtcdError:
         try:
-            doc = json.loads(raw)
-            return EtcdError(int(doc.get("code") or 0), str(doc.get("message") or doc.get("error")))
+            doc = _loads(raw)
+            return EtcdError(int(doc.get("code") or 0), str(doc.get("message") or doc.get("error"))[:1000])
         except (ValueError, AttributeError, TypeError):
             return EtcdError(0, "HTTP %d: %s" % (status, raw[:200].decode(errors="replace")))
 
     def _call_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         index, conn, resp = self._send(path, body, REQUEST_TIMEOUT, reuse=True)
         try:
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+            raw = read_body(resp)
+        except (OSError, http.client.HTTPException, TooLarge) as exc:
             conn.close()
             raise EtcdError(0, "%s: %s" % (path, exc)) from exc
         if resp.will_close:
@@ -211,7 +242,7 @@ class EtcdClient:
         if resp.status != 200:
             raise self._error(resp.status, raw)
         try:
-            doc = json.loads(raw)
+            doc = _loads(raw)
         except ValueError as exc:
             raise EtcdError(0, "%s: invalid JSON from etcd: %s" % (path, exc)) from exc
         if not isinstance(doc, dict):
@@ -288,8 +319,8 @@ class EtcdClient:
             _, conn, resp = self._send("/v3/watch", body, WATCH_READ_TIMEOUT, reuse=False)
             if resp.status != 200:
                 try:
-                    raw = resp.read()
-                except (OSError, http.client.HTTPException) as exc:
+                    raw = read_body(resp)
+                except (OSError, http.client.HTTPException, TooLarge) as exc:
                     raw = str(exc).encode()
                 conn.close()
                 raise self._error(resp.status, raw)
@@ -299,21 +330,23 @@ class EtcdClient:
         try:
             while True:
                 try:
-                    line = resp.readline()
+                    line = read_line(resp)
                 except TimeoutError as exc:
                     if exc.errno is None:  # the read timeout of an idle watch, not a dead connection
                         return
                     raise EtcdError(0, "watch of %s: %s" % (prefix, exc)) from exc
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, http.client.HTTPException, TooLarge) as exc:
                     raise EtcdError(0, "watch of %s: %s" % (prefix, exc)) from exc
                 if not line:
                     return
                 if not line.strip():
                     continue
                 try:
-                    doc = json.loads(line)
+                    doc = _loads(line)
                 except ValueError as exc:
                     raise EtcdError(0, "invalid watch message: %s" % exc) from exc
+                if not isinstance(doc, dict):
+                    raise EtcdError(0, "invalid watch message: not a JSON object")
                 if "error" in doc:
                     err = doc["error"] if isinstance(doc["error"], dict) else doc
                     raise EtcdError(int(err.get("code") or 0), str(err.get("message") or err.get("error")))

@@ -63,6 +63,7 @@ class Options:
     log_format: str
     metrics_port: int
     datapath_resync: int
+    etcd_password_file: str
 
 
 class _BadValue(Exception):
@@ -308,6 +309,9 @@ _FLAGS = (
           "the port for the metrics server to listen on the healthz IP (0 to disable)", _port),
     _Flag("datapath-resync", _INT, 30,
           "resync period for routes, neighbours and FDB entries, in seconds", _positive),
+    _Flag("etcd-password-file", _STRING, "",
+          "file holding the password for BasicAuth to etcd (read once at start; unlike --etcd-password, not "
+          "shown to every process on the host)"),
 )
 _BY_NAME = {f.name: f for f in _FLAGS}
 
@@ -380,6 +384,8 @@ def parse(argv: list[str], environ: Mapping[str, str]) -> Options:
             _set(flag, values, text)
         except _BadValue as exc:
             raise FlagError("invalid value %s for %s: %s" % (_go_quote(text), flag.env, exc)) from None
+    if values["etcd_password"] and values["etcd_password_file"]:
+        raise FlagError("give the etcd password with --etcd-password or --etcd-password-file, not both")
     if not 1 <= values["subnet_lease_renew_margin"] < 24 * 60:
         raise FlagError("Invalid subnet-lease-renew-margin option, out of acceptable range")
     for field, family, what in (("public_ip", ipaddress.IPv4Address, "IP"),
@@ -424,6 +430,7 @@ _DESCRIBE_FIELDS = (
     ("iptablesForwardRules", "iptables_forward_rules"), ("netConfPath", "net_config_path"),
     ("setNodeNetworkUnavailable", "set_node_network_unavailable"),
     ("logFormat", "log_format"), ("metricsPort", "metrics_port"), ("datapathResync", "datapath_resync"),
+    ("etcdPasswordFile", "etcd_password_file"),
 )
 
 
@@ -439,13 +446,16 @@ def _go_format(value: Any) -> str:
 def describe(opts: Options) -> str:
     """The ``%+v`` part of flanneld's ``CLI flags config: %+v`` log line, e.g. ``{etcdEndpoints:...}``.
 
-    The etcd password is shown as ``********`` when set; pyflannel's own flags come last.
+    The etcd password is shown as ``********`` when set, and so is a password in a URL's userinfo;
+    pyflannel's own flags come last.
     """
     parts = []
     for go_name, field in _DESCRIBE_FIELDS:
         value = getattr(opts, field)
         if field == "etcd_password" and value:
             value = "********"
+        elif field in ("etcd_endpoints", "kube_api_url"):
+            value = ",".join(log.redact_url(url) for url in value.split(","))
         parts.append("%s:%s" % (go_name, _go_format(value)))
     return "{" + " ".join(parts) + "}"
 

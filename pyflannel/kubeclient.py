@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from . import __version__
+from .log import loopback_host, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +238,22 @@ class KubeClient:
             raise ApiError(0, "fail to create kubernetes config: %s" % exc) from exc
         if kube_api_url:
             server = kube_api_url
-        url = urlsplit(server.rstrip("/"))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ApiError(0, "fail to create kubernetes config: invalid API server URL %r" % server)
-        self.host = server
+        try:
+            url = urlsplit(server.rstrip("/"))
+            valid = url.scheme in ("http", "https") and bool(url.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ApiError(0, "fail to create kubernetes config: invalid API server URL %r" % redact_url(server))
+        self.host = redact_url(server)
+        if "@" in url.netloc:
+            log.warning("Ignoring the user and password in the API server URL %s: the credentials come from the "
+                        "kubeconfig or the service account", self.host)
+        if url.scheme == "http" and auth is not None and not loopback_host(server):
+            log.warning("The credentials of %s are sent unencrypted to %s: use an https:// API server URL",
+                        self.identity, self.host)
         self._https = url.scheme == "https"
-        self._netloc = url.netloc
+        self._netloc = url.netloc.rpartition("@")[2]
         self._base = url.path
         self._ctx = ctx if ctx is not None or not self._https else ssl.create_default_context()
         self._auth = auth

@@ -9,13 +9,15 @@ whose path does when the pattern contains ``/``; the first matching pattern coun
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import json
 import logging
 import os
 import sys
 import time
+from urllib.parse import urlsplit
 
-__all__ = ["JsonFormatter", "KlogFormatter", "V", "parse_vmodule", "setup"]
+__all__ = ["JsonFormatter", "KlogFormatter", "V", "loopback_host", "parse_vmodule", "redact_url", "setup"]
 
 
 def V(n: int) -> int:
@@ -33,6 +35,30 @@ def _verbosity(levelno: int) -> int:
     if levelno >= logging.INFO:
         return 0
     return logging.INFO - levelno - (1 if levelno < logging.NOTSET else 0)
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a log line: a password in its userinfo (``http://user:secret@host``) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return "%s://%s:********@%s%s%s" % (scheme, user, host, slash, path)
+
+
+def loopback_host(url: str) -> bool:
+    """Whether a URL's host is this machine (localhost or a loopback address): plain HTTP to it stays local."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_vmodule(spec: str) -> list[tuple[str, int]]:

@@ -202,7 +202,7 @@ def test_usage_layout() -> None:
     assert not text.endswith("\n")
     names = [line.split()[0][1:] for line in lines[1:] if line.startswith("  -")]
     assert names == sorted(names)
-    assert len(names) == 32 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert len(names) == 33 and "log_backtrace_at" in names and "iface-can-reach" in names
     assert ("  -etcd-endpoints string\n    \ta comma-delimited list of etcd endpoints "
             '(default "http://127.0.0.1:4001,http://127.0.0.1:2379")\n') in text
     assert "  -ip-masq\n    \tsetup IP masquerade rule for traffic destined outside of overlay network\n" in text
@@ -269,7 +269,7 @@ def test_bad_env_value() -> None:
 def test_describe_reference_run() -> None:
     o = parse(["--kube-subnet-mgr", "--iface=eth1", "--ip-masq"], {})
     line = "CLI flags config: " + describe(o)
-    assert line == REFERENCE_LINE[:-1] + " logFormat:klog metricsPort:0 datapathResync:30}"
+    assert line == REFERENCE_LINE[:-1] + " logFormat:klog metricsPort:0 datapathResync:30 etcdPasswordFile:}"
 
 
 def test_describe_lists_and_password() -> None:
@@ -278,7 +278,7 @@ def test_describe_lists_and_password() -> None:
     text = describe(o)
     assert " iface:[eth1 eth0] ifaceRegex:[x] " in text
     assert " etcdPassword:******** " in text and "s3cret" not in text
-    assert text.endswith(" logFormat:json metricsPort:9100 datapathResync:5}")
+    assert text.endswith(" logFormat:json metricsPort:9100 datapathResync:5 etcdPasswordFile:}")
 
 
 def test_values_in_errors_are_quoted_like_go() -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from ..family import Family, IPAddress
 from ..lease import Lease
+from .nodenet import NodeNetwork
 
 
 class SubnetManager(Protocol):
@@ -41,6 +42,10 @@ class SubnetManager(Protocol):
                       backend_data: dict[Family, str]) -> dict[Family, Lease]:
         """This node's lease of every enabled family, published with each family's public IP and
         backend data; idempotent. Raises LeaseError (LeaseRevoked once the lease was deleted)."""
+
+    def set_node_network(self, networks: dict[Family, NodeNetwork]) -> None:
+        """This node's network of each enabled family (known once the external interface is): from now on
+        no lease may point into it, and the leases that do are taken away (reported as changes)."""
 
     def leases(self, family: Family) -> dict[str, Lease]:
         """The other nodes' valid leases of ``family``, by name."""

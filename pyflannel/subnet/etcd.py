@@ -8,8 +8,10 @@ attached to a 24-hour etcd lease that the node renews.
 One thread lists the leases and then watches everything under the prefix from the list's
 revision, every event of every message (flanneld v0.20.2 read only the first event of a message and
 opened a new watch for each, so it missed leases). A dropped watch resumes from the last revision
-it saw; a compacted revision is followed by a new list. Leases that are malformed, outside the
-Network or of another length than SubnetLen are skipped with a warning.
+it saw; a compacted revision is followed by a new list. Leases that are malformed, larger than
+MAX_LEASE_VALUE, outside the Network, of another length than SubnetLen, or pointing into this node's
+network (nodenet) are skipped with a warning. The list is taken oldest first (by creation revision),
+so that of two leases claiming one VtepMAC the older keeps it, as in kube mode.
 
 Etcd mode runs IPv4 only: the leases are IPv4 leases, and the IPv4 part of flanneld's dual-stack
 keys (``10.244.1.0-24&fd00::-64``) is read. A config enabling IPv6 or disabling IPv4 is refused.
@@ -35,6 +37,7 @@ from ..kubeclient import CONNECT_TIMEOUT, WATCH_READ_TIMEOUT
 from ..lease import Lease, LeaseError, LeaseRevoked
 from ..log import V
 from .kube import MAX_BACKOFF, _Backoff
+from .nodenet import NodeNetwork, public_ip_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ RACE_RETRIES = 10
 MAX_CANDIDATES = 100  # flanneld picks at random among the first 100 free subnets
 CONFIG_RETRY = 1.0
 RENEW_RETRY = 60.0
+MAX_LEASE_VALUE = 4096  # bytes of a lease's value: flanneld writes some 150
 # The most seconds between two updates of EtcdSubnetManager.progress while the watch works or
 # retries: an idle watch that times out, then the longest wait, then a connection attempt.
 PROGRESS_BOUND = WATCH_READ_TIMEOUT + MAX_BACKOFF + CONNECT_TIMEOUT
@@ -88,10 +92,13 @@ def parse_lease(name: str, value: bytes) -> Lease:
     subnet = parse_subnet_key(name)
     if subnet is None:
         raise ValueError("%s: not a subnet" % name)
+    if len(value) > MAX_LEASE_VALUE:
+        raise ValueError("%s: the value is %d bytes, more than the %d a lease needs" % (name, len(value),
+                                                                                     MAX_LEASE_VALUE))
     try:
         attrs = json.loads(value)
-    except ValueError as exc:
-        raise ValueError("%s: %s" % (name, exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError("%s: %s" % (name, str(exc)[:200])) from None
     if not isinstance(attrs, dict):
         raise ValueError("%s: not a JSON object" % name)
     try:
@@ -102,8 +109,11 @@ def parse_lease(name: str, value: bytes) -> Lease:
     if not isinstance(backend_type, str):
         raise ValueError("%s: BackendType: not a string" % name)
     data = attrs.get("BackendData")
-    return Lease(subnet, public_ip, backend_type,
-                 json.dumps(data, separators=(",", ":")) if data is not None else "")
+    try:
+        text = json.dumps(data, separators=(",", ":")) if data is not None else ""
+    except (ValueError, RecursionError) as exc:
+        raise ValueError("%s: BackendData: %s" % (name, str(exc)[:200])) from None
+    return Lease(subnet, public_ip, backend_type, text)
 
 
 def check_supported(cfg: Config) -> None:
@@ -157,7 +167,8 @@ class EtcdSubnetManager:
         self.progress = time.monotonic()
         self._lock = threading.Lock()
         self._renew_lock = threading.Lock()
-        self._leases: dict[str, Lease] = {}  # valid leases by key, our own included
+        self._leases: dict[str, Lease] = {}  # valid leases by key, our own included, oldest first
+        self._host = NodeNetwork()  # this node's network, once the daemon knows its interface
         self._bad: dict[str, bytes] = {}  # keys whose value was skipped, so each is reported once
         self._rev = 0
         self._config_raw: bytes | None = b""
@@ -233,19 +244,57 @@ class EtcdSubnetManager:
 
     # -- the lease cache -------------------------------------------------------------------------
 
+    def _other(self, name: str, lease: Lease) -> bool:
+        """A lease of another node: not this node's, nor one carrying this node's address (flanneld takes
+        such a lease as this node's, from an earlier run)."""
+        return name != self.node_name and lease.public_ip not in self._host.addresses
+
     def leases(self, family: Family) -> dict[str, Lease]:
-        """The other nodes' valid leases of ``family``, by key (none but IPv4 ones)."""
+        """The other nodes' valid leases of ``family``, by key (none but IPv4 ones), oldest first."""
         if family is not IPV4:
             return {}
         with self._lock:
-            return {k: v for k, v in self._leases.items() if k != self.node_name}
+            return {k: v for k, v in self._leases.items() if self._other(k, v)}
 
     def lease_of(self, name: str, family: Family) -> Lease | None:
         """One other node's valid lease of ``family``."""
-        if name == self.node_name or family is not IPV4:
+        if family is not IPV4:
             return None
         with self._lock:
-            return self._leases.get(name)
+            lease = self._leases.get(name)
+            return lease if lease is not None and self._other(name, lease) else None
+
+    def set_node_network(self, networks: dict[Family, NodeNetwork]) -> None:
+        """Refuse from now on the leases that point into this node's IPv4 network (with the etcd endpoints'
+        addresses added); the leases that already do are taken away."""
+        if IPV4 not in networks:
+            return
+        changed = set()
+        with self._lock:
+            self._host = networks[IPV4].with_servers(e.url for e in self.client.endpoints)
+            for name, lease in list(self._leases.items()):
+                problem = self._host_problem(name, lease)
+                if problem:
+                    log.warning("Ignoring bad subnet node: %s", problem)
+                    del self._leases[name]
+                    self._bad[name] = b""
+                    changed.add(name)
+            metrics.LEASES.set(len(self._leases))
+        if changed:
+            self.on_change(changed)
+
+    def _host_problem(self, name: str, lease: Lease) -> str:
+        """Why another node's lease would point into this node's network ('' when it would not)."""
+        if name == self.node_name:
+            return ""
+        problem = self._host.subnet_problem(lease.subnet)
+        if problem:
+            return "%s: subnet %s %s" % (name, lease.subnet, problem)
+        if lease.public_ip not in self._host.addresses:
+            problem = self._host.public_ip_problem(lease.public_ip)
+            if problem:
+                return "%s: PublicIP %s %s" % (name, lease.public_ip, problem)
+        return ""
 
     def _valid(self, name: str, value: bytes) -> Lease | None:
         """The lease, or None with a warning the first time this value is seen."""
@@ -255,6 +304,12 @@ class EtcdSubnetManager:
             if not _subnet(lease).subnet_of(self.network) or lease.subnet.prefixlen != self.config.subnet_len:
                 raise ValueError("%s: subnet %s is not a /%d inside the Network %s"
                                  % (name, lease.subnet, self.config.subnet_len, self.network))
+            problem = public_ip_problem(lease.public_ip)
+            if problem:
+                raise ValueError("%s: PublicIP %s %s" % (name, lease.public_ip, problem))
+            problem = self._host_problem(name, lease)
+            if problem:
+                raise ValueError(problem)
             self._bad.pop(name, None)
             return lease
         except ValueError as exc:
@@ -276,7 +331,7 @@ class EtcdSubnetManager:
             self._leases[name] = lease
             metrics.LEASE_EVENTS.labels("added").inc()
             if log.isEnabledFor(V(2)):
-                log.log(V(2), "Lease %s: %s", name, value.decode(errors="replace"))
+                log.log(V(2), "Lease %s: %s", name, value.decode(errors="replace"))  # at most MAX_LEASE_VALUE
         return True
 
     def _remove(self, name: str) -> bool:
@@ -292,7 +347,8 @@ class EtcdSubnetManager:
         """Read everything under the prefix (the config and the leases) and replace the cache with it."""
         kvs, rev = self.client.get(self.prefix + "/", prefix=True)
         changed: set[str] = set()
-        found = {kv.key[len(self.subnets_prefix):]: kv.value for kv in kvs if kv.key.startswith(self.subnets_prefix)}
+        found = {kv.key[len(self.subnets_prefix):]: kv.value for kv in sorted(kvs, key=lambda kv: kv.create_revision)
+                 if kv.key.startswith(self.subnets_prefix)}
         self._config_changed(next((kv.value for kv in kvs if kv.key == self.prefix + "/config"), None))
         with self._lock:
             for name in list(self._leases):
@@ -429,11 +485,11 @@ class EtcdSubnetManager:
             return ""
         for kv in kvs:
             try:
-                attrs = json.loads(kv.value)
-                if attrs["PublicIP"] == str(public_ip) and "BackendData" in attrs:
-                    return json.dumps(attrs["BackendData"], separators=(",", ":"))
-            except (ValueError, KeyError, TypeError):
+                lease = parse_lease(kv.key[len(self.subnets_prefix):], kv.value)
+            except ValueError:
                 continue
+            if lease.public_ip == public_ip and lease.backend_data:
+                return lease.backend_data
         return ""
 
     def _write(self, subnet: IPv4Network, value: bytes, create: bool, reserved: bool = False) -> bool:

@@ -105,9 +105,10 @@ def node_network(nl: Netlink, ext: ExternalInterface, family: Family) -> NodeNet
     return NodeNetwork(tuple(addresses), tuple(subnets), tuple(gateways))
 
 
-def warn_overlap(network: IPNetwork, nodenet: NodeNetwork, ext: ExternalInterface, key: str) -> None:
+def warn_overlap(network: IPNetwork, nodenet: NodeNetwork, ext: ExternalInterface) -> None:
     """Warn once, at start, when net-conf's Network overlaps the node network: pod routes could then
     cover node addresses (pyflannel refuses the pod CIDRs that do)."""
+    key = "Network" if network.version == 4 else "IPv6Network"
     for net in nodenet.subnets:
         if net.version == network.version and net.overlaps(network):
             log.warning("The %s %s in net-conf.json overlaps this node's network %s on %s: pod CIDRs over it "
