@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -271,7 +272,7 @@ def test_more_nodes_than_a_batch_are_all_programmed_and_recorded() -> None:
     count = 2 * PROGRAM_NODES + 1
     subnets = [IPV4.network("%s/28" % IPv4Address(int(IPv4Address("10.244.2.0")) + 16 * i)) for i in range(count)]
     leases = {"n%d" % i: Lease(s, IPv4Address(int(IPv4Address("192.168.100.1")) + i), "vxlan",
-                               backend_data(1, "0a:00:00:00:%02x:%02x" % (i >> 8, i & 255)))
+                               backend_data(1, "0a:00:01:00:%02x:%02x" % (i >> 8, i & 255)))
               for i, s in enumerate(subnets)}
     assert b.reconcile(leases) == 0
     dp = nl.datapath("flannel.1")
@@ -601,3 +602,85 @@ def test_direct_routing_over_both_families_and_its_removal(two_nodes: tuple[str,
     assert ping(ns1, "10.244.0.0", "10.244.1.0") and ping(ns1, "fd00:10:244::", "fd00:10:244:1::")
     gone = program(ns1, 1, direct=True, peers=False)
     assert "10.244.1.0/24" not in gone["route"] and "fd00:10:244:1::/64" not in gone["route6"]
+
+
+# -- VtepMACs: claimed like pod CIDRs --------------------------------------------------------------
+
+
+def mac_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "VtepMAC" in r.getMessage()]
+
+
+def test_a_copied_vtep_mac_never_takes_the_first_holders_entry(running: tuple[FakeNetlink, VXLANNetwork],
+                                                             stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = running
+    victim_mac = "0a:00:00:00:00:02"
+    leases = {**stack.leases(2, 3), "evil": stack.lease(9, mac=victim_mac)}
+    for _ in range(3):  # full reconciles
+        b.reconcile(leases)
+        assert nl.datapath(stack.device) == stack.expected(2, 3)
+    # The copier flips its public IP: each change reaches sync, none reaches the kernel.
+    for i in range(4):
+        flipped = stack.lease(9, mac=victim_mac, public_ip=stack.public(40 + i % 2))
+        leases["evil"] = flipped
+        assert b.sync({"evil": flipped}) == set()
+        assert nl.datapath(stack.device) == stack.expected(2, 3)
+    assert mac_warnings(caplog) == ['Ignoring node "evil": its %sVtepMAC %s is the VtepMAC of node "k8s02", which '
+                                    'held it first' % (stack.family.v6 + " " if stack.family.v6 else "", victim_mac)]
+    # The holder goes: the waiting node takes the VtepMAC over, in the same sync.
+    assert b.sync({"k8s02": None}) == {"k8s02"}
+    dp = nl.datapath(stack.device)
+    assert (victim_mac, stack.public(41)) in dp["fdb"] and (stack.gw(9), victim_mac) in dp["neigh"]
+    assert (victim_mac, stack.public(2)) not in dp["fdb"] and "evil" in b.applied
+    # The holder comes back: the MAC is taken now, so it waits in turn.
+    assert b.sync({"k8s02": stack.lease(2)}) == set()
+    assert "k8s02" not in b.applied
+
+
+def test_this_nodes_own_and_unusable_vtep_macs_are_refused(running: tuple[FakeNetlink, VXLANNetwork], stack: Stack,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = running
+    odd = {"mine": MAC, "zero": "00:00:00:00:00:00", "bcast": "ff:ff:ff:ff:ff:ff", "mcast": "01:00:5e:00:00:01"}
+    leases = {**stack.leases(2, 3), **{name: stack.lease(20 + i, mac=mac) for i, (name, mac) in enumerate(odd.items())}}
+    for _ in range(2):
+        b.reconcile(leases)
+    assert nl.datapath(stack.device) == stack.expected(2, 3)
+    v6 = stack.family.v6 + " " if stack.family.v6 else ""
+    assert mac_warnings(caplog) == [
+        'Ignoring node "mine": its %sVtepMAC %s is this node\'s own' % (v6, MAC),
+        'Ignoring node "zero": its %sVtepMAC 00:00:00:00:00:00 is all zeros' % v6,
+        'Ignoring node "bcast": its %sVtepMAC ff:ff:ff:ff:ff:ff is a multicast address' % v6,
+        'Ignoring node "mcast": its %sVtepMAC 01:00:5e:00:00:01 is a multicast address' % v6]
+
+
+@pytest.mark.parametrize("hint", ['01:00:5e:00:00:01', "00:00:00:00:00:00", "zz", "ab:ab:ab:ab:ab:ab:ab", "0a-00"])
+def test_an_unusable_advertised_mac_gives_a_random_one(hint: str, caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = node()
+    dev = b.create_device(hint)
+    assert dev.mac != hint and not int(dev.mac[:2], 16) & 1 and dev.mac != "00:00:00:00:00:00"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "Ignoring the VtepMAC %r this node advertised: it %s; a new flannel.1 gets a random MAC"
+        % (hint, "is not a MAC address" if ":" not in hint or len(hint) > 17 or hint == "zz" else
+           ("is all zeros" if hint.startswith("00") else "is a multicast address"))]
+    assert b.create_device("0A:00:00:00:00:07").mac == "0a:00:00:00:00:07" or nl.find("flannel.1") is not None
+
+
+def test_a_refused_request_is_logged_once_with_the_node(running: tuple[FakeNetlink, VXLANNetwork], stack: Stack,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = running
+    real = nl.batch
+
+    marks = [socket.inet_pton(stack.family.af, a) for a in (stack.gw(4), stack.public(4))]
+
+    def refuse_node_4(requests: Any) -> list[int]:
+        codes = real(requests)
+        return [95 if any(m in getattr(r, "body", b"") for m in marks) else c  # EOPNOTSUPP
+                for r, c in zip(requests, codes)]
+
+    monkeypatch.setattr(nl, "batch", refuse_node_4)
+    for _ in range(3):
+        b.reconcile(stack.leases(2, 3, 4))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == len(set(errors)) == 3, errors  # the neighbour, the FDB entry, the route: once each
+    assert all(e.endswith("operation not supported (node k8s04; tried again at each reconcile)") for e in errors)

@@ -4,6 +4,11 @@ every other node, its neighbour, FDB entry and route (flannel's ``backend/vxlan`
 The kernel is converged to the leases: a change to one node programs that node's entries, and a
 periodic full reconcile compares the whole kernel state with the leases and repairs any drift
 (entries deleted by hand, entries left by nodes deleted while the daemon was down).
+
+The kernel keys an FDB entry by MAC, so a lease advertising another node's VtepMAC would re-point that
+node's tunnel to itself. VtepMACs are claimed as pod CIDRs are: a usable one (unicast, not zero) goes to
+the first node seen with it (the oldest, at start-up), never to a node copying this node's own, and a
+node refused for it waits, with one warning naming both nodes, until the holder lets it go.
 """
 
 from __future__ import annotations
@@ -66,6 +71,22 @@ class Entry:
     mac: str
     public_ip: str
     direct_gw: str | None
+
+
+def mac_problem(mac: str) -> str:
+    """Why a text is not a usable VtepMAC ('' when it is): six bytes written as the kernel writes them
+    (``0a:58:0a:f4:01:01``), unicast, and not all zeros."""
+    try:
+        raw = bytes.fromhex(mac.replace(":", ""))
+    except ValueError:
+        raw = b""
+    if len(raw) != 6 or raw.hex(":") != mac:
+        return "is not a MAC address"
+    if raw[0] & 1:
+        return "is a multicast address"
+    if not any(raw):
+        return "is all zeros"
+    return ""
 
 
 def random_mac() -> str:
@@ -193,6 +214,10 @@ class VXLANNetwork:
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
         self._keys: dict[str, str] = {}  # each kernel entry of `applied`, named as in _keys() -> its node
         self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
+        self._macs: dict[str, str] = {}  # VtepMAC -> the node whose entries use it (of the leases in _built)
+        self._mac_waiting: dict[str, Entry] = {}  # nodes refused for a VtepMAC another holds -> what they ask for
+        self._taken: set[str] = set()  # waiting nodes that got their VtepMAC since the last sync or reconcile
+        self._failing: dict[str, set[str]] = {}  # node name -> the request failures logged for it
         # flanneld's log texts of this family: "adding v6 subnet", "AddV6ARP failed", "removing v6subnet" (sic)
         self._v6 = family.v6
         self._v6_ = (family.v6 + " ").lstrip()
@@ -221,8 +246,13 @@ class VXLANNetwork:
         """Create the device, or reuse a compatible existing one with its MAC.
 
         A new device takes ``mac_hint`` (the MAC this node last advertised), so a device lost to a
-        reboot comes back with the MAC the other nodes already know.
+        reboot comes back with the MAC the other nodes already know; a hint that is not a usable MAC is
+        ignored with a warning, for a random one.
         """
+        if mac_hint and mac_problem(mac_hint.lower()):
+            log.warning("Ignoring the VtepMAC %.40r this node advertised: it %s; a new %s gets a random MAC", mac_hint,
+                        mac_problem(mac_hint.lower()), self.name)
+            mac_hint = ""
         try:
             link = self.nl.link(name=self.name)
             if link is not None:
@@ -235,7 +265,7 @@ class VXLANNetwork:
                 log.warning('"%s" already exists with incompatible configuration: %s; recreating device',
                             self.name, reason)
                 self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
-            self.device = self._create(mac_hint or random_mac())
+            self.device = self._create(mac_hint.lower() or random_mac())
         except OSError as exc:
             raise DeviceError(_errstr(exc)) from exc
         return self.device
@@ -376,13 +406,49 @@ class VXLANNetwork:
     def _entry(self, name: str, lease: Lease | None) -> Entry | None:
         """The entries a lease asks for, or None. Remembered per lease, so an unusable lease is
         logged once and a reconcile does not decode every lease again."""
+        built = self._built.get(name)
+        if built is not None and built[0] == lease:
+            return built[1]
+        waited = self._mac_waiting.get(name)
+        if built is not None:
+            self._release(name, built[1])
         if lease is None:
             self._built.pop(name, None)
+            self._failing.pop(name, None)
             return None
-        built = self._built.get(name)
-        if built is None or built[0] != lease:
-            built = self._built[name] = (lease, self._build(name, lease))
-        return built[1]
+        entry = self._build(name, lease)
+        if entry is not None:
+            entry = self._claim(name, entry, quiet=waited is not None and waited.mac == entry.mac)
+        self._built[name] = (lease, entry)
+        return entry
+
+    def _claim(self, name: str, e: Entry, quiet: bool) -> Entry | None:
+        """The entry if its VtepMAC is free (it is then the node's), else None: the node waits for it,
+        with a warning unless ``quiet``."""
+        holder = self._macs.get(e.mac)
+        own = self.device is not None and e.mac == self.device.mac
+        if holder is None and not own:
+            self._macs[e.mac] = name
+            return e
+        self._mac_waiting[name] = e
+        if not quiet:
+            log.warning('Ignoring node "%s": its %sVtepMAC %s is %s', name, self._v6_, e.mac,
+                        "this node's own" if own else 'the VtepMAC of node "%s", which held it first' % holder)
+        return None
+
+    def _release(self, name: str, e: Entry | None) -> None:
+        """A node no longer asks for ``e``: its VtepMAC goes to the first node waiting for it."""
+        self._mac_waiting.pop(name, None)
+        if e is None or self._macs.get(e.mac) != name:
+            return
+        del self._macs[e.mac]
+        waiter = next((w for w, want in self._mac_waiting.items() if want.mac == e.mac), None)
+        if waiter is not None:
+            want = self._mac_waiting.pop(waiter)
+            self._macs[want.mac] = waiter
+            self._built[waiter] = (self._built[waiter][0], want)
+            self._taken.add(waiter)
+            log.info('Node "%s" takes VtepMAC %s, which no other node claims now', waiter, want.mac)
 
     def _build(self, name: str, lease: Lease) -> Entry | None:
         if lease.subnet == self.own_subnet:
@@ -395,11 +461,14 @@ class VXLANNetwork:
         try:
             data = json.loads(lease.backend_data)
             mac = str(data["VtepMAC"]).lower()
-            raw = bytes.fromhex(mac.replace(":", ""))
-            if len(raw) != 6 or raw.hex(":") != mac:
-                raise ValueError("invalid MAC address %r" % data["VtepMAC"])
+            problem = mac_problem(mac)
+            if problem == "is not a MAC address":
+                raise ValueError("invalid MAC address %.60r" % data["VtepMAC"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            log.error("error decoding %ssubnet lease JSON: %s (node %s)", self._v6_, exc, name)
+            log.error("error decoding %ssubnet lease JSON: %.200s (node %s)", self._v6_, exc, name)
+            return None
+        if problem:
+            log.warning('Ignoring node "%s": its %sVtepMAC %s %s', name, self._v6_, mac, problem)
             return None
         # inet_ntop: str() of ipaddress objects costs some 10 ms of CPU at 5,000 nodes
         public_ip = socket.inet_ntop(self.family.af, lease.public_ip.packed)
@@ -453,18 +522,20 @@ class VXLANNetwork:
             out.append(("Del%sFDB failed" % V6, _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)))
         return out
 
-    def _send(self, work: list[tuple[str, Packed]]) -> list[int]:
+    def _send(self, work: list[tuple[str, Packed]], owners: list[str] | None = None) -> list[int]:
         """Send requests in one batch and log failures. Each request's outcome: 0 when done (a missing
         entry counts as deleted), EEXIST when an exclusive create found the entry in place, else the
         errno it failed with.
 
-        Requests refused because the device is gone or down are not logged one by one: they mark
-        the device lost (:attr:`device_ok`), for the caller to restore it."""
+        With ``owners`` (the node of each request) a failure names the node, and is logged once until
+        it changes or the node's entries are programmed: every reconcile tries them again. Requests
+        refused because the device is gone or down are not logged one by one: they mark the device
+        lost (:attr:`device_ok`), for the caller to restore it."""
         if not work:
             return []
         codes = self.nl.batch([req for _, req in work])
         out = []
-        for (what, req), code in zip(work, codes):
+        for i, ((what, req), code) in enumerate(zip(work, codes)):
             deleting = req.msg_type in (RTM_DELNEIGH, RTM_DELROUTE)
             if code in _NO_DEVICE:
                 self.device_ok = False
@@ -473,7 +544,12 @@ class VXLANNetwork:
                 code = 0
             elif code and not (code == errno.EEXIST and req.flags & NLM_F_EXCL):
                 metrics.NETLINK_ERRORS.inc()
-                log.error("%s: %s", what, os.strerror(code).lower())
+                error = "%s: %s" % (what, os.strerror(code).lower())
+                if owners is None:
+                    log.error("%s", error)
+                elif error not in self._failing.setdefault(owners[i], set()):
+                    log.error("%s (node %s; tried again at each reconcile)", error, owners[i])
+                    self._failing[owners[i]].add(error)
             out.append(code)
         return out
 
@@ -489,11 +565,17 @@ class VXLANNetwork:
             new, old = self._entry(name, lease), self.applied.get(name)
             if new != old:
                 changes[name] = (old, new)
+        for name in self._taken:  # waiting nodes whose VtepMAC a node of ``leases`` let go
+            new = self._built[name][1] if name in self._built else None
+            if new != self.applied.get(name):
+                changes.setdefault(name, (self.applied.get(name), new))
+        self._taken.clear()
+        asked = {name for name in changes if name in leases}
         if not changes:
             return set()
         if not self.device_ok:
             self._check()
-            return set(changes) if self.device_ok else set()
+            return asked if self.device_ok else set()
         removals = [w for old, new in changes.values() if old is not None for w in self._remove(old, keep=new)]
         self._send(removals)
         for name in changes:
@@ -501,7 +583,7 @@ class VXLANNetwork:
         self._program({name: new for name, (_, new) in changes.items() if new is not None})
         if not self.device_ok:  # it went while these were sent
             self._check()
-        return set(changes)
+        return asked
 
     def _program(self, entries: dict[str, Entry], missing_only: bool = False) -> set[str]:
         """Program entries in batches of PROGRAM_NODES nodes and record in :attr:`applied` those that
@@ -526,12 +608,13 @@ class VXLANNetwork:
                 requests = [(what, replace(req, flags=CREATE)) for what, req in requests]
             work += requests
             owners += [name] * len(requests)
-        codes = self._send(work)
+        codes = self._send(work, owners)
         failed = {owner for owner, code in zip(owners, codes) if code not in (0, errno.EEXIST)}
         for name, e in entries:
             self._forget(name)
             if name not in failed:
                 self._remember(name, e)
+                self._failing.pop(name, None)
         return {owner for owner, code in zip(owners, codes) if code == 0}
 
     def _remember(self, name: str, e: Entry) -> None:
@@ -579,9 +662,10 @@ class VXLANNetwork:
         """
         metrics.RECONCILES.inc()
         for name in [n for n in self._built if n not in leases]:
-            del self._built[name]
+            self._entry(name, None)
         for name, lease in leases.items():
             self._entry(name, lease)
+        self._taken.clear()  # the comparison programs them
         return self._check()
 
     def _desired(self) -> dict[str, Entry]:
