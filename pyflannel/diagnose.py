@@ -29,7 +29,9 @@ from .subnet.annotations import AnnotationKeys, PrefixError
 from .backend.hostgw import l2_networks, on_link
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
 from .family import IPV4, IPV6, Family
-from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr, pod_cidr_field
+from .log import printable
+from .subnet.kube import (NodeInfo, decode_node_list, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr,
+                          pod_cidr_field)
 
 __all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
 
@@ -190,11 +192,11 @@ class Context:
         except Unavailable:
             prefix = ""
         try:
-            page = client.list_nodes(1, field_selector="metadata.name=" + name)
-        except ApiError as exc:
+            page = client.list_nodes(1, field_selector="metadata.name=" + name, decode=decode_node_list)
+            for item in page.get("items") or ():
+                return node_info(item, prefix)
+        except (ApiError, ValueError) as exc:
             raise Unavailable("the node list from the API server", exc) from exc
-        for item in page.get("items") or ():
-            return node_info(item, prefix)
         raise _NotFound('node "%s" not found' % name)
 
     def interface(self) -> ip.ExternalInterface:
@@ -957,17 +959,17 @@ def check_node_backends(ctx: Context) -> Result:
         if kind is None:
             continue
         if kind != cfg.backend_type:
-            other_type.append("%s (%s)" % (node.name, kind or "empty"))
+            other_type.append("%s (%s)" % (node.name, printable(kind, 40) or "empty"))
             continue
         if vni is None:
             continue
         try:
             theirs = json.loads(node.annotations.get(data_key, ""))["VNI"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             other_vni.append("%s (%s unreadable)" % (node.name, data_key))
             continue
         if theirs != vni:
-            other_vni.append("%s (VNI %s)" % (node.name, theirs))
+            other_vni.append("%s (VNI %s)" % (node.name, printable(str(theirs), 40)))
     problems = []
     same_conf = ("use one net-conf.json on every node (one kube-flannel-cfg ConfigMap for the DaemonSet), "
                  "then restart flannel on the nodes listed")
@@ -1039,15 +1041,15 @@ CHECKS: tuple[tuple[str, Callable[[Context], Result]], ...] = (
 def _write(out: TextIO, result: Result) -> int:
     """Print one check's lines; the number of problems."""
     if isinstance(result, str):
-        print("ok    %s" % result, file=out)
+        print("ok    %s" % printable(result), file=out)
         return 0
-    for problem in result:
+    for problem in result:  # values from the API in these lines cannot send terminal escapes
         headline, *explanation = problem.what.split("\n")
-        print("FAIL  %s" % headline, file=out)
+        print("FAIL  %s" % printable(headline), file=out)
         for line in explanation:
-            print("      %s" % line, file=out)
+            print("      %s" % printable(line), file=out)
         for line in problem.fix:
-            print("      fix: %s" % line, file=out)
+            print("      fix: %s" % printable(line), file=out)
     return len(result)
 
 

@@ -17,7 +17,10 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-__all__ = ["JsonFormatter", "KlogFormatter", "V", "loopback_host", "parse_vmodule", "redact_url", "setup"]
+__all__ = ["JsonFormatter", "KlogFormatter", "V", "loopback_host", "parse_vmodule", "printable", "redact_url",
+           "setup"]
+
+MAX_MESSAGE = 16 << 10  # characters of one log message; the rest is cut (values from the API are far shorter)
 
 
 def V(n: int) -> int:
@@ -35,6 +38,25 @@ def _verbosity(levelno: int) -> int:
     if levelno >= logging.INFO:
         return 0
     return logging.INFO - levelno - (1 if levelno < logging.NOTSET else 0)
+
+
+def printable(text: str, limit: int = 0) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it (``\\n``,
+    ``\\x1b``, ``\\u2028``), so that a value from another node can neither start a forged log line nor
+    send a terminal escape; cut to ``limit`` characters (with ``...``) when given."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if limit and len(text) > limit:
+        text = text[:limit] + "..."
+    return text
+
+
+def _message(record: logging.LogRecord) -> str:
+    """A record's message, printable and at most MAX_MESSAGE characters."""
+    msg = printable(record.getMessage())
+    if len(msg) > MAX_MESSAGE:
+        msg = "%s... (%d more characters)" % (msg[:MAX_MESSAGE], len(msg) - MAX_MESSAGE)
+    return msg
 
 
 def redact_url(url: str) -> str:
@@ -103,10 +125,10 @@ class KlogFormatter(logging.Formatter):
         micros = int((record.created % 1) * 1_000_000)
         line = "%s%02d%02d %02d:%02d:%02d.%06d %7d %s:%d] %s" % (
             _letter(record.levelno), t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, micros,
-            self._pid, record.filename, record.lineno, record.getMessage(),
+            self._pid, record.filename, record.lineno, _message(record),
         )
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if record.exc_info:  # a traceback's lines, each printable
+            line += "\n" + "\n".join(printable(part) for part in self.formatException(record.exc_info).split("\n"))
         return line
 
 
@@ -119,7 +141,7 @@ class JsonFormatter(logging.Formatter):
             "level": {"I": "info", "W": "warning", "E": "error", "F": "fatal"}[_letter(record.levelno)],
             "v": _verbosity(record.levelno),
             "caller": "%s:%d" % (record.filename, record.lineno),
-            "msg": record.getMessage(),
+            "msg": _message(record),
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)

@@ -98,6 +98,7 @@ class HostGWNetwork:
         self._l2: list[IPNetwork] = []  # the external interface's subnets, from the last route dump
         self._off_l2: set[str] = set()  # nodes whose current lease was reported not on the L2 network
         self._added: list[str] = []  # the "Subnet added" lines of the leases taken since the last log
+        self._failing: dict[str, str] = {}  # node name -> the failure to add its route, logged once
 
     @property
     def mtu(self) -> int:
@@ -116,6 +117,7 @@ class HostGWNetwork:
         if lease is None:
             self._built.pop(name, None)
             self._off_l2.discard(name)
+            self._failing.pop(name, None)
             return None
         built = self._built.get(name)
         if built is None or built[0] != lease:
@@ -301,11 +303,12 @@ class HostGWNetwork:
         work = [("Error adding route to %s" % route_text(e.dst, e.gw, self.ext.index),
                  _route(RTM_NEWROUTE, e.dst, e.gw, self.ext.index, REPLACE if name in replace else CREATE))
                 for name, e in entries.items()]
-        codes = dict(zip(entries, self._send(work, quiet_exists=True)))
+        codes = dict(zip(entries, self._send(work, quiet_exists=True, owners=list(entries))))
         for name, code in codes.items():
             self._forget(name)
             if code == 0 or (missing_only and code == errno.EEXIST):
                 self._remember(name, entries[name])
+                self._failing.pop(name, None)
         return codes
 
     def _remove(self, entries: dict[str, Entry]) -> None:
@@ -315,18 +318,25 @@ class HostGWNetwork:
         self._announce(["Subnet removed: %s" % e.dst for e in entries.values()],
                        "Subnet removed: the pod subnets of %d nodes" % len(entries))
 
-    def _send(self, work: list[tuple[str, Packed]], quiet_exists: bool = False) -> list[int]:
+    def _send(self, work: list[tuple[str, Packed]], quiet_exists: bool = False,
+              owners: list[str] | None = None) -> list[int]:
         """Send requests in one batch and log failures; each one's errno (0: done; a route already gone
-        counts as deleted; EEXIST is not logged with ``quiet_exists``)."""
+        counts as deleted; EEXIST is not logged with ``quiet_exists``). With ``owners`` (each request's
+        node) a failure names the node and is logged once until it changes: every reconcile tries again."""
         if not work:
             return []
         out = []
-        for (what, req), code in zip(work, self.nl.batch([req for _, req in work])):
+        for i, ((what, req), code) in enumerate(zip(work, self.nl.batch([req for _, req in work]))):
             if req.msg_type == RTM_DELROUTE and code in (errno.ESRCH, errno.ENOENT):
                 code = 0
             elif code and not (quiet_exists and code == errno.EEXIST):
                 metrics.NETLINK_ERRORS.inc()
-                log.error("%s: %s", what, os.strerror(code).lower())
+                error = "%s: %s" % (what, os.strerror(code).lower())
+                if owners is None:
+                    log.error("%s", error)
+                elif self._failing.get(owners[i]) != error:
+                    log.error("%s (node %s; tried again at each reconcile)", error, owners[i])
+                    self._failing[owners[i]] = error
             out.append(code)
         return out
 
