@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pyflannel.etcdclient import EtcdClient, EtcdError
 from pyflannel.family import IPV4, IPV6
 from pyflannel.lease import Lease, LeaseError, LeaseRevoked
 from pyflannel.subnet import etcd
+from pyflannel.subnet.nodenet import NodeNetwork
 from tools.etcdserver import EtcdServer
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("etcdctl") is None,
@@ -565,3 +567,59 @@ def make_pki(folder: Path) -> dict[str, str]:
         ssl("x509", "-req", "-in", name + ".csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", name + ".crt", "-days", "1", "-extfile", name + ".ext")
     return {f.name: str(f) for f in folder.iterdir()}
+
+
+# -- hostile values ------------------------------------------------------------------------------------
+
+
+def test_hostile_lease_values_are_skipped_and_leases_come_oldest_first(
+        server: EtcdServer, managers: list[Manager], caplog: pytest.LogCaptureFixture) -> None:
+    """Values nested deeper than Python follows by default, larger than a lease needs, with an unusable public
+    IP: each skipped with one warning, also by published_data at start-up; the others are leases, listed in
+    the order they were created (of two leases with one VtepMAC the backend keeps the first)."""
+    put_config(server)
+    for i in (9, 3, 7):  # created in this order: not the keys' order
+        server.etcdctl("put", "%s/subnets/10.5.%d.0-24" % (PREFIX, i), FLANNELD_VALUE.replace("56.12", "56.%d" % i))
+    hostile = {"10.5.20.0-24": '{"PublicIP":"192.168.56.20","BackendData":%s}' % ("[" * 1200 + "]" * 1200),
+               "10.5.21.0-24": '{"PublicIP":"192.168.56.21","x":"%s"}' % ("y" * 5000),
+               "10.5.22.0-24": '{"PublicIP":"127.0.0.1","BackendType":"vxlan"}'}
+    for key, value in hostile.items():
+        server.etcdctl("put", "%s/subnets/%s" % (PREFIX, key), value)
+    m = Manager(server).start()
+    managers.append(m)
+    assert list(m.sm.leases(IPV4)) == ["10.5.9.0-24", "10.5.3.0-24", "10.5.7.0-24"]
+    assert m.sm.published_data(IPV4, IPv4Address("192.168.56.20")) == ""
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3 and all(w.startswith("Ignoring bad subnet node: 10.5.2") for w in warnings), warnings
+    assert "10.5.21.0-24: the value is 5035 bytes, more than the 4096 a lease needs" in caplog.text
+    assert "10.5.22.0-24: PublicIP 127.0.0.1 is a loopback address" in caplog.text
+    # This node's network, once known: a lease over it goes; one of this node's address is taken as its own.
+    server.etcdctl("put", PREFIX + "/subnets/10.5.30.0-24", FLANNELD_VALUE.replace("56.12", "56.11"))
+    wait_for("the lease", lambda: "10.5.30.0-24" in m.sm.leases(IPV4))
+    m.sm.set_node_network({IPV4: NodeNetwork((IPv4Address("192.168.56.11"),), (IPv4Network("10.5.3.0/25"),))})
+    assert list(m.sm.leases(IPV4)) == ["10.5.9.0-24", "10.5.7.0-24"]
+    assert "Ignoring bad subnet node: 10.5.3.0-24: subnet 10.5.3.0/24 overlaps this node's network 10.5.3.0/25" \
+        in caplog.text
+
+
+def test_secrets_stay_off_the_command_line_the_log_and_plain_http(tmp_path: Path) -> None:
+    """The real daemon with --etcd-password-file, and a password in an endpoint URL: neither is shown by
+    /proc/PID/cmdline nor logged; sending one over http:// to another host than this one is warned about."""
+    secret = tmp_path / "password"
+    secret.write_text("FileS3cret\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pyflannel", "--etcd-username=root",
+                             "--etcd-endpoints=http://127.0.0.1:1,http://root:UrlS3cret@192.0.2.1:2",
+                             "--etcd-password-file=%s" % secret], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        cmdline = Path("/proc/%d/cmdline" % proc.pid).read_bytes()
+        time.sleep(3)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert b"FileS3cret" not in cmdline and "FileS3cret" not in out
+    assert "UrlS3cret" not in out and "http://root:********@192.0.2.1:2" in out, out
+    assert out.count("Ignoring the user and password in the etcd endpoint http://root:********@192.0.2.1:2") == 1
+    assert out.count("The etcd password of --etcd-username root, and the token it gets, are sent unencrypted to "
+                     "http://root:********@192.0.2.1:2") == 1
+    assert "Couldn't fetch network config" in out  # it ran, and keeps trying

@@ -1,16 +1,22 @@
 """Property-based tests: any input gives a valid value or the module's own clean error, never an
-unexpected exception (net-conf.json, flags and FLANNELD_* variables, annotations, subnet math)."""
+unexpected exception (net-conf.json, flags and FLANNELD_* variables, annotations, whole nodes from the
+API, etcd lease values, subnet math)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import threading
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyflannel import diagnose, log
+from pyflannel import diagnose, kubeclient, log
 from pyflannel.backend.vxlan import VXLANNetwork, backend_data
 from pyflannel.family import IPV4, IPV6
 from pyflannel.config import (MAX_MTU, MIN_MTU, OVERHEAD, Config, ConfigError, VXLANConfig, check_supported,
@@ -20,6 +26,8 @@ from pyflannel.flags import parse as parse_flags
 from pyflannel.ip import ExtAddr, ExternalInterface
 from pyflannel.lease import Lease
 from pyflannel.subnet.annotations import AnnotationKeys, PrefixError, normalize_prefix
+from pyflannel.subnet import etcd, kube
+from pyflannel.subnet.etcd import parse_lease
 from pyflannel.subnet.kube import node_info, node_to_lease
 from pyflannel.subnetfile import SubnetEnv
 from pyflannel.subnetfile import parse as parse_env
@@ -326,3 +334,155 @@ def test_subnet_env_reads_back_per_family(families: list[Any], rnd: Any, mtu: in
     for family, (network, subnet) in networks.items():
         assert family.network(values[family.env_network]) == network
         assert family.network(values[family.env_subnet]) == subnet
+
+
+# --- whole nodes from the API, and etcd lease values ----------------------------------------------------
+
+@contextlib.contextmanager
+def as_the_daemon_decodes() -> Iterator[None]:
+    """The recursion limit the daemon runs with (kubeclient.allow_deep_json), for this thread."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, kubeclient.MAX_DEPTH + 1000))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def nested(depth: int) -> str:
+    return '{"f:a":' * depth + "{}" + "}" * depth
+
+
+@st.composite
+def hostile_node(draw: st.DrawFn) -> str:
+    """A node's JSON as the API server may send it: a plausible flannel node with one part replaced by any
+    JSON value, nested deeply, inflated, or given an oversized annotation."""
+    obj = draw(node_object())
+    kind = draw(st.sampled_from(["plain", "any", "deep", "inflated", "oversized"]))
+    if kind == "any":
+        where = draw(st.sampled_from(["node", "metadata", "name", "annotations", "annotation", "spec", "podCIDR",
+                                      "podCIDRs", "creationTimestamp"]))
+        value = draw(json_values)
+        if where == "node":
+            obj = value
+        elif where in ("metadata", "spec"):
+            obj[where] = value
+        elif where in ("name", "annotations", "creationTimestamp"):
+            obj["metadata"][where] = value
+        elif where == "annotation":
+            obj["metadata"].setdefault("annotations", {})[draw(st.sampled_from(
+                [KEYS.backend_data, KEYS.backend_public_ip, KEYS.backend_type, KEYS.subnet_kube_managed]))] = value
+        else:
+            obj["spec"][where] = value
+    text = json.dumps(obj)
+    if kind == "deep" and isinstance(obj, dict):
+        where = draw(st.sampled_from(['"status":%s', '"metadata":{"managedFields":[{"fieldsV1":%s}]}']))
+        text = text[:-1] + "," + where % nested(draw(st.integers(900, 9_999))) + "}"
+    elif kind == "inflated" and isinstance(obj, dict):
+        text = text[:-1] + ',"status":{"images":[%s]}}' % ",".join(['{"names":["a"]}'] * draw(st.integers(1, 6000)))
+    elif kind == "oversized" and isinstance(obj, dict):
+        obj["metadata"]["annotations"] = {**obj["metadata"].get("annotations", {}),
+                                          draw(st.sampled_from([KEYS.backend_data, KEYS.backend_type])): "x" * 5000}
+        text = json.dumps(obj)
+    return text
+
+
+ANCHOR = ('{"metadata":{"name":"anchor","annotations":{"flannel.alpha.coreos.com/kube-subnet-manager":"true",'
+          '"flannel.alpha.coreos.com/backend-type":"vxlan","flannel.alpha.coreos.com/public-ip":"192.168.56.250",'
+          '"flannel.alpha.coreos.com/backend-data":"{\\"VNI\\":1,\\"VtepMAC\\":\\"0a:00:00:00:00:fa\\"}"}},'
+          '"spec":{"podCIDR":"10.244.250.0/24"}}')
+
+
+class PageClient:
+    """The API client boundary: node lists paged as the API server pages them, and watch lines; each answer
+    decoded with the decoder asked for, errors raised as KubeClient raises them."""
+
+    host = "https://10.96.0.1:443"
+
+    def __init__(self, nodes: list[str], events: list[str]) -> None:
+        self.nodes, self.events = nodes, events
+
+    def list_nodes(self, limit: int, cont: str = "", field_selector: str = "", decode: Any = json.loads) -> Any:
+        start = int(cont or 0)
+        end = start + limit
+        meta = '{"resourceVersion":"5"%s}' % (',"continue":"%d"' % end if end < len(self.nodes) else "")
+        raw = ('{"kind":"NodeList","metadata":%s,"items":[%s]}' % (meta, ",".join(self.nodes[start:end]))).encode()
+        page = kubeclient.decode_json(raw, decode)
+        if not isinstance(page, dict):
+            raise kubeclient.Undecodable(200, "not a JSON object")
+        return page
+
+    def watch_nodes(self, rv: str, timeout: int, decode: Any = json.loads) -> Iterator[Any]:
+        for line in self.events:
+            event = kubeclient.decode_json(line.encode(), decode)
+            if not isinstance(event, dict):
+                raise kubeclient.Undecodable(0, "not a JSON object")
+            yield event
+
+
+def check_leases(sm: kube.KubeSubnetManager) -> None:
+    """Every lease is a valid one, and the anchor, a valid node no other node can take from, has its lease."""
+    leases = sm.leases(IPV4)
+    assert leases["anchor"].subnet == IPv4Network("10.244.250.0/24")
+    for lease in leases.values():
+        assert lease.subnet.subnet_of(IPv4Network("10.244.0.0/16")) and not lease.public_ip.is_loopback
+
+
+@SETTINGS
+@given(st.lists(hostile_node(), max_size=6), st.integers(1, 4), st.booleans())
+def test_any_node_list_gives_leases_or_skipped_nodes(nodes: list[str], page_size: int, big_page: bool) -> None:
+    """A node list of any content (the anchor, and a big node that makes pages large enough for msgspec):
+    every node becomes a lease or is skipped; nothing escapes the list."""
+    padding = ['{"metadata":{"name":"pad"},"status":{"images":[%s]}}' % ",".join(['{"names":["a"]}'] * 5000)]
+    nodes = [n for n in nodes if '"anchor"' not in n and '"k8s01"' not in n]
+    sm = kube.KubeSubnetManager(PageClient([ANCHOR, *nodes, *(padding if big_page else [])], []),  # type: ignore[arg-type]
+                                "k8s01", KEYS, KEYS.prefix, {IPV4: IPv4Network("10.244.0.0/16")}, lambda names: None)
+    with as_the_daemon_decodes():
+        for _ in range(2):  # a relist of the same nodes
+            with mock.patch.object(kube, "LIST_PAGE_SIZE", page_size):
+                sm._list()
+            check_leases(sm)
+
+
+watch_types = st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"]) | st.text(max_size=5) | json_values
+
+
+@SETTINGS
+@given(st.lists(st.tuples(watch_types, hostile_node()), max_size=6))
+def test_any_watch_event_is_applied_or_ends_the_watch_with_an_api_error(events: list[tuple[Any, str]]) -> None:
+    lines = ['{"type":%s,"object":%s}' % (json.dumps(kind), node) for kind, node in events if '"anchor"' not in node]
+    sm = kube.KubeSubnetManager(PageClient([ANCHOR], lines), "k8s01", KEYS, KEYS.prefix,  # type: ignore[arg-type]
+                                {IPV4: IPv4Network("10.244.0.0/16")}, lambda names: None)
+    with as_the_daemon_decodes():
+        sm._list()
+        try:
+            sm._watch(threading.Event(), kube._Backoff())
+        except kubeclient.ApiError:
+            pass  # the run loop lists again (undecodable, an ERROR event) or resumes
+    check_leases(sm)
+
+
+lease_values = (json_values.map(json.dumps) | deep_json | st.binary(max_size=40)
+                | st.builds(lambda ip, data: json.dumps({"PublicIP": ip, "BackendType": "vxlan", "BackendData": data}),
+                            ipv4 | odd_text, json_values | st.just({"VNI": 1, "VtepMAC": "0a:00:00:00:00:02"}))
+                | st.integers(900, 5000).map(lambda n: '{"PublicIP":"192.168.56.2","BackendData":%s}' % nested(n))
+                | st.integers(4000, 5000).map(lambda n: '{"PublicIP":"192.168.56.2","x":"%s"}' % ("y" * n)))
+
+
+@SETTINGS
+@given(st.sampled_from(["10.244.2.0-24", "10.244.2.0-24&fd00::-64", "10.9.0.0-24", "bad"]),
+       lease_values.map(lambda v: v if isinstance(v, bytes) else v.encode()))
+def test_any_etcd_value_gives_a_lease_or_a_warning(name: str, value: bytes) -> None:
+    sm = etcd.EtcdSubnetManager(None, "/coreos.com/network", None, 3600, lambda names: None)  # type: ignore[arg-type]
+    sm.config = parse('{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}', kube=False)
+    sm.network = IPv4Network("10.244.0.0/16")
+    with as_the_daemon_decodes():
+        changed = sm._put(name, value)
+    lease = sm.lease_of(name, IPV4)
+    assert changed == (lease is not None)
+    if lease is not None:
+        assert lease.subnet == IPv4Network("10.244.2.0/24") and not lease.public_ip.is_unspecified
+    try:
+        parse_lease(name, value)
+    except ValueError:
+        pass

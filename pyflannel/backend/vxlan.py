@@ -212,7 +212,7 @@ class VXLANNetwork:
         self._device_error = ""  # the last failure to restore the device, logged once
         self.own_subnet: IPNetwork | None = None
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
-        self._keys: dict[str, str] = {}  # each kernel entry of `applied`, named as in _keys() -> its node
+        self._keys: dict[str, str] = {}  # each route and neighbour of `applied`, named as in _keys() -> its node
         self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
         self._macs: dict[str, str] = {}  # VtepMAC -> the node whose entries use it (of the leases in _built)
         self._mac_waiting: dict[str, Entry] = {}  # nodes refused for a VtepMAC another holds -> what they ask for
@@ -640,10 +640,17 @@ class VXLANNetwork:
             return self._check()
         lost: dict[str, Entry] = {}
         for kind, where, what in deleted:
-            if (kind == "route" and where == MAIN_TABLE) or (kind in ("neigh", "fdb") and where == idx):
+            if (kind == "route" and where == MAIN_TABLE) or (kind == "neigh" and where == idx):
                 name = self._keys.get(what)
-                if name is not None:
-                    lost[name] = self.applied[name]
+            elif kind == "fdb" and where == idx:  # "mac ip": a VtepMAC has one holder
+                mac, _, public_ip = what.partition(" ")
+                name = self._macs.get(mac)
+                e = self.applied.get(name) if name is not None else None
+                name = name if e is not None and e.direct_gw is None and e.public_ip == public_ip else None
+            else:
+                continue
+            if name is not None and name in self.applied:
+                lost[name] = self.applied[name]
         restored = self._program(lost, missing_only=True)
         if not self.device_ok:  # it went while these were sent
             return self._check()
@@ -743,12 +750,12 @@ class VXLANNetwork:
 
 
 def _keys(e: Entry) -> list[str]:
-    """The kernel entries an Entry owns, as :func:`netlink.deletions` names them: its route ("dst/len"),
-    neighbour ("ip") and FDB entry ("mac ip"), whose shapes never coincide. (Plain strings, not
-    (kind, text) pairs: thousands of nodes' tuples cost some 0.8 MiB per family.)"""
+    """The route ("dst/len") and neighbour ("ip") an Entry owns, as :func:`netlink.deletions` names them,
+    shapes that never coincide. (Plain strings, not (kind, text) pairs: thousands of nodes' tuples cost
+    some 0.8 MiB per family. Its FDB entry is found by its VtepMAC, which has one holder.)"""
     if e.direct_gw is not None:
         return [e.dst]
-    return [e.dst, e.gw, "%s %s" % (e.mac, e.public_ip)]
+    return [e.dst, e.gw]
 
 
 def _neigh(msg_type: int, family: int, idx: int, dst: str, mac: str | None) -> Packed:

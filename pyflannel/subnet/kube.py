@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 from .. import metrics
 from ..family import FAMILIES, IPV4, IPV6, Family, IPAddress, IPNetwork
@@ -242,7 +242,7 @@ _NETWORK_KEY = {IPV4: "Network", IPV6: "IPv6Network"}  # the net-conf key of eac
 _V4_ANNOTATIONS_ALWAYS = {"host-gw": "null"}
 
 
-def pod_cidr(node: _HasPodCIDRs, family: Family) -> str:
+def pod_cidr(node: NodeInfo, family: Family) -> str:
     """The node's pod CIDR of ``family`` as flannel takes it, unparsed; "" when it has none.
 
     The first entry of that family in ``spec.podCIDRs``, or ``spec.podCIDR`` when the list is
@@ -260,7 +260,7 @@ def ipv4_pod_cidr(node: NodeInfo) -> str:
     return pod_cidr(node, IPV4)
 
 
-def pod_cidr_field(node: _HasPodCIDRs) -> str:
+def pod_cidr_field(node: NodeInfo) -> str:
     """The node field pod_cidr() reads, for messages."""
     return "spec.podCIDRs" if node.pod_cidrs else "spec.podCIDR"
 
@@ -447,14 +447,17 @@ class _Skip:
 
 @dataclass(slots=True)
 class _Peer:
-    """Another node as the manager keeps it: its pod CIDRs (for messages) and, per enabled family in the
-    manager's order, its lease or why it has none. No annotation is kept."""
+    """Another node as the manager keeps it: per enabled family in the manager's order, its lease or why
+    it has none. No annotation, nor its pod CIDRs' text, is kept: thousands of these may be."""
 
     name: str
-    pod_cidr: str
-    pod_cidrs: tuple[str, ...]
+    field: str  # the node field of its pod CIDRs, for messages: "spec.podCIDR" or "spec.podCIDRs"
     managed: bool  # it carries kube-subnet-manager: "true"
     leases: tuple[Lease | _Skip, ...]  # empty when not managed
+
+    def pod_cidr(self, lease: Lease) -> str:
+        """Its pod CIDR of ``lease``, as messages show it: ``10.244.2.0/24 (spec.podCIDR)``."""
+        return "%s (%s)" % (lease.subnet, self.field)
 
 
 def _peer_lease(info: NodeInfo, keys: AnnotationKeys, family: Family) -> Lease | _Skip:
@@ -473,14 +476,6 @@ def _peer_lease(info: NodeInfo, keys: AnnotationKeys, family: Family) -> Lease |
     if problem:
         return _Skip("its public IP %s (%s) %s" % (lease.public_ip, keys.public_ip(family), problem), True)
     return lease
-
-
-class _HasPodCIDRs(Protocol):
-    @property
-    def pod_cidr(self) -> str: ...
-
-    @property
-    def pod_cidrs(self) -> tuple[str, ...]: ...
 
 
 class _FamilyLeases:
@@ -521,8 +516,8 @@ class _FamilyLeases:
         problem = subnet_problem(found.subnet, self.network) or self.host.subnet_problem(found.subnet)
         if problem:
             if not quiet:
-                log.warning('Ignoring node "%s": its pod CIDR %s (%s) %s%s', node.name, pod_cidr(node, self.family),
-                            pod_cidr_field(node), problem, self._only)
+                log.warning('Ignoring node "%s": its pod CIDR %s %s%s', node.name, node.pod_cidr(found), problem,
+                            self._only)
             return None
         problem = self.host.public_ip_problem(found.public_ip)
         if problem:
@@ -540,15 +535,13 @@ class _FamilyLeases:
         its public IP lies in, or another node's public IP inside its pod CIDR."""
         holder = self.claims.holder(lease.subnet)
         if holder is not None:
-            return "its pod CIDR %s (%s) overlaps the pod CIDR of %s" % (
-                pod_cidr(node, self.family), pod_cidr_field(node), self._whose(holder))
+            return "its pod CIDR %s overlaps the pod CIDR of %s" % (node.pod_cidr(lease), self._whose(holder))
         holder = self.claims.holder_of(lease.public_ip)
         if holder is not None:
             return "its public IP %s lies in the pod CIDR of %s" % (lease.public_ip, self._whose(holder))
         holder = self.addresses.inside(lease.subnet)
         if holder is not None:
-            return "its pod CIDR %s (%s) contains the public IP of %s" % (
-                pod_cidr(node, self.family), pod_cidr_field(node), self._whose(holder))
+            return "its pod CIDR %s contains the public IP of %s" % (node.pod_cidr(lease), self._whose(holder))
         return ""
 
     def _grant(self, name: str, lease: Lease) -> None:
@@ -629,9 +622,8 @@ class _FamilyLeases:
         self.own_subnet = subnet
         if subnet is not None:
             while (holder := self.claims.holder(subnet)) is not None:
-                held = self.nodes[holder]
-                self._evict(holder, "its pod CIDR %s (%s) overlaps the pod CIDR of this node" % (
-                    pod_cidr(held, self.family), pod_cidr_field(held)), wait=True)
+                self._evict(holder, "its pod CIDR %s overlaps the pod CIDR of this node"
+                            % self.nodes[holder].pod_cidr(self.leases[holder]), wait=True)
                 changed.add(holder)
             while (holder := self.addresses.inside(subnet)) is not None:
                 self._evict(holder, "its public IP %s lies in the pod CIDR of this node"
@@ -649,8 +641,7 @@ class _FamilyLeases:
             lease = self.leases[name]
             problem = host.subnet_problem(lease.subnet)
             if problem:
-                self._evict(name, "its pod CIDR %s (%s) %s" % (pod_cidr(node, self.family), pod_cidr_field(node),
-                                                               problem), wait=False)
+                self._evict(name, "its pod CIDR %s %s" % (node.pod_cidr(lease), problem), wait=False)
                 changed.add(name)
             elif problem := host.public_ip_problem(lease.public_ip):
                 self._evict(name, "its public IP %s %s" % (lease.public_ip, problem), wait=False)
@@ -763,9 +754,9 @@ class KubeSubnetManager:
             return _info(fields, self.prefix)
         ann = fields.annotations
         if ann.get(self.keys.subnet_kube_managed) != "true":
-            return _Peer(fields.name, fields.pod_cidr, fields.pod_cidrs, False, ())
+            return _Peer(fields.name, "", False, ())
         info = NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs, ann)
-        return _Peer(fields.name, fields.pod_cidr, fields.pod_cidrs, True,
+        return _Peer(fields.name, pod_cidr_field(info), True,
                      tuple(_peer_lease(info, self.keys, family) for family in self._families))
 
     def _update(self, node: NodeInfo | _Peer) -> set[str]:

@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
 
+def _span(net: IPNetwork) -> tuple[int, int]:
+    """A network's first and last addresses as integers. (``overlaps`` and ``in`` would cache its broadcast
+    address and host mask on every lease's network: three objects more a node, thousands of nodes.)"""
+    first = int(net.network_address)
+    return first, first | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
+
+
 def public_ip_problem(ip: IPAddress) -> str:
     """Why an address cannot be another node's public IP on any node ('' when it can)."""
     if ip.is_unspecified:
@@ -48,13 +55,15 @@ class NodeNetwork:
 
     def subnet_problem(self, subnet: IPNetwork) -> str:
         """Why another node's pod CIDR ``subnet`` would take this node's own traffic ('' when it would not)."""
+        first, last = _span(subnet)
         for net in self.subnets:
-            if net.version == subnet.version and net.overlaps(subnet):
+            net_first, net_last = _span(net)
+            if net.version == subnet.version and net_first <= last and first <= net_last:
                 return "overlaps this node's network %s" % net
         for what, addresses in (("address", self.addresses), ("gateway", self.gateways),
                                 ("API server or etcd endpoint", self.servers)):
             for address in addresses:
-                if address in subnet:
+                if address.version == subnet.version and first <= int(address) <= last:
                     return "contains this node's %s %s" % (what, address)
         return ""
 
