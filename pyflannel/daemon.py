@@ -47,6 +47,7 @@ STEP_BOUND = 60.0
 RESTART_DELAY = 1.0  # seconds before a failed worker runs again; doubled at each failure in a row
 MAX_RESTARTS = 5  # restarts in a row, after which the process exits for the kubelet to restart it
 HEALTHY_RUN = 60.0  # seconds a worker must run for its next failure to count as the first
+RELEASE_AFTER = 1000  # nodes reconciled after which freed C heap memory is given back (release_memory)
 
 POD_CIDR_HINT = (
     'Node "%s" has no pod CIDR: the controller-manager assigns them only with --allocate-node-cidrs=true and '
@@ -467,8 +468,7 @@ class Daemon:
         self._take_dirty()
         gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
         try:
-            for family, backend in self.backends.items():
-                backend.reconcile(sm.leases(family))
+            self._reconcile_all(sm)
         finally:
             gc.enable()
         self._next_full = time.monotonic() + self.opts.datapath_resync
@@ -504,6 +504,16 @@ class Daemon:
                 log.warning("The pod CIDR of this node changed from %s to %s; restart pyflannel to use it",
                             old, lease.subnet)
                 self._warned_subnet[family] = lease.subnet
+
+    def _reconcile_all(self, sm: SubnetManager) -> None:
+        """Reconcile every family's datapath; after one of many nodes, give back the memory it used for a moment."""
+        nodes = 0
+        for family, backend in self.backends.items():
+            leases = sm.leases(family)
+            nodes += len(leases)
+            backend.reconcile(leases)
+        if nodes >= RELEASE_AFTER:
+            release_memory()
 
     def _kernel_events(self, stop: threading.Event) -> None:
         """Hand the kernel's deletion notifications to the loop until ``stop`` is set."""
@@ -558,8 +568,7 @@ class Daemon:
                 for name in changed:
                     metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
                 if time.monotonic() >= self._next_full:
-                    for family, backend in backends.items():
-                        backend.reconcile(sm.leases(family))
+                    self._reconcile_all(sm)
                     self._keep_subnet_file()
                     self._next_full = time.monotonic() + interval
             except BaseException:
@@ -607,6 +616,18 @@ class Daemon:
             return self.exit_code
         log.info("Exiting cleanly...")
         return 0
+
+
+def release_memory() -> None:
+    """Give the C heap's free memory back to the kernel (glibc's malloc_trim): what a start-up or a full
+    reconcile of thousands of nodes used for a moment (node list pages, kernel dumps) would otherwise stay
+    in the process and count against the memory limit. Some 9 MiB at 20,000 nodes."""
+    try:
+        import ctypes  # loaded already, by pyroute2
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _vtep_mac(data: str) -> str:

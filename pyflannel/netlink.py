@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -295,12 +295,15 @@ class Netlink:
         return self._parse_dump(req, parse)
 
     def _parse_dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
-        found = []
+        return list(self._each(req, parse))
+
+    def _each(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> Iterator[T]:
+        """One reading of a dump, each message parsed as it arrives; DumpInterrupted at its end if a
+        change disturbed it."""
         for buf, off, length in self._answer(req, NLM_F_DUMP):
             item = parse(buf, off, length)
             if item is not None:
-                found.append(item)
-        return found
+                yield item
 
     def batch(self, requests: Sequence[Request | Packed]) -> list[int]:
         """Send every request; the errno of each (0: done).
@@ -371,6 +374,21 @@ class Netlink:
             r = parse_route(buf, off + _HEADER.size, off + length)
             return r if r.table == table else None
         return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": family}), parse)
+
+    def iter_routes(self, table: int = 254, family: int = socket.AF_INET) -> Iterator[Route]:
+        """:meth:`routes`, read as they arrive, never all held: one reading, which raises DumpInterrupted at
+        its end if a change disturbed it (the caller reads it again)."""
+        def parse(buf: bytes, off: int, length: int) -> Route | None:
+            r = parse_route(buf, off + _HEADER.size, off + length)
+            return r if r.table == table else None
+        return self._each(request(rtmsg, RTM_GETROUTE, fields={"family": family}), parse)
+
+    def iter_neighbours(self, family: int, index: int) -> Iterator[Neighbour]:
+        """:meth:`neighbours`, read as they arrive, as :meth:`iter_routes` are."""
+        def parse(buf: bytes, off: int, length: int) -> Neighbour | None:
+            n = parse_neighbour(buf, off + _HEADER.size, off + length)
+            return n if n.ifindex == index else None
+        return self._each(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), parse)
 
     def route_get(self, dst: str) -> list[Any]:
         """The route the kernel would use to reach ``dst``, an IPv4 or IPv6 address (``ip route get``)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_interface, ip_network
 from typing import Any
@@ -141,6 +141,12 @@ class FakeNetlink:
             return [Neighbour(AF_BRIDGE, i, 0x80, dst, mac) for (i, mac), dst in self.fdb_table.items() if i == index]
         return [Neighbour(family, i, 0x80, ip, mac) for (i, ip), mac in self.neigh_table.items()
                 if i == index and _af(ip_address(ip)) == family]
+
+    def iter_routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> Iterator[Route]:
+        return iter(self.routes(table, family))
+
+    def iter_neighbours(self, family: int, index: int) -> Iterator[Neighbour]:
+        return iter(self.neighbours(family, index))
 
     def batch(self, requests: Sequence[Request | Packed]) -> list[int]:
         codes = []

@@ -29,8 +29,9 @@ from ..family import IPV4, Family, IPNetwork, family_of
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
-from ..netlink import (CREATE, IFF_UP, NLM_F_EXCL, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWADDR,
-                       RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Packed, neighbour_request, request, route_request)
+from ..netlink import (CREATE, DUMP_ATTEMPTS, IFF_UP, NLM_F_EXCL, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH,
+                       RTM_DELROUTE, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion,
+                       DumpInterrupted, Netlink, Packed, neighbour_request, request, route_request)
 from .._pyroute2 import ifaddrmsg, ifinfmsg
 
 log = logging.getLogger(__name__)
@@ -697,34 +698,46 @@ class VXLANNetwork:
 
     def _compare(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
         """Dump the device's entries; delete those no desired entry owns. Returns how many were
-        deleted, and the names whose entries are missing or different."""
+        deleted, and the names whose entries are missing or different. A dump disturbed by a change
+        is read again, as Netlink's are."""
+        for _ in range(DUMP_ATTEMPTS - 1):
+            try:
+                return self._compare_once(desired)
+            except DumpInterrupted:
+                continue
+        return self._compare_once(desired)
+
+    def _compare_once(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
+        # The dumps are read as they arrive and the matches recorded as the desired entries' own strings:
+        # at thousands of nodes, three dumps held whole would take several MiB for a moment.
         assert self.device is not None
         idx = self.device.index
-        tunnel = [e for e in desired.values() if e.direct_gw is None]
-        want_neigh = {e.gw: e.mac for e in tunnel}
-        want_fdb = {(e.mac, e.public_ip) for e in tunnel}
-        want_routes = {e.dst: (e.direct_gw or e.gw, e.direct_gw is None) for e in desired.values()}
+        want_neigh = {e.gw: e for e in desired.values() if e.direct_gw is None}
+        want_fdb = {e.mac: e for e in want_neigh.values()}  # a VtepMAC has one holder
+        want_routes = {e.dst: e for e in desired.values()}
         own = str(self.own_subnet)
         strays: list[tuple[str, Packed]] = []
         have_neigh: set[str] = set()
-        for n in self.nl.neighbours(self.family.af, idx):
+        for n in self.nl.iter_neighbours(self.family.af, idx):
             if not n.state & NUD_PERMANENT or n.dst is None:
                 continue
-            if want_neigh.get(n.dst) == n.lladdr:
-                have_neigh.add(n.dst)
-            elif n.dst not in want_neigh:
+            e = want_neigh.get(n.dst)
+            if e is not None and e.mac == n.lladdr:
+                have_neigh.add(e.gw)
+            elif e is None:
                 strays.append(("Del%sARP failed" % self._V6,
                                _neigh(RTM_DELNEIGH, self.family.af, idx, n.dst, n.lladdr)))
-        have_fdb: set[tuple[str, str]] = set()
-        for n in self.nl.neighbours(AF_BRIDGE, idx):
+        have_fdb: set[str] = set()
+        for n in self.nl.iter_neighbours(AF_BRIDGE, idx):
             if n.dst is None or n.lladdr is None:
                 continue
-            if (n.lladdr, n.dst) in want_fdb:
-                have_fdb.add((n.lladdr, n.dst))
+            e = want_fdb.get(n.lladdr)
+            if e is not None and e.public_ip == n.dst:
+                have_fdb.add(e.mac)
             else:
                 strays.append(("Del%sFDB failed" % self._V6, _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, n.dst, n.lladdr)))
         have_routes: set[str] = set()
-        for r in self.nl.routes(family=self.family.af):
+        for r in self.nl.iter_routes(family=self.family.af):
             if r.oif != idx:
                 if r.oif != self.ext.index or r.gateway is None or r.proto != RTPROT_BOOT:
                     continue
@@ -733,8 +746,9 @@ class VXLANNetwork:
                     continue
             elif r.proto == RTPROT_KERNEL:  # the route of the device's own address, or of its link-local one
                 continue
-            if want_routes.get(r.dst) == (r.gateway, r.oif == idx):
-                have_routes.add(r.dst)
+            e = want_routes.get(r.dst)
+            if e is not None and (e.direct_gw or e.gw, e.direct_gw is None) == (r.gateway, r.oif == idx):
+                have_routes.add(e.dst)
             elif r.dst != own:
                 strays.append(("failed to delete %svxlanRoute (%s -> %s)" % (self._v6_, r.dst, r.gateway),
                                _route(RTM_DELROUTE, r.dst, r.gateway, r.oif)))
@@ -743,7 +757,7 @@ class VXLANNetwork:
         for name, e in desired.items():
             lost = e.dst not in have_routes
             if e.direct_gw is None:
-                lost = lost or e.gw not in have_neigh or (e.mac, e.public_ip) not in have_fdb
+                lost = lost or e.gw not in have_neigh or e.mac not in have_fdb
             if lost:
                 missing.add(name)
         return len(strays), missing

@@ -279,7 +279,7 @@ def _list_records(client: KubeClient, convert: Callable[[_Fields], T], page_size
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        records: list[tuple[tuple[str, str], T]] = []
+        records: list[tuple[str, T]] = []
         cont = ""
         limit = page_size
         while True:
@@ -302,7 +302,7 @@ def _list_records(client: KubeClient, convert: Callable[[_Fields], T], page_size
                 except ValueError as exc:
                     log.warning('Skipping node "%s" of the node list: %s', _name_of(obj), exc)
                     continue
-                records.append(((fields.created, fields.name), convert(fields)))
+                records.append((fields.created, convert(fields)))
             if on_page is not None:
                 on_page()
             meta = page.get("metadata") or {}
@@ -312,7 +312,9 @@ def _list_records(client: KubeClient, convert: Callable[[_Fields], T], page_size
     finally:
         if was_enabled:
             gc.enable()
-    records.sort(key=lambda r: r[0])  # RFC 3339 in UTC sorts as text
+    # RFC 3339 in UTC sorts as text; the sort is stable and the API server lists by name, so of nodes
+    # created in one second the first by name comes first, as on every node.
+    records.sort(key=lambda r: r[0])
     return [record for _, record in records], meta.get("resourceVersion") or ""
 
 
@@ -381,13 +383,13 @@ class _Claims:
 
     def __init__(self) -> None:
         self._firsts: list[int] = []  # sorted
-        self._lasts: list[int] = []
+        self._sizes: list[int] = []  # host bits: small ints, which Python does not allocate
         self._names: list[str] = []
 
     def _holder(self, first: int, last: int) -> str | None:
         # The held ranges are disjoint: only the last one starting at or before our end can overlap.
         i = bisect_right(self._firsts, last) - 1
-        if i >= 0 and self._lasts[i] >= first:
+        if i >= 0 and self._firsts[i] | ((1 << self._sizes[i]) - 1) >= first:
             return self._names[i]
         return None
 
@@ -403,12 +405,12 @@ class _Claims:
         first = int(subnet.network_address)
         i = bisect_left(self._firsts, first)
         self._firsts.insert(i, first)
-        self._lasts.insert(i, _last(subnet))
+        self._sizes.insert(i, subnet.max_prefixlen - subnet.prefixlen)
         self._names.insert(i, name)
 
     def remove(self, subnet: IPNetwork) -> None:
         i = bisect_left(self._firsts, int(subnet.network_address))
-        del self._firsts[i], self._lasts[i], self._names[i]
+        del self._firsts[i], self._sizes[i], self._names[i]
 
 
 class _Addresses:
