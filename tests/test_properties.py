@@ -356,7 +356,8 @@ def nested(depth: int) -> str:
 @st.composite
 def hostile_node(draw: st.DrawFn) -> str:
     """A node's JSON as the API server may send it: a plausible flannel node with one part replaced by any
-    JSON value, nested deeply, inflated, or given an oversized annotation."""
+    JSON value, nested deeply, inflated, or given an oversized annotation. (Its text is encoded as the API
+    server writes JSON: UTF-8, a lone surrogate replaced, never escaped.)"""
     obj = draw(node_object())
     kind = draw(st.sampled_from(["plain", "any", "deep", "inflated", "oversized"]))
     if kind == "any":
@@ -374,7 +375,7 @@ def hostile_node(draw: st.DrawFn) -> str:
                 [KEYS.backend_data, KEYS.backend_public_ip, KEYS.backend_type, KEYS.subnet_kube_managed]))] = value
         else:
             obj["spec"][where] = value
-    text = json.dumps(obj)
+    text = json.dumps(obj, ensure_ascii=False)
     if kind == "deep" and isinstance(obj, dict):
         where = draw(st.sampled_from(['"status":%s', '"metadata":{"managedFields":[{"fieldsV1":%s}]}']))
         text = text[:-1] + "," + where % nested(draw(st.integers(900, 9_999))) + "}"
@@ -383,7 +384,7 @@ def hostile_node(draw: st.DrawFn) -> str:
     elif kind == "oversized" and isinstance(obj, dict):
         obj["metadata"]["annotations"] = {**obj["metadata"].get("annotations", {}),
                                           draw(st.sampled_from([KEYS.backend_data, KEYS.backend_type])): "x" * 5000}
-        text = json.dumps(obj)
+        text = json.dumps(obj, ensure_ascii=False)
     return text
 
 
@@ -406,7 +407,8 @@ class PageClient:
         start = int(cont or 0)
         end = start + limit
         meta = '{"resourceVersion":"5"%s}' % (',"continue":"%d"' % end if end < len(self.nodes) else "")
-        raw = ('{"kind":"NodeList","metadata":%s,"items":[%s]}' % (meta, ",".join(self.nodes[start:end]))).encode()
+        raw = ('{"kind":"NodeList","metadata":%s,"items":[%s]}' % (meta, ",".join(self.nodes[start:end]))).encode(
+            "utf-8", "replace")
         page = kubeclient.decode_json(raw, decode)
         if not isinstance(page, dict):
             raise kubeclient.Undecodable(200, "not a JSON object")
@@ -414,7 +416,7 @@ class PageClient:
 
     def watch_nodes(self, rv: str, timeout: int, decode: Any = json.loads) -> Iterator[Any]:
         for line in self.events:
-            event = kubeclient.decode_json(line.encode(), decode)
+            event = kubeclient.decode_json(line.encode("utf-8", "replace"), decode)
             if not isinstance(event, dict):
                 raise kubeclient.Undecodable(0, "not a JSON object")
             yield event
