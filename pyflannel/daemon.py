@@ -16,7 +16,7 @@ from ipaddress import IPv4Network
 from types import FrameType, TracebackType
 from typing import Protocol
 
-from . import __version__, config, health, ip, metrics, subnetfile
+from . import __version__, config, health, heap, ip, metrics, subnetfile
 from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
 from .etcdclient import EtcdClient, EtcdError, read_password_file
@@ -47,7 +47,6 @@ STEP_BOUND = 60.0
 RESTART_DELAY = 1.0  # seconds before a failed worker runs again; doubled at each failure in a row
 MAX_RESTARTS = 5  # restarts in a row, after which the process exits for the kubelet to restart it
 HEALTHY_RUN = 60.0  # seconds a worker must run for its next failure to count as the first
-RELEASE_AFTER = 1000  # nodes reconciled after which freed C heap memory is given back (release_memory)
 
 POD_CIDR_HINT = (
     'Node "%s" has no pod CIDR: the controller-manager assigns them only with --allocate-node-cidrs=true and '
@@ -512,8 +511,7 @@ class Daemon:
             leases = sm.leases(family)
             nodes += len(leases)
             backend.reconcile(leases)
-        if nodes >= RELEASE_AFTER:
-            release_memory()
+        heap.release(nodes)
 
     def _kernel_events(self, stop: threading.Event) -> None:
         """Hand the kernel's deletion notifications to the loop until ``stop`` is set."""
@@ -616,18 +614,6 @@ class Daemon:
             return self.exit_code
         log.info("Exiting cleanly...")
         return 0
-
-
-def release_memory() -> None:
-    """Give the C heap's free memory back to the kernel (glibc's malloc_trim): what a start-up or a full
-    reconcile of thousands of nodes used for a moment (node list pages, kernel dumps) would otherwise stay
-    in the process and count against the memory limit. Some 9 MiB at 20,000 nodes."""
-    try:
-        import ctypes  # loaded already, by pyroute2
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _vtep_mac(data: str) -> str:

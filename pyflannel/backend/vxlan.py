@@ -708,7 +708,7 @@ class VXLANNetwork:
         return self._compare_once(desired)
 
     def _compare_once(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
-        # The dumps are read as they arrive and the matches recorded as the desired entries' own strings:
+        # The dumps are read as they arrive, and what is found recorded as the desired entries' own strings:
         # at thousands of nodes, three dumps held whole would take several MiB for a moment.
         assert self.device is not None
         idx = self.device.index
@@ -722,11 +722,11 @@ class VXLANNetwork:
             if not n.state & NUD_PERMANENT or n.dst is None:
                 continue
             e = want_neigh.get(n.dst)
-            if e is not None and e.mac == n.lladdr:
-                have_neigh.add(e.gw)
-            elif e is None:
+            if e is None:
                 strays.append(("Del%sARP failed" % self._V6,
                                _neigh(RTM_DELNEIGH, self.family.af, idx, n.dst, n.lladdr)))
+            elif e.mac == n.lladdr:
+                have_neigh.add(e.gw)
         have_fdb: set[str] = set()
         for n in self.nl.iter_neighbours(AF_BRIDGE, idx):
             if n.dst is None or n.lladdr is None:

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any, NamedTuple, TypedDict, TypeVar
 
-from .. import metrics
+from .. import heap, metrics
 from ..family import FAMILIES, IPV4, IPV6, Family, IPAddress, IPNetwork
 from ..kubeclient import CONNECT_TIMEOUT, MAX_BODY, WATCH_READ_TIMEOUT, ApiError, KubeClient, TooLarge, Undecodable
 from ..lease import Lease, LeaseError
@@ -809,6 +809,7 @@ class KubeSubnetManager:
                 changed |= self._update(info)
             self._rv = rv
             self._count()
+        heap.release(len(nodes))
         if changed:
             self.on_change(changed)
 
