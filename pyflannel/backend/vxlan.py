@@ -18,14 +18,14 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address, ip_interface
 from itertools import islice
 from typing import Any
 
 from .. import metrics
 from ..config import VXLANConfig
-from ..family import IPV4, Family, IPNetwork, family_of
+from ..family import IPV4, Family, IPAddress, IPNetwork, family_of
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
@@ -71,8 +71,14 @@ class Entry:
     dst: str  # the node's subnet, "10.244.1.0/24" or "fd00:10:244:1::/64"
     gw: str  # its network address, the neighbour's IP and the tunnel route's gateway
     mac: str
-    public_ip: str
+    remote: IPAddress  # its public IP: the lease's own object, written out only when used (public_ip)
     direct_gw: str | None
+    lease: Lease = field(compare=False)  # what it was built from
+
+    @property
+    def public_ip(self) -> str:
+        """The node's public IP, as the kernel writes it (inet_ntop: str() of ipaddress objects costs more)."""
+        return socket.inet_ntop(socket.AF_INET if self.remote.version == 4 else socket.AF_INET6, self.remote.packed)
 
 
 def mac_problem(mac: str) -> str:
@@ -215,7 +221,8 @@ class VXLANNetwork:
         self.own_subnet: IPNetwork | None = None
         self.applied: dict[str, Entry] = {}  # node name -> what the kernel holds for it
         self._keys: dict[str, str] = {}  # each route and neighbour of `applied`, named as in _keys() -> its node
-        self._built: dict[str, tuple[Lease, Entry | None]] = {}  # node name -> its lease and what it asks for
+        # node name -> what its lease asks for, or the lease itself when it asks for nothing (no tuple a node)
+        self._built: dict[str, Entry | Lease] = {}
         self._macs: dict[str, str] = {}  # VtepMAC -> the node whose entries use it (of the leases in _built)
         self._mac_waiting: dict[str, Entry] = {}  # nodes refused for a VtepMAC another holds -> what they ask for
         self._taken: set[str] = set()  # waiting nodes that got their VtepMAC since the last sync or reconcile
@@ -386,7 +393,7 @@ class VXLANNetwork:
                 return 0
         self._device_error = ""
         metrics.REPAIRS.inc()
-        repairs = self._converge(self._desired())
+        repairs = self._converge()
         log.warning("%s %s; restored it (MAC %s, address %s, up) and the kernel entries of %d nodes",
                     self.name, problem, self.device.mac, _device_address(self.own_subnet), len(self.applied))
         return repairs
@@ -398,7 +405,7 @@ class VXLANNetwork:
         if problem:
             return self._repair_device(problem)
         self.device_ok = True
-        repairs = self._converge(self._desired())
+        repairs = self._converge()
         if repairs:
             log.info("Reconcile repaired %d kernel entries on %s", repairs, self.name)
         return repairs
@@ -409,11 +416,11 @@ class VXLANNetwork:
         """The entries a lease asks for, or None. Remembered per lease, so an unusable lease is
         logged once and a reconcile does not decode every lease again."""
         built = self._built.get(name)
-        if built is not None and built[0] == lease:
-            return built[1]
+        if built is not None and (built.lease if isinstance(built, Entry) else built) == lease:
+            return built if isinstance(built, Entry) else None
         waited = self._mac_waiting.get(name)
         if built is not None:
-            self._release(name, built[1])
+            self._release(name, built if isinstance(built, Entry) else None)
         if lease is None:
             self._built.pop(name, None)
             self._failing.pop(name, None)
@@ -421,7 +428,7 @@ class VXLANNetwork:
         entry = self._build(name, lease)
         if entry is not None:
             entry = self._claim(name, entry, quiet=waited is not None and waited.mac == entry.mac)
-        self._built[name] = (lease, entry)
+        self._built[name] = entry or lease
         return entry
 
     def _claim(self, name: str, e: Entry, quiet: bool) -> Entry | None:
@@ -448,7 +455,7 @@ class VXLANNetwork:
         if waiter is not None:
             want = self._mac_waiting.pop(waiter)
             self._macs[want.mac] = waiter
-            self._built[waiter] = (self._built[waiter][0], want)
+            self._built[waiter] = want
             self._taken.add(waiter)
             log.info('Node "%s" takes VtepMAC %s, which no other node claims now', waiter, want.mac)
 
@@ -473,10 +480,11 @@ class VXLANNetwork:
             log.warning('Ignoring node "%s": its %sVtepMAC %s %s', name, self._v6_, mac, problem)
             return None
         # inet_ntop: str() of ipaddress objects costs some 10 ms of CPU at 5,000 nodes
-        public_ip = socket.inet_ntop(self.family.af, lease.public_ip.packed)
         gw = socket.inet_ntop(self.family.af, lease.subnet.network_address.packed)
-        direct = self._direct_gateway(public_ip) if self.cfg.direct_routing else None
-        return Entry("%s/%d" % (gw, lease.subnet.prefixlen), gw, mac, public_ip, direct)
+        direct = None
+        if self.cfg.direct_routing:
+            direct = self._direct_gateway(socket.inet_ntop(self.family.af, lease.public_ip.packed))
+        return Entry("%s/%d" % (gw, lease.subnet.prefixlen), gw, mac, lease.public_ip, direct, lease)
 
     def _direct_gateway(self, public_ip: str) -> str | None:
         """The public IP when it is on a directly connected subnet (one route, no gateway)."""
@@ -520,7 +528,7 @@ class VXLANNetwork:
             out.append(("Del%sARP failed" % V6, _neigh(RTM_DELNEIGH, self.family.af, idx, e.gw, e.mac)))
             out.append(("failed to delete %svxlanRoute (%s -> %s)" % (v6_, e.dst, e.gw),
                         _route(RTM_DELROUTE, e.dst, e.gw, idx)))
-        if keep is None or keep.direct_gw is not None or (keep.mac, keep.public_ip) != (e.mac, e.public_ip):
+        if keep is None or keep.direct_gw is not None or (keep.mac, keep.remote) != (e.mac, e.remote):
             out.append(("Del%sFDB failed" % V6, _neigh(RTM_DELNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)))
         return out
 
@@ -568,7 +576,8 @@ class VXLANNetwork:
             if new != old:
                 changes[name] = (old, new)
         for name in self._taken:  # waiting nodes whose VtepMAC a node of ``leases`` let go
-            new = self._built[name][1] if name in self._built else None
+            built = self._built.get(name)
+            new = built if isinstance(built, Entry) else None
             if new != self.applied.get(name):
                 changes.setdefault(name, (self.applied.get(name), new))
         self._taken.clear()
@@ -677,46 +686,44 @@ class VXLANNetwork:
         self._taken.clear()  # the comparison programs them
         return self._check()
 
-    def _desired(self) -> dict[str, Entry]:
-        """The entries the current leases ask for, by node name."""
-        return {name: e for name, (_, e) in self._built.items() if e is not None}
-
-    def _converge(self, desired: dict[str, Entry]) -> int:
-        """Compare the device's entries with ``desired`` and send the difference; how many had drifted."""
-        strays, missing = self._compare(desired)
-        drifted = sum(1 for name in missing if self.applied.get(name) == desired[name])
+    def _converge(self) -> int:
+        """Compare the device's entries with what the leases ask for (:attr:`_built`) and send the
+        difference; how many had drifted."""
+        strays, missing = self._compare()
+        drifted = sum(1 for name, e in missing.items() if self.applied.get(name) == e)
         for name in list(self.applied):
-            if name not in desired or name in missing:
+            if not isinstance(self._built.get(name), Entry) or name in missing:
                 self._forget(name)
-        for name, e in desired.items():
-            if name not in missing:
+        for name, e in self._built.items():
+            if isinstance(e, Entry) and name not in missing:
                 self._remember(name, e)
-        self._program({name: desired[name] for name in missing})
+        self._program(missing)
         repairs = strays + drifted
         if repairs:
             metrics.REPAIRS.inc(repairs)
         return repairs
 
-    def _compare(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
-        """Dump the device's entries; delete those no desired entry owns. Returns how many were
-        deleted, and the names whose entries are missing or different. A dump disturbed by a change
-        is read again, as Netlink's are."""
+    def _compare(self) -> tuple[int, dict[str, Entry]]:
+        """Dump the device's entries; delete those no lease asks for. Returns how many were deleted, and
+        the entries missing or different, by node name. A dump disturbed by a change is read again, as
+        Netlink's are."""
         for _ in range(DUMP_ATTEMPTS - 1):
             try:
-                return self._compare_once(desired)
+                return self._compare_once()
             except DumpInterrupted:
                 continue
-        return self._compare_once(desired)
+        return self._compare_once()
 
-    def _compare_once(self, desired: dict[str, Entry]) -> tuple[int, set[str]]:
+    def _compare_once(self) -> tuple[int, dict[str, Entry]]:
         # The dumps are read as they arrive, and what is found marked in one dict of small ints by node
         # name: at 20,000 nodes, the dumps held whole, or a set of what each holds, would take some 6 MiB
         # for a moment.
         assert self.device is not None
         idx = self.device.index
-        want_neigh = {e.gw: name for name, e in desired.items() if e.direct_gw is None}
-        want_fdb = {desired[name].mac: name for name in want_neigh.values()}  # a VtepMAC has one holder
-        want_routes = {e.dst: name for name, e in desired.items()}
+        desired = self._built  # the Entry values: a Lease asks for nothing
+        want_neigh = {e.gw: name for name, e in desired.items() if isinstance(e, Entry) and e.direct_gw is None}
+        want_fdb = {desired[name].mac: name for name in want_neigh.values()}  # type: ignore[union-attr]
+        want_routes = {e.dst: name for name, e in desired.items() if isinstance(e, Entry)}
         found: dict[str, int] = {}  # node name -> _ROUTE | _NEIGH | _FDB of its entries found in place
         own = str(self.own_subnet)
         strays: list[tuple[str, Packed]] = []
@@ -727,7 +734,7 @@ class VXLANNetwork:
             if name is None:
                 strays.append(("Del%sARP failed" % self._V6,
                                _neigh(RTM_DELNEIGH, self.family.af, idx, n.dst, n.lladdr)))
-            elif desired[name].mac == n.lladdr:
+            elif desired[name].mac == n.lladdr:  # type: ignore[union-attr]
                 found[name] = found.get(name, 0) | _NEIGH
         for n in self.nl.iter_neighbours(AF_BRIDGE, idx):
             if n.dst is None or n.lladdr is None:
@@ -748,15 +755,15 @@ class VXLANNetwork:
                 continue
             name = want_routes.get(r.dst)
             e = desired[name] if name is not None else None
-            if name is not None and e is not None and (e.direct_gw or e.gw, e.direct_gw is None) == (
+            if name is not None and isinstance(e, Entry) and (e.direct_gw or e.gw, e.direct_gw is None) == (
                     r.gateway, r.oif == idx):
                 found[name] = found.get(name, 0) | _ROUTE
             elif r.dst != own:
                 strays.append(("failed to delete %svxlanRoute (%s -> %s)" % (self._v6_, r.dst, r.gateway),
                                _route(RTM_DELROUTE, r.dst, r.gateway, r.oif)))
         self._send(strays)
-        missing = {name for name, e in desired.items()
-                   if found.get(name, 0) != (_ROUTE if e.direct_gw is not None else _ROUTE | _NEIGH | _FDB)}
+        missing = {name: e for name, e in desired.items() if isinstance(e, Entry) and
+                   found.get(name, 0) != (_ROUTE if e.direct_gw is not None else _ROUTE | _NEIGH | _FDB)}
         return len(strays), missing
 
 

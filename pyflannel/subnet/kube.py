@@ -455,7 +455,11 @@ class _Peer:
     name: str
     field: str  # the node field of its pod CIDRs, for messages: "spec.podCIDR" or "spec.podCIDRs"
     managed: bool  # it carries kube-subnet-manager: "true"
-    leases: tuple[Lease | _Skip, ...]  # empty when not managed
+    leases: Lease | _Skip | tuple[Lease | _Skip, ...]  # the one family's, or each family's; () when not managed
+
+    def lease(self, index: int) -> Lease | _Skip:
+        """Its lease of the manager's ``index``-th family, or why it has none."""
+        return self.leases[index] if isinstance(self.leases, tuple) else self.leases
 
     def pod_cidr(self, lease: Lease) -> str:
         """Its pod CIDR of ``lease``, as messages show it: ``10.244.2.0/24 (spec.podCIDR)``."""
@@ -506,7 +510,7 @@ class _FamilyLeases:
     def candidate(self, node: _Peer, quiet: bool) -> Lease | None:
         """The lease a node describes if it is valid, before the checks against the other leases; logs why
         not unless quiet."""
-        found = node.leases[self.index]
+        found = node.lease(self.index)
         if isinstance(found, _Skip):
             if quiet:
                 pass
@@ -758,8 +762,8 @@ class KubeSubnetManager:
         if ann.get(self.keys.subnet_kube_managed) != "true":
             return _Peer(fields.name, "", False, ())
         info = NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs, ann)
-        return _Peer(fields.name, pod_cidr_field(info), True,
-                     tuple(_peer_lease(info, self.keys, family) for family in self._families))
+        leases = tuple(_peer_lease(info, self.keys, family) for family in self._families)
+        return _Peer(fields.name, pod_cidr_field(info), True, leases[0] if len(leases) == 1 else leases)
 
     def _update(self, node: NodeInfo | _Peer) -> set[str]:
         """Store a node's record; the names whose lease changed in any family (this node's own name when
