@@ -101,6 +101,49 @@ def read_body(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes
     return bytes(body)
 
 
+class LineReader:
+    """The lines of a streamed answer (a watch), read a MiB at a time: http.client's readline reads 8 KiB
+    at a time through Python code, twice the CPU of decoding a node of 1.5 MB. Each line is a memoryview
+    into the reader's buffer, valid until the next call; a line over ``limit`` bytes (MAX_LINE by
+    default) raises TooLarge."""
+
+    def __init__(self, resp: http.client.HTTPResponse, limit: int | None = None) -> None:
+        self._resp = resp
+        self._limit = MAX_LINE if limit is None else limit
+        self._buf = bytearray()
+        self._start = 0  # where the next line begins in _buf
+        self._line: memoryview | None = None
+
+    def next(self) -> memoryview | None:
+        """The next line with its newline (the last one may have none); None at the end of the answer.
+        Raises TooLarge, and what reading raises (TimeoutError, OSError, http.client.HTTPException)."""
+        if self._line is not None:
+            self._line.release()  # the buffer cannot move while a view of it is out
+            self._line = None
+        buf = self._buf
+        end = buf.find(b"\n", self._start)
+        while end < 0:
+            if len(buf) - self._start > self._limit:
+                raise TooLarge(0, "a line of more than %d bytes" % self._limit)
+            del buf[:self._start]
+            self._start = 0
+            scanned = len(buf)
+            piece = self._resp.read1(1 << 20)
+            if not piece:
+                if not buf:
+                    return None
+                end = len(buf) - 1
+                break
+            buf += piece
+            end = buf.find(b"\n", scanned)
+        if end + 1 - self._start > self._limit:
+            raise TooLarge(0, "a line of more than %d bytes" % self._limit)
+        with memoryview(buf) as whole:
+            self._line = whole[self._start:end + 1]
+        self._start = end + 1
+        return self._line
+
+
 def read_line(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes:
     """The next line of a streamed answer (b'' at its end); TooLarge for a line of more than ``limit`` bytes
     (MAX_LINE by default)."""
@@ -111,7 +154,12 @@ def read_line(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes
     return line
 
 
-def decode_json(raw: bytes, decode: Callable[[bytes], Any] = json.loads) -> Any:
+def loads(raw: bytes | memoryview) -> Any:
+    """``json.loads`` of bytes or of a line a LineReader gave."""
+    return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
+
+
+def decode_json(raw: bytes | memoryview, decode: Callable[[Any], Any] = loads) -> Any:
     """``decode(raw)``, with Undecodable for what it cannot read: not JSON, not of its shape, too deep."""
     try:
         return decode(raw)
@@ -369,7 +417,7 @@ class KubeClient:
         return page
 
     def watch_nodes(self, resource_version: str, timeout_seconds: int,
-                    decode: Callable[[bytes], Any] = json.loads) -> Iterator[dict[str, Any]]:
+                    decode: Callable[[bytes | memoryview], Any] = loads) -> Iterator[dict[str, Any]]:
         """The watch events after ``resource_version``, each parsed by ``decode``, until the server ends the stream.
 
         Each watch has a connection of its own. A read times out after WATCH_READ_TIMEOUT without
@@ -387,18 +435,19 @@ class KubeClient:
                 except (OSError, http.client.HTTPException, TooLarge):
                     raw = b""
                 raise self._error(resp, raw, NODES_ACCESS)
+            lines = LineReader(resp)
             while True:
                 try:
-                    line = read_line(resp)
+                    line = lines.next()
                 except TimeoutError as exc:
                     self._drop_idle()
                     raise ApiError(0, "watch of nodes: no event or bookmark for %ds" % WATCH_READ_TIMEOUT) from exc
                 except (OSError, http.client.HTTPException) as exc:
                     self._drop_idle()
                     raise ApiError(0, "watch of nodes: %s" % exc) from exc
-                if not line:
+                if line is None:
                     return
-                if line.strip():
+                if len(line) > 2 or bytes(line).strip():
                     try:
                         event = decode_json(line, decode)
                     except Undecodable as exc:

@@ -115,3 +115,18 @@ def test_a_node_that_cannot_be_read_is_skipped_alone(api: FakeKubeAPI, caplog: p
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(w.startswith('Skipping node "n2" of the node list: metadata.annotations is not a map') for w in warnings)
     assert any(w.startswith("Skipping a node of the node list that cannot be read: ") for w in warnings), warnings
+
+
+def test_a_large_event_is_read_up_to_the_nodes_status_when_that_holds_what_flannel_reads() -> None:
+    node = realistic_items(3)[2]
+    node["status"]["images"] = [{"names": ["a"]}] * 10000
+    raw = json.dumps({"type": "MODIFIED", "object": node}, separators=(",", ":")).encode()
+    assert kube.decode_watch_event(raw) == kube._decode(raw, kube._WatchEvent)  # type: ignore[attr-defined]
+    assert kube.decode_watch_event(memoryview(raw)) == kube._decode(raw, kube._WatchEvent)  # type: ignore[attr-defined]
+    # Another order (not the API server's): the status first, or the spec missing before it: read whole.
+    reordered = {"status": node["status"], "spec": node["spec"], "metadata": node["metadata"]}
+    for obj in (reordered, {k: v for k, v in node.items() if k != "spec"} | {"spec": node["spec"]}):
+        raw = json.dumps({"type": "MODIFIED", "object": obj}, separators=(",", ":")).encode()
+        event = kube.decode_watch_event(raw)
+        assert event["object"]["spec"]["podCIDRs"] == ["10.244.2.0/24", "fd00::/64"]
+        assert event["object"]["metadata"]["name"] == "node-2"

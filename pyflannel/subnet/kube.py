@@ -168,12 +168,15 @@ def _decoder(kind: type) -> Any:
     return msgspec.json.Decoder(kind)
 
 
-def _decode(raw: bytes, kind: type) -> Any:
+_STATUS = re.compile(rb',"status":\{')  # where a node's status begins, in a watch event as the API server writes it
+
+
+def _decode(raw: bytes | memoryview, kind: type) -> Any:
     """``raw`` as json.loads gives it when small; else decoded into ``kind``, a TypedDict of the fields
     flannel reads: the rest (status, labels, managed fields: nine tenths of a kubelet's node) is skipped,
     never built. Raises ValueError or RecursionError for what it cannot read."""
     if len(raw) <= SMALL_JSON:
-        return json.loads(raw)
+        return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
     return _decoder(kind).decode(raw)
 
 
@@ -182,8 +185,23 @@ def decode_node_list(raw: bytes) -> Any:
     return _decode(raw, _NodeList)
 
 
-def decode_watch_event(raw: bytes) -> Any:
-    """A node watch event, as json.loads would give it, less every field flannel does not read."""
+def decode_watch_event(raw: bytes | memoryview) -> Any:
+    """A node watch event, as json.loads would give it, less every field flannel does not read.
+
+    A large event is read up to its node's status only, when that holds the node's metadata and spec:
+    the API server writes a node's fields in their order in the Node type (metadata, spec, status), and
+    a kubelet's status (its images above all) is most of a node, which even skipping costs CPU to scan.
+    Anything else is read whole."""
+    if len(raw) > SMALL_JSON:
+        found = _STATUS.search(raw)
+        if found is not None:
+            try:
+                event = _decoder(_WatchEvent).decode(bytes(raw[:found.start()]) + b"}}")
+            except ValueError:  # not where the status begins: the whole event is read below
+                event = None
+            obj = event.get("object") if isinstance(event, dict) else None
+            if isinstance(obj, dict) and "spec" in obj and (obj.get("metadata") or {}).get("name"):
+                return event
     return _decode(raw, _WatchEvent)
 
 
