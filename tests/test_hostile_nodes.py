@@ -321,7 +321,7 @@ def test_this_nodes_network_is_told_with_the_api_servers_address() -> None:
     assert with_api.servers == (ip_address("10.96.0.1"),)
     assert with_api.subnet_problem(ip_network("10.96.0.0/16")) == "contains this node's API server or etcd endpoint " \
                                                                   "10.96.0.1"
-    assert with_api.public_ip_problem(ip_address("10.0.0.0")) == "is the network address of this node's network " \
+    assert with_api.address_problem(ip_address("10.0.0.0")) == "is the network address of this node's network " \
                                                                  "10.0.0.0/24"
 
 

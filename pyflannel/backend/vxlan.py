@@ -501,10 +501,10 @@ class VXLANNetwork:
         assert self.device is not None
         v6, v6_, V6 = self._v6, self._v6_, self._V6
         if e.direct_gw is not None:
-            log.log(V(2), "Adding %sdirect route to %ssubnet: %s PublicIP%s: %s", v6_, v6_, e.dst, v6, e.public_ip)
+            log.log(V(2), "Adding %sdirect route to %ssubnet: %s PublicIP%s: %s", v6_, v6_, e.dst, v6, e.remote)
             return [("Error adding %sroute to %s via %s" % (v6_, e.dst, e.direct_gw),
                      _route(RTM_NEWROUTE, e.dst, e.direct_gw, None))]
-        log.log(V(2), "adding %ssubnet: %s PublicIP%s: %s VtepMAC: %s", v6_, e.dst, v6, e.public_ip, e.mac)
+        log.log(V(2), "adding %ssubnet: %s PublicIP%s: %s VtepMAC: %s", v6_, e.dst, v6, e.remote, e.mac)
         idx = self.device.index
         return [("Add%sARP failed" % V6, _neigh(RTM_NEWNEIGH, self.family.af, idx, e.gw, e.mac)),
                 ("Add%sFDB failed" % V6, _neigh(RTM_NEWNEIGH, AF_BRIDGE, idx, e.public_ip, e.mac)),
@@ -515,13 +515,13 @@ class VXLANNetwork:
         assert self.device is not None
         v6, v6_, V6 = self._v6, self._v6_, self._V6
         if e.direct_gw is not None:
-            log.log(V(2), "Removing %sdirect route to %ssubnet: %s PublicIP%s: %s", v6_, v6_, e.dst, v6, e.public_ip)
+            log.log(V(2), "Removing %sdirect route to %ssubnet: %s PublicIP%s: %s", v6_, v6_, e.dst, v6, e.remote)
             if keep is not None and keep.dst == e.dst:
                 return []
             # flanneld v0.20.2 never removes an IPv6 direct route (it deletes the IPv4 one instead); this does
             return [("Error deleting %sroute to %s via %s" % (v6_, e.dst, e.direct_gw),
                      _route(RTM_DELROUTE, e.dst, e.direct_gw, None))]
-        log.log(V(2), "removing %ssubnet: %s PublicIP%s: %s VtepMAC: %s", v6, e.dst, v6, e.public_ip, e.mac)
+        log.log(V(2), "removing %ssubnet: %s PublicIP%s: %s VtepMAC: %s", v6, e.dst, v6, e.remote, e.mac)
         idx = self.device.index
         out = []
         if keep is None or keep.direct_gw is not None or keep.dst != e.dst:

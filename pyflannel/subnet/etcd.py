@@ -291,7 +291,7 @@ class EtcdSubnetManager:
         if problem:
             return "%s: subnet %s %s" % (name, lease.subnet, problem)
         if lease.public_ip not in self._host.addresses:
-            problem = self._host.public_ip_problem(lease.public_ip)
+            problem = self._host.address_problem(lease.public_ip)
             if problem:
                 return "%s: PublicIP %s %s" % (name, lease.public_ip, problem)
         return ""

@@ -78,7 +78,7 @@ class _Fields(NamedTuple):
 
     name: str
     created: str
-    annotations: dict[str, str]  # all of them
+    annotations: dict[str, Any]  # all of them, strings unless the decoder was json.loads
     pod_cidr: str
     pod_cidrs: tuple[str, ...]  # empty when it only repeats pod_cidr
 
@@ -100,7 +100,7 @@ def _node_fields(obj: Any) -> _Fields:
     if not isinstance(meta, dict) or not isinstance(spec, dict):
         raise ValueError("its metadata or spec is not a JSON object")
     annotations = meta.get("annotations") or {}
-    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+    if not isinstance(annotations, dict):  # its values are checked where read: most are not
         raise ValueError("metadata.annotations is not a map of strings")
     cidrs = spec.get("podCIDRs") or []
     if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
@@ -112,8 +112,10 @@ def _node_fields(obj: Any) -> _Fields:
 
 def _info(fields: _Fields, prefix: str) -> NodeInfo:
     # Thousands of these may be kept, so the annotation keys (the same on every node) are interned.
-    return NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs,
-                    {sys.intern(k): v for k, v in fields.annotations.items() if k.startswith(prefix)})
+    kept = {sys.intern(k): v for k, v in fields.annotations.items() if k.startswith(prefix)}
+    if not all(isinstance(v, str) for v in kept.values()):
+        raise ValueError("metadata.annotations is not a map of strings")
+    return NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs, kept)
 
 
 def node_info(obj: Any, prefix: str) -> NodeInfo:
@@ -488,7 +490,10 @@ def _peer_lease(info: NodeInfo, keys: AnnotationKeys, family: Family) -> Lease |
     """Another node's lease of ``family``, or why it has none: its annotations bounded, parsed, its public IP
     a usable unicast address."""
     for key in (keys.backend_type, keys.public_ip(family), keys.data(family)):
-        size = len(info.annotations.get(key, ""))
+        value = info.annotations.get(key, "")
+        if not isinstance(value, str):
+            return _Skip("its annotation %s is not a string" % key, True)
+        size = len(value)
         if size > MAX_ANNOTATION:
             return _Skip("its annotation %s is %d bytes, more than the %d flannel allows" % (key, size, MAX_ANNOTATION),
                          True)
@@ -519,7 +524,11 @@ class _FamilyLeases:
         self.host = NodeNetwork()  # this node's network, once the daemon knows its interface
         self.leases: dict[str, Lease] = {}
         self.claims = _Claims()  # the subnets of leases and this node's own subnet
-        self.addresses = _Addresses()  # the public IPs of leases
+        # The public IPs of leases that lie in the Network, the only ones a pod CIDR can contain: in most
+        # clusters none, so that checking a lease against them costs nothing.
+        self.addresses = _Addresses()
+        self._shift = network.max_prefixlen - network.prefixlen
+        self._prefix = int(network.network_address) >> self._shift
         self.own_subnet: IPNetwork | None = None
         self.waiting: dict[str, None] = {}  # nodes refused for what another holds, in the order they came
         # In dual-stack a node skipped in one family keeps its lease of the other: say which.
@@ -543,13 +552,17 @@ class _FamilyLeases:
                 log.warning('Ignoring node "%s": its pod CIDR %s %s%s', node.name, node.pod_cidr(found), problem,
                             self._only)
             return None
-        problem = self.host.public_ip_problem(found.public_ip)
+        problem = self.host.address_problem(found.public_ip)
         if problem:
             if not quiet:
                 log.warning('Ignoring node "%s": its public IP %s %s%s', node.name, found.public_ip, problem,
                             self._only)
             return None
         return found
+
+    def _within(self, address: IPAddress) -> bool:
+        """Whether ``address`` lies in the Network (where every pod CIDR lies)."""
+        return address.version == self.network.version and int(address) >> self._shift == self._prefix
 
     def _whose(self, holder: str) -> str:
         return "this node" if holder == self.node_name else 'node "%s", which held it first' % holder
@@ -560,7 +573,7 @@ class _FamilyLeases:
         holder = self.claims.holder(lease.subnet)
         if holder is not None:
             return "its pod CIDR %s overlaps the pod CIDR of %s" % (node.pod_cidr(lease), self._whose(holder))
-        holder = self.claims.holder_of(lease.public_ip)
+        holder = self.claims.holder_of(lease.public_ip) if self._within(lease.public_ip) else None
         if holder is not None:
             return "its public IP %s lies in the pod CIDR of %s" % (lease.public_ip, self._whose(holder))
         holder = self.addresses.inside(lease.subnet)
@@ -571,14 +584,16 @@ class _FamilyLeases:
     def _grant(self, name: str, lease: Lease) -> None:
         self.leases[name] = lease
         self.claims.add(lease.subnet, name)
-        self.addresses.add(lease.public_ip, name)
+        if self._within(lease.public_ip):
+            self.addresses.add(lease.public_ip, name)
         self.waiting.pop(name, None)
         metrics.LEASE_EVENTS.labels("added").inc()
 
     def _revoke(self, name: str) -> None:
         lease = self.leases.pop(name)
         self.claims.remove(lease.subnet)
-        self.addresses.remove(lease.public_ip, name)
+        if self._within(lease.public_ip):
+            self.addresses.remove(lease.public_ip, name)
         metrics.LEASE_EVENTS.labels("removed").inc()
 
     def _retry_waiting(self) -> set[str]:
@@ -667,7 +682,7 @@ class _FamilyLeases:
             if problem:
                 self._evict(name, "its pod CIDR %s %s" % (node.pod_cidr(lease), problem), wait=False)
                 changed.add(name)
-            elif problem := host.public_ip_problem(lease.public_ip):
+            elif problem := host.address_problem(lease.public_ip):
                 self._evict(name, "its public IP %s %s" % (lease.public_ip, problem), wait=False)
                 changed.add(name)
         return changed | (self._retry_waiting() if changed else set())
@@ -780,8 +795,8 @@ class KubeSubnetManager:
         if ann.get(self.keys.subnet_kube_managed) != "true":
             return _Peer(fields.name, "", False, ())
         info = NodeInfo(fields.name, fields.pod_cidr, fields.pod_cidrs, ann)
-        leases = tuple(_peer_lease(info, self.keys, family) for family in self._families)
-        return _Peer(fields.name, pod_cidr_field(info), True, leases[0] if len(leases) == 1 else leases)
+        leases = [_peer_lease(info, self.keys, family) for family in self._families]
+        return _Peer(fields.name, pod_cidr_field(info), True, leases[0] if len(leases) == 1 else tuple(leases))
 
     def _update(self, node: NodeInfo | _Peer) -> set[str]:
         """Store a node's record; the names whose lease changed in any family (this node's own name when
