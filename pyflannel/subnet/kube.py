@@ -319,10 +319,9 @@ def _list_records(client: KubeClient, convert: Callable[[_Fields], T], page_size
             for obj in items if isinstance(items, list) else ():
                 try:
                     fields = _node_fields(obj)
+                    records.append((fields.created, convert(fields)))
                 except ValueError as exc:
                     log.warning('Skipping node "%s" of the node list: %s', _name_of(obj), exc)
-                    continue
-                records.append((fields.created, convert(fields)))
             if on_page is not None:
                 on_page()
             meta = page.get("metadata") or {}
@@ -868,9 +867,9 @@ class KubeSubnetManager:
             backoff.reset()
             try:
                 fields = _node_fields(obj)
+                record = self._record(fields) if kind in ("ADDED", "MODIFIED") else None
             except ValueError as exc:
                 raise Undecodable(0, 'invalid watch event of node "%s": %s' % (_name_of(obj), exc)) from None
-            record = self._record(fields) if kind in ("ADDED", "MODIFIED") else None
             changed: set[str] = set()
             with self._lock:
                 if record is not None:
@@ -941,16 +940,16 @@ class KubeSubnetManager:
         try:
             page = self.client.list_nodes(1, field_selector="metadata.name=" + self.node_name,
                                           decode=decode_node_list)
-            items = [_node_fields(obj) for obj in page.get("items") or ()]
+            records = [self._record(_node_fields(obj)) for obj in page.get("items") or ()]
         except (ApiError, ValueError, TypeError) as exc:
             metrics.API_ERRORS.inc()
             log.warning("Failed to read node %s, waiting for the node list: %s", self.node_name, exc)
             return
         with self._lock:
             if self._own is None:  # the list may have been quicker
-                for fields in items:
-                    if fields.name == self.node_name:
-                        self._update(self._record(fields))
+                for record in records:
+                    if record.name == self.node_name:
+                        self._update(record)
 
     def wait_synced(self, stop: threading.Event, timeout: float = 600.0) -> None:
         """Block until the first list is in the cache (flanneld waits up to 10 min)."""
