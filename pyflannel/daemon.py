@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Network
 from types import FrameType, TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import __version__, config, health, ip, metrics, subnetfile
 from .backend.hostgw import BackendError, HostGWNetwork
@@ -31,6 +31,9 @@ from .subnet.annotations import AnnotationKeys, normalize_prefix
 from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
+
+if TYPE_CHECKING:
+    from .probe import Prober
 
 log = logging.getLogger(__name__)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -205,6 +208,7 @@ class Daemon:
         self.subnet_file: subnetfile.Keeper | None = None
         self._subnet_error = ""  # the last failure to write subnet.env, logged once
         self._warned_subnet: dict[Family, IPNetwork] = {}  # a changed pod CIDR, said once
+        self.prober: Prober | None = None
 
     # -- signals and readiness -----------------------------------------------------------------------
 
@@ -455,11 +459,29 @@ class Daemon:
         for family, manager in self.iptables.items():
             # After the routes, which pods need first; /readyz waits for both.
             self.supervisor.spawn("%s check" % family.iptables, manager.run)
+        self._start_prober()
         self.datapath_ready = True
         metrics.READY.set(1)
         if opts.set_node_network_unavailable:
             sm.complete_lease()
         log.info("Waiting for all goroutines to exit")
+
+    def _start_prober(self) -> None:
+        """The datapath probes and the VXLAN checksum-offload keeper (probe.py): a supervised worker."""
+        opts = self.opts
+        if not opts.datapath_probe_port and (opts.vxlan_checksum_offload == "on" or self.backend_type != "vxlan"):
+            return
+        from .probe import Prober, path
+
+        self.prober = Prober([path(f, b, self.leases[f].subnet) for f, b in self.backends.items()],
+                             opts.datapath_probe_port, float(opts.datapath_probe_interval), opts.vxlan_checksum_offload)
+        self.supervisor.spawn("datapath prober", self.prober.run)
+
+    def _probes(self) -> tuple[int, bytes, str]:
+        """``/probes``, to clients on this host: the datapath probes' results as JSON (``pyflannel check``)."""
+        if self.prober is None:
+            return 503, b"the datapath probes are not running\n", "text/plain; charset=utf-8"
+        return 200, self.prober.report(), "application/json"
 
     # -- steady state --------------------------------------------------------------------------------
 
@@ -554,12 +576,13 @@ class Daemon:
                 registry = metrics.enable(__version__)
             if opts.healthz_port:
                 routes = health.health_routes(self.ready, self.stalled)
+                routes["/probes"] = self._probes
                 if opts.metrics_port == opts.healthz_port:
                     routes.update(health.metrics_routes(registry))
                 addr = "[%s]:%d" % (opts.healthz_ip, opts.healthz_port) if ":" in opts.healthz_ip else \
                     "%s:%d" % (opts.healthz_ip, opts.healthz_port)
                 log.info("Start healthz server on %s", addr)
-                servers.append(health.serve(opts.healthz_ip, opts.healthz_port, routes))
+                servers.append(health.serve(opts.healthz_ip, opts.healthz_port, routes, local=("/probes",)))
             if opts.metrics_port and opts.metrics_port != opts.healthz_port:
                 servers.append(health.serve(opts.healthz_ip, opts.metrics_port, health.metrics_routes(registry)))
         except OSError as exc:

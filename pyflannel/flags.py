@@ -63,6 +63,9 @@ class Options:
     log_format: str
     metrics_port: int
     datapath_resync: int
+    datapath_probe_port: int
+    datapath_probe_interval: int
+    vxlan_checksum_offload: str
 
 
 class _BadValue(Exception):
@@ -207,6 +210,11 @@ def _log_format(value: str) -> None:
         raise _BadValue("must be klog or json")
 
 
+def _offload_mode(value: str) -> None:
+    if value not in ("auto", "on", "off"):
+        raise _BadValue("must be auto, on or off")
+
+
 def _ip(value: str) -> None:
     try:
         ipaddress.ip_address(value)
@@ -308,6 +316,15 @@ _FLAGS = (
           "the port for the metrics server to listen on the healthz IP (0 to disable)", _port),
     _Flag("datapath-resync", _INT, 30,
           "resync period for routes, neighbours and FDB entries, in seconds", _positive),
+    _Flag("datapath-probe-port", _INT, 8473,
+          "the TCP and UDP port of the datapath probes between the nodes, the same on every node (0 to disable)",
+          _port),
+    _Flag("datapath-probe-interval", _INT, 30,
+          "seconds between two rounds of datapath probes (each probes up to 8 other nodes per IP family)",
+          _positive),
+    _Flag("vxlan-checksum-offload", _STRING, "auto",
+          "tx checksum offload of the VXLAN device: auto (turned off when the checksum-offload bug is seen), on "
+          "(left as the kernel sets it) or off", _offload_mode),
 )
 _BY_NAME = {f.name: f for f in _FLAGS}
 
@@ -424,6 +441,8 @@ _DESCRIBE_FIELDS = (
     ("iptablesForwardRules", "iptables_forward_rules"), ("netConfPath", "net_config_path"),
     ("setNodeNetworkUnavailable", "set_node_network_unavailable"),
     ("logFormat", "log_format"), ("metricsPort", "metrics_port"), ("datapathResync", "datapath_resync"),
+    ("datapathProbePort", "datapath_probe_port"), ("datapathProbeInterval", "datapath_probe_interval"),
+    ("vxlanChecksumOffload", "vxlan_checksum_offload"),
 )
 
 

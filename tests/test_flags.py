@@ -170,6 +170,19 @@ def test_pyflannel_value_checks() -> None:
     assert error(["--healthz-ip=localhost"]) == 'invalid value "localhost" for flag -healthz-ip: not an IP address'
 
 
+def test_datapath_probe_and_checksum_offload_flags() -> None:
+    o = parse([], {})
+    assert (o.datapath_probe_port, o.datapath_probe_interval, o.vxlan_checksum_offload) == (8473, 30, "auto")
+    o = parse(["--datapath-probe-port=0", "--vxlan-checksum-offload=off"], {"FLANNELD_DATAPATH_PROBE_INTERVAL": "5"})
+    assert (o.datapath_probe_port, o.datapath_probe_interval, o.vxlan_checksum_offload) == (0, 5, "off")
+    assert error(["--datapath-probe-port=70000"]) == \
+        'invalid value "70000" for flag -datapath-probe-port: must be between 0 and 65535'
+    assert error(["--datapath-probe-interval=0"]) == \
+        'invalid value "0" for flag -datapath-probe-interval: must be at least 1'
+    assert error(["--vxlan-checksum-offload=maybe"]) == \
+        'invalid value "maybe" for flag -vxlan-checksum-offload: must be auto, on or off'
+
+
 def test_public_ip_checks() -> None:
     assert parse(["--public-ip=192.168.56.11"], {}).public_ip == "192.168.56.11"
     assert error(["--public-ip=foo"]) == "invalid public IP address: foo"
@@ -202,7 +215,7 @@ def test_usage_layout() -> None:
     assert not text.endswith("\n")
     names = [line.split()[0][1:] for line in lines[1:] if line.startswith("  -")]
     assert names == sorted(names)
-    assert len(names) == 32 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert len(names) == 35 and "log_backtrace_at" in names and "iface-can-reach" in names
     assert ("  -etcd-endpoints string\n    \ta comma-delimited list of etcd endpoints "
             '(default "http://127.0.0.1:4001,http://127.0.0.1:2379")\n') in text
     assert "  -ip-masq\n    \tsetup IP masquerade rule for traffic destined outside of overlay network\n" in text
@@ -269,7 +282,8 @@ def test_bad_env_value() -> None:
 def test_describe_reference_run() -> None:
     o = parse(["--kube-subnet-mgr", "--iface=eth1", "--ip-masq"], {})
     line = "CLI flags config: " + describe(o)
-    assert line == REFERENCE_LINE[:-1] + " logFormat:klog metricsPort:0 datapathResync:30}"
+    assert line == REFERENCE_LINE[:-1] + (" logFormat:klog metricsPort:0 datapathResync:30 datapathProbePort:8473 "
+                                          "datapathProbeInterval:30 vxlanChecksumOffload:auto}")
 
 
 def test_describe_lists_and_password() -> None:
@@ -278,7 +292,7 @@ def test_describe_lists_and_password() -> None:
     text = describe(o)
     assert " iface:[eth1 eth0] ifaceRegex:[x] " in text
     assert " etcdPassword:******** " in text and "s3cret" not in text
-    assert text.endswith(" logFormat:json metricsPort:9100 datapathResync:5}")
+    assert " logFormat:json metricsPort:9100 datapathResync:5 " in text
 
 
 def test_values_in_errors_are_quoted_like_go() -> None:
