@@ -31,7 +31,7 @@ from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
 from .family import IPV4, IPV6, Family
 from .subnet.kube import NodeInfo, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr, pod_cidr_field
 
-__all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
+__all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run", "write"]
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
@@ -1036,7 +1036,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], Result]], ...] = (
 )
 
 
-def _write(out: TextIO, result: Result) -> int:
+def write(out: TextIO, result: Result) -> int:
     """Print one check's lines; the number of problems."""
     if isinstance(result, str):
         print("ok    %s" % result, file=out)
@@ -1051,16 +1051,17 @@ def _write(out: TextIO, result: Result) -> int:
     return len(result)
 
 
-def run(ctx: Context, out: TextIO) -> int:
-    """Run every check in order, print the results, and return the number of problems."""
-    problems = 0
+def run(ctx: Context, out: TextIO, found: int = 0) -> int:
+    """Run every check in order, print the results, and return the number of problems (with ``found``,
+    those a caller printed before, counted in the closing line)."""
+    problems = found
     for title, check in CHECKS:
         try:
             result = check(ctx)
         except Unavailable as exc:
             print("skip  %s: needs %s" % (title, exc.needs), file=out)
             continue
-        problems += _write(out, result)
+        problems += write(out, result)
     if problems:
         print("%d problem%s found; fix them top down: later ones are often caused by earlier ones"
               % (problems, "" if problems == 1 else "s"), file=out)

@@ -64,7 +64,8 @@ TCP_RATE, TCP_BURST = 20.0, 40.0  # connections accepted a second, and in a burs
 MAX_CONNECTIONS = 16
 BATCH = 16  # datagrams or connections taken from one socket per wake-up
 IDLE_WAKE = 1.0  # seconds between looks at the stop event when nothing else is due
-PROBE_RCVBUF = 1 << 16  # bytes the responder's UDP socket queues (the kernel drops beyond)
+PROBE_RCVBUF = 1 << 14  # bytes the responder's UDP socket queues (the kernel doubles it, and drops beyond): a
+# flood's backlog is read within a second at UDP_RATE, so probes behind it are answered in time
 IP_FREEBIND = 15  # Linux; binds before the address exists (a device being re-created)
 IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3  # DF set, the path-MTU cache ignored
 SIOCGIFMTU = 0x8921
@@ -159,6 +160,7 @@ class Problem:
     since: float
     count: int = 0
     detail: str = ""
+    size: int = 0  # the full-size probe's packet size
 
     @property
     def confirmed(self) -> bool:
@@ -577,6 +579,7 @@ class Prober:
         self._turned_off: set[str] = set()  # devices whose offload this process turned off
         self._errors = checksum.ErrorWatch()
         self._bug = ""  # the checksum-offload bug's evidence, as last logged ('' while not seen)
+        self._auto = ""  # the evidence on which "auto" turned the offload off, and when
         self._lo: set[str] = set()  # probe addresses put on lo
         self._nl: Any = None
         self.responders: dict[Family, Responder] = {}
@@ -709,6 +712,8 @@ class Prober:
                 random.shuffle(state.queue)  # every node in another order: no peer gets every node's probes at once
                 state.cycle = len(state.queue)
                 refilled = True
+                if not state.queue:
+                    break
             name = state.queue.pop()
             if name in applied and name not in names:
                 names.append(name)
@@ -716,7 +721,8 @@ class Prober:
         for name in names:
             entry = applied.get(name)
             if entry is not None:
-                targets.append((name, probe_address(p.family.network(entry.dst)), getattr(entry, "public_ip", entry.gw)))
+                via = getattr(entry, "public_ip", None) or entry.gw  # vxlan's public IP, host-gw's gateway
+                targets.append((name, probe_address(p.family.network(entry.dst)), via))
         return targets
 
     # -- after a round -------------------------------------------------------------------------------------
@@ -762,7 +768,7 @@ class Prober:
             state.problems.pop(r.name, None)
             return
         if old is None or old.kind != kind:
-            old = state.problems[r.name] = Problem(kind, r.address, r.via, r.when)
+            old = state.problems[r.name] = Problem(kind, r.address, r.via, r.when, size=r.size)
         old.count += 1
         old.detail = "TCP %s, UDP %s, full size %s%s" % (
             r.tcp, "ok" if r.udp else "lost", {True: "ok", False: "lost", None: "not sent"}[r.full_size],
@@ -778,13 +784,14 @@ class Prober:
         for kind in PARTIAL:
             if kind == TCP and p.vxlan:
                 continue
-            names = [n for n, x in state.problems.items() if x.kind == kind and x.confirmed]
-            if names and kind not in state.announced:
-                head, fix = problem_text(kind, p.family.name, p.device, p.vxlan, p.tunnel_port, self.port, state.mtu,
-                                         _names(names))
+            found = {n: x for n, x in state.problems.items() if x.kind == kind and x.confirmed}
+            if found and kind not in state.announced:
+                size = max(x.size for x in found.values())
+                head, fix = problem_text(kind, p.family.name, p.device, p.vxlan, p.tunnel_port, self.port, size,
+                                         _names(list(found)))
                 log.warning("%s; fix: %s", head, fix)
                 state.announced.add(kind)
-            elif not names and kind in state.announced:
+            elif not found and kind in state.announced:
                 log.info("%s %s probes through %s pass again", p.family.name,
                          {TCP: "TCP", FULL_SIZE: "full-size", UDP: "UDP"}[kind], p.device)
                 state.announced.discard(kind)
@@ -810,9 +817,11 @@ class Prober:
         metrics.CHECKSUM_BUG.set(int(bool(found)))
         if found and not self._bug:
             devices = " and ".join(self._devices)
-            if self.offload == "auto" and any(self._tx.values()):
+            offloading = any(self._tx.values())
+            if self.offload == "auto" and offloading:
                 self._keep_off = True
                 self._keep_offload(quiet=True)
+                self._auto = "%s (%s)" % (found, time.strftime("%Y-%m-%d %H:%M:%S"))
                 log.warning("%s: the VXLAN checksum-offload bug; turned off tx checksum offload on %s (as ethtool -K "
                             "%s tx-checksum-ip-generic off; --vxlan-checksum-offload=auto)", found, devices,
                             self._devices[0])
@@ -823,7 +832,7 @@ class Prober:
                             x.count = 0  # to be confirmed again with the offload off
                 metrics.CHECKSUM_BUG.set(0)
                 return
-            if any(self._tx.values()):
+            if offloading or False not in self._tx.values():
                 log.warning("%s: the VXLAN checksum-offload bug (pings work, TCP stalls); fix: %s", found,
                             checksum_fix(self._devices[0]))
             else:
@@ -871,13 +880,14 @@ class Prober:
                     "cycle": state.cycle, "cycle_left": len(state.queue),
                     "problems": [{"name": n, "address": x.address, "via": x.via, "problem": x.kind,
                                   "rounds": x.count, "confirmed": x.confirmed, "since": round(x.since, 3),
-                                  "detail": x.detail} for n, x in state.problems.items()],
+                                  "size": x.size, "detail": x.detail} for n, x in state.problems.items()],
                     "recent": [r.as_dict() for r in state.recent],
                 })
             return json.dumps({
                 "now": round(time.time(), 3), "port": self.port, "interval": self.interval, "sample": self.sample,
                 "timeout": self.timeout, "confirm": CONFIRM,
-                "checksum_offload": {"mode": self.offload, "devices": dict(self._tx), "bug": self._bug},
+                "checksum_offload": {"mode": self.offload, "devices": dict(self._tx), "bug": self._bug,
+                                     "turned_off_on": self._auto},
                 "families": families,
             }).encode()
 

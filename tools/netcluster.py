@@ -248,18 +248,27 @@ class Cluster:
 
     # -- the daemon ---------------------------------------------------------------------------------
 
-    def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
-        """Start pyflannel on a node with the kube-flannel command line."""
+    def flags(self, node: Node) -> list[str]:
+        """The kube-flannel command line's flags for a node (the tests' health port and iptables resync)."""
         api = "--kubeconfig-file=%s" % self.kubeconfig if self.kubeconfig else "--kube-api-url=" + self.api_url
         sm = ["--etcd-endpoints=" + self.etcd.url] if self.etcd else ["--kube-subnet-mgr", api]
-        args = [self.python, "-m", "pyflannel", "--ip-masq", *sm, "--iface=eth1",
-                "--net-config-path=%s" % self.net_conf,
-                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1", *extra]
+        return ["--ip-masq", *sm, "--iface=eth1", "--net-config-path=%s" % self.net_conf,
+                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1"]
+
+    def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start pyflannel on a node with the kube-flannel command line."""
+        args = [self.python, "-m", "pyflannel", *self.flags(node), *extra]
         penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
         penv.update(env or {})
         with open(node.log_file, "ab") as out:
             node.proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=out,
                                          stderr=subprocess.STDOUT, env=penv, cwd=str(REPO))
+
+    def command(self, node: Node, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """Run ``pyflannel <name>`` (diagnose, check) on a node with its daemon's flags."""
+        env = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
+        return self.ns_run(node.netns, self.python, "-m", "pyflannel", name, *self.flags(node), *extra, check=False,
+                           env=env, timeout=60)
 
     def stop(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Signal the daemon and wait for it; its exit code (None if it had to be killed)."""
