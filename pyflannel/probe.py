@@ -584,6 +584,9 @@ class Prober:
         self._nl: Any = None
         self.responders: dict[Family, Responder] = {}
         self._keep_offload()
+        for p in paths:
+            if port and p.on_lo:
+                self._ready(p)  # the probe address is there by the time the node is ready
 
     # -- the worker ------------------------------------------------------------------------------------
 
