@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables iputils-ping containernetworking-plugins procps etcd-server etcd-client)
+packages=(iproute2 iptables iputils-ping containernetworking-plugins procps etcd-server etcd-client ethtool nftables
+          prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do
