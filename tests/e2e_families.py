@@ -168,9 +168,7 @@ def flanneld_state(cluster: Cluster, node: Node, peers: list[Node], macs: dict[i
     cluster.api.patch_node(node.name, {"metadata": {"annotations": annotations}})
 
 
-def probe_outcomes(node: Node) -> dict[int, dict[str, str]]:
+def probe_outcomes(cluster: Cluster, node: Node) -> dict[int, dict[str, str]]:
     """The datapath probes' last outcome of each peer, per IP version, from the node's /probes."""
-    code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8471/probes',timeout=5).read().decode())"
-    report = json.loads(Cluster.ns_run(node.netns, "python3", "-c", code).stdout)
     return {4 if fam["family"] == "IPv4" else 6: {r["name"]: r["outcome"] for r in fam["recent"]}
-            for fam in report["families"]}
+            for fam in cluster.probes(node)["families"]}

@@ -212,5 +212,5 @@ def test_datapath_probes_pass_through_both_devices(cluster: Cluster) -> None:
     for node in nodes:
         peers = [o.name for o in nodes if o is not node]
         cluster.wait_for("%s's probes" % node.name, lambda: all(
-            [found.get(name) for name in peers] == ["ok", "ok"] for found in probe_outcomes(node).values())
-            and len(probe_outcomes(node)) == len(families(cluster)), 30)
+            [found.get(name) for name in peers] == ["ok", "ok"] for found in probe_outcomes(cluster, node).values())
+            and len(probe_outcomes(cluster, node)) == len(families(cluster)), 30)

@@ -125,7 +125,7 @@ def test_datapath_probes_take_the_host_gw_routes_in_every_family(cluster: Cluste
     for node in nodes:
         peers = [o.name for o in nodes if o is not node]
         cluster.wait_for("%s's probes" % node.name, lambda: all(
-            [found.get(name) for name in peers] == ["ok", "ok"] for found in probe_outcomes(node).values())
-            and len(probe_outcomes(node)) == len(families(cluster)), 30)
+            [found.get(name) for name in peers] == ["ok", "ok"] for found in probe_outcomes(cluster, node).values())
+            and len(probe_outcomes(cluster, node)) == len(families(cluster)), 30)
     lo = {(a["local"], a["prefixlen"]) for a in ip_json(nodes[0], "ip", "-j", "addr", "show", "dev", "lo")[0]["addr_info"]}
     assert ("10.244.1.0", 32) in lo if cluster.ipv4 else ("fd00:10:244:1:8000::", 128) in lo

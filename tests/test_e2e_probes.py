@@ -4,7 +4,6 @@ VXLAN packets with nftables), ``pyflannel check``, and a pod flooding a node's r
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 
@@ -28,15 +27,9 @@ def get(node: Node, path: str, port: int = 8471, host: str = "127.0.0.1", netns:
     return int(status), body
 
 
-def probes(node: Node) -> dict:
-    status, body = get(node, "/probes")
-    assert status == 200, body
-    return json.loads(body)
-
-
-def latest(node: Node) -> dict[str, str]:
+def latest(cluster: Cluster, node: Node) -> dict[str, str]:
     """Each peer's last outcome, by name."""
-    return {r["name"]: r["outcome"] for r in probes(node)["families"][0]["recent"]}
+    return {r["name"]: r["outcome"] for r in cluster.probes(node)["families"][0]["recent"]}
 
 
 def metric(node: Node, sample: str) -> float:
@@ -83,8 +76,8 @@ def test_every_peer_answers_every_probe_and_check_says_so(cluster: Cluster) -> N
     for node in (n1, n2, n3):
         others = {o.name for o in (n1, n2, n3) if o is not node}
         cluster.wait_for("%s's probes of %s" % (node.name, others),
-                         lambda: latest(node) == {name: "ok" for name in others}, 30)
-    fam = probes(n1)["families"][0]
+                         lambda: latest(cluster, node) == {name: "ok" for name in others}, 30)
+    fam = cluster.probes(n1)["families"][0]
     assert (fam["device"], fam["address"], fam["mtu"], fam["peers"], fam["problems"]) == (
         "flannel.1", "10.244.1.0", 1450, 2, [])
     r = fam["recent"][-1]
@@ -173,7 +166,7 @@ def test_the_checksum_offload_bug_is_seen_and_auto_turns_the_offload_off(cluster
         hub_rules(cluster)
         Cluster.ns_run(n1.netns, "ethtool", "-K", "eth1", "tx", "on")
     cluster.wait_for("the errors to end", lambda: "The VXLAN checksum errors are no longer seen" in n1.log(), 30)
-    cluster.wait_for("every probe to pass", lambda: latest(n1) == {"k8s02": "ok", "k8s03": "ok"}, 30)
+    cluster.wait_for("every probe to pass", lambda: latest(cluster, n1) == {"k8s02": "ok", "k8s03": "ok"}, 30)
 
 
 def test_offload_off_turns_it_off_at_start_and_after_the_device_comes_back(cluster: Cluster) -> None:
@@ -189,7 +182,7 @@ def test_offload_off_turns_it_off_at_start_and_after_the_device_comes_back(clust
     cluster.wait_for("the offload to be turned off again", lambda: "--vxlan-checksum-offload=off) again: the device "
                      "was re-created" in n3.log(), 30)
     assert tx_checksum(n3) == "off"
-    cluster.wait_for("k8s03's probes", lambda: latest(n3) == {"k8s01": "ok", "k8s02": "ok"}, 30)
+    cluster.wait_for("k8s03's probes", lambda: latest(cluster, n3) == {"k8s01": "ok", "k8s02": "ok"}, 30)
 
 
 def test_a_pod_flooding_the_responder_gets_bounded_answers(cluster: Cluster) -> None:

@@ -264,6 +264,11 @@ class Cluster:
             node.proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=out,
                                          stderr=subprocess.STDOUT, env=penv, cwd=str(REPO))
 
+    def probes(self, node: Node) -> dict:
+        """The datapath probes' results of the node's daemon (its /probes, as JSON)."""
+        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8471/probes',timeout=5).read().decode())"
+        return json.loads(self.ns_run(node.netns, "python3", "-c", code).stdout)  # type: ignore[no-any-return]
+
     def command(self, node: Node, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
         """Run ``pyflannel <name>`` (diagnose, check) on a node with its daemon's flags."""
         env = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
