@@ -28,12 +28,14 @@ the rest, which costs nothing), and holds at most MAX_CONNECTIONS connections of
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
 import random
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -521,9 +523,6 @@ def _handshake_rtt(sock: socket.socket) -> float | None:
 
 def device_mtu(device: str) -> int:
     """The MTU of ``device`` (SIOCGIFMTU); raises OSError."""
-    import fcntl
-    import struct
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         answer = fcntl.ioctl(sock.fileno(), SIOCGIFMTU, struct.pack("16si12x", device.encode(), 0))
     return int(struct.unpack("16si12x", answer)[1])
@@ -647,6 +646,10 @@ class Prober:
         if not self.port:
             return []
         self._serve()
+        with self._lock:
+            return self._sample_all(sel)
+
+    def _sample_all(self, sel: selectors.BaseSelector) -> list[tuple[Path, Round]]:
         rounds = []
         for p in self.paths:
             state = self._states[p.family]
@@ -689,8 +692,13 @@ class Prober:
                 "family": p.family.af, "prefixlen": bits, "index": socket.if_nametoindex(LO)},
                 attrs=[("IFA_LOCAL", p.address), ("IFA_ADDRESS", p.address)]))
         except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                return "cannot add %s/%d to lo: %s" % (p.address, bits, exc)
+            if exc.errno == errno.EEXIST:
+                return ""
+            why = "cannot add %s/%d to lo: %s" % (p.address, bits, os.strerror(exc.errno or 0).lower())
+            if why != self._states[p.family].skipped:
+                log.error("Failed to set up the datapath probes: %s; this node answers no probe, and does not probe, "
+                          "in %s", why, p.family)
+            return why
         log.info("Added the datapath probe address %s/%d to lo%s (the other nodes probe it through their route to "
                  "this node's pods)", p.address, bits, " again" if p.address in self._lo else "")
         self._lo.add(p.address)
