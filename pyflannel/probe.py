@@ -774,7 +774,7 @@ class Prober:
         old = state.problems.get(r.name)
         if old is not None and old.confirmed and old.kind == UNREACHABLE and kind != UNREACHABLE:
             log.info("%s peer %s (%s) is reachable again through %s (round trip %s)", family, r.name, r.address,
-                     p.device, "%.1f ms" % (r.rtt * 1000) if r.rtt is not None else "not measured")
+                     p.device, "%.2f ms" % (r.rtt * 1000) if r.rtt is not None else "not measured")
         if kind in (OK, NO_RESPONDER):
             state.problems.pop(r.name, None)
             return

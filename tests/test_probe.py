@@ -317,7 +317,7 @@ def test_a_problem_is_said_once_confirmed_and_its_end_once(caplog: pytest.LogCap
     assert registry.get_sample_value("pyflannel_probe_peers_unreachable", {"family": "IPv4"}) == 1
     assert rnd(result("k8s0002", UNREACHABLE)) == []
     assert rnd(result("k8s0002", OK, rtt=0.0012)) == [
-        "IPv4 peer k8s0002 (10.244.0.0) is reachable again through lo (round trip 1.2 ms)"]
+        "IPv4 peer k8s0002 (10.244.0.0) is reachable again through lo (round trip 1.20 ms)"]
     assert registry.get_sample_value("pyflannel_probe_peers_unreachable", {"family": "IPv4"}) == 0
     assert registry.get_sample_value("pyflannel_probes_total", {"family": "IPv4", "protocol": "tcp"}) == 5
     assert registry.get_sample_value("pyflannel_probe_failures_total", {"family": "IPv4", "protocol": "udp"}) == 3
