@@ -530,11 +530,11 @@ def device_mtu(device: str) -> int:
 
 def is_local(address: str, af: int) -> bool:
     """Whether ``address`` is one of this network namespace's."""
-    with socket.socket(af, socket.SOCK_DGRAM) as sock:
-        try:
+    try:
+        with socket.socket(af, socket.SOCK_DGRAM) as sock:
             sock.bind((address, 0))
-        except OSError:
-            return False
+    except OSError:
+        return False
     return True
 
 
@@ -627,8 +627,7 @@ class Prober:
 
     def _serve(self) -> None:
         """Open the responders that are not serving; say why once when one cannot."""
-        for p in self.paths:
-            responder = self.responders[p.family]
+        for responder in self.responders.values():
             if responder.udp is not None:
                 continue
             try:
@@ -638,7 +637,7 @@ class Prober:
                 if why != responder.error:
                     log.error("Failed to answer datapath probes on %s port %d: %s; the other nodes see this one as "
                               "unreachable until it can (another program holds the port: give every node another "
-                              "--datapath-probe-port)", p.address, self.port, why)
+                              "--datapath-probe-port)", responder.path.address, self.port, why)
                 responder.error = why
 
     def _begin(self, sel: selectors.BaseSelector) -> list[tuple[Path, Round]]:
@@ -684,10 +683,10 @@ class Prober:
         from ._pyroute2 import ifaddrmsg
         from .netlink import CREATE, RTM_NEWADDR, Netlink, request
 
-        if self._nl is None:
-            self._nl = Netlink()
         bits = p.family.bits
         try:
+            if self._nl is None:
+                self._nl = Netlink()
             self._nl.call(request(ifaddrmsg, RTM_NEWADDR, CREATE, fields={
                 "family": p.family.af, "prefixlen": bits, "index": socket.if_nametoindex(LO)},
                 attrs=[("IFA_LOCAL", p.address), ("IFA_ADDRESS", p.address)]))

@@ -7,8 +7,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import secrets
 import selectors
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
@@ -21,6 +25,8 @@ import pytest
 from pyflannel import check, checksum, flags, metrics, probe
 from pyflannel.family import IPV4
 from pyflannel.probe import FULL_SIZE, NO_RESPONDER, OK, TCP, UDP, UNREACHABLE, Path, Prober, Responder, Result, Round
+from tests.conftest import needs_netns
+from tools.netcluster import REPO
 
 
 def free_port() -> int:
@@ -426,3 +432,36 @@ def test_check_without_a_daemon_says_why_and_runs_the_node_checks(tmp_path: FsPa
     assert out.getvalue().startswith("FAIL  no datapath probe results: pyflannel does not answer on 127.0.0.1 port ")
     with pytest.raises(check.Unanswered, match=r"off \(--datapath-probe-port=0\)"):
         check.fetch(flags.parse(["--datapath-probe-port=0"], {}))
+
+
+@needs_netns
+@pytest.mark.netns
+def test_the_probe_address_is_put_on_lo_and_back_when_removed() -> None:
+    """host-gw (and IPv6): the probe address is added to lo before the node is ready, and again at the
+    next round after someone removed it."""
+    ns = "pfprobe-" + secrets.token_hex(3)
+    script = """
+import logging, selectors, subprocess
+logging.basicConfig(level=logging.INFO)
+from ipaddress import IPv4Network
+from types import SimpleNamespace
+from pyflannel.family import IPV4
+from pyflannel.probe import Path, Prober, is_local
+p = Path(IPV4, SimpleNamespace(device_ok=True, applied={}), "10.244.1.0", IPv4Network("10.244.0.0/16"), "eth1",
+         vxlan=False, tunnel_port=0, on_lo=True)
+prober = Prober([p], 8473, 30.0, "on")
+print(is_local("10.244.1.0", IPV4.af))
+subprocess.run(["ip", "addr", "del", "10.244.1.0/32", "dev", "lo"], check=True)
+print(is_local("10.244.1.0", IPV4.af))
+prober._begin(selectors.DefaultSelector())
+print(is_local("10.244.1.0", IPV4.af))
+"""
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+        assert res.stdout.split() == ["True", "False", "True"], res.stdout + res.stderr
+        assert "Added the datapath probe address 10.244.1.0/32 to lo again" in res.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
