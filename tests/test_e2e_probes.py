@@ -49,6 +49,15 @@ def hub_rules(cluster: Cluster, *rules: str) -> None:
                        "    type filter hook forward priority 0;\n%s\n  }\n}\n" % body)
 
 
+def wait_line(cluster: Cluster, node: Node, pattern: str, what: str, timeout: float = 30) -> None:
+    """Wait for a log line of the node matching the regex ``pattern``; on timeout, show its probe lines."""
+    try:
+        cluster.wait_for(what, lambda: re.search(pattern, node.log(), re.M), timeout)
+    except TimeoutError:
+        lines = [line for line in node.log().splitlines() if "probe.py" in line]
+        raise AssertionError("timed out waiting for %s; %s's probe lines:\n%s" % (what, node.name, "\n".join(lines)))
+
+
 def tx_checksum(node: Node) -> str:
     out = Cluster.ns_run(node.netns, "ethtool", "-k", "flannel.1").stdout
     return re.search(r"tx-checksum-ip-generic: (\w+)", out).group(1)  # type: ignore[union-attr]
@@ -108,7 +117,7 @@ def test_an_unreachable_peer_is_said_once_then_its_recovery(cluster: Cluster) ->
             "probes (2 rounds in a row); pods here cannot reach its pods; fix: allow UDP 8472 (VXLAN)")
     try:
         hub_rules(cluster, "ip saddr 192.168.56.13 udp dport 8472 drop")
-        cluster.wait_for("the unreachable line", lambda: line in n1.log(), 30)
+        wait_line(cluster, n1, re.escape(line), "the unreachable line")
         assert metric(n1, 'pyflannel_probe_peers_unreachable{family="IPv4"}') == 1
         res = cluster.command(n1, "check", *FLAGS)
         assert res.returncode == 1
@@ -117,8 +126,8 @@ def test_an_unreachable_peer_is_said_once_then_its_recovery(cluster: Cluster) ->
         assert "\n      Pods on this node cannot reach the pods of k8s03.\n" in res.stdout
     finally:
         hub_rules(cluster)
-    cluster.wait_for("the recovery line", lambda: "IPv4 peer k8s03 (10.244.3.0) is reachable again through flannel.1 "
-                     "(round trip" in n1.log(), 30)
+    wait_line(cluster, n1, re.escape("IPv4 peer k8s03 (10.244.3.0) is reachable again through flannel.1 (round trip"),
+              "the recovery line")
     assert n1.log().count(line) == 1
     assert metric(n1, 'pyflannel_probe_peers_unreachable{family="IPv4"}') == 0
 
@@ -127,14 +136,14 @@ def test_lost_full_size_packets_are_said_with_the_mtu_fix(cluster: Cluster) -> N
     n1 = nodes(cluster)[0]
     try:
         hub_rules(cluster, "ip saddr 192.168.56.12 udp dport 8472 meta length > 1000 drop")
-        cluster.wait_for("the full-size line", lambda: "IPv4 full-size packets (1450 bytes, DF) through flannel.1 are "
-                         "lost while small ones pass, to k8s02: the network between the nodes carries less than "
-                         "flannel.1's MTU; fix: set \"MTU\" in net-conf.json's Backend" in n1.log(), 30)
+        wait_line(cluster, n1, re.escape("IPv4 full-size packets (1450 bytes, DF) through flannel.1 are lost while "
+                                         "small ones pass, to k8s02: the network between the nodes carries less than "
+                                         "flannel.1's MTU; fix: set \"MTU\" in net-conf.json's Backend"),
+                  "the full-size line")
         assert metric(n1, 'pyflannel_probe_peers_degraded{family="IPv4",problem="full_size"}') == 1
     finally:
         hub_rules(cluster)
-    cluster.wait_for("the full-size probes to pass", lambda: "IPv4 full-size probes through flannel.1 pass again"
-                     in n1.log(), 30)
+    wait_line(cluster, n1, "IPv4 full-size probes through flannel.1 pass again", "the full-size probes to pass")
 
 
 def test_the_checksum_offload_bug_is_seen_and_auto_turns_the_offload_off(cluster: Cluster) -> None:
@@ -146,18 +155,15 @@ def test_the_checksum_offload_bug_is_seen_and_auto_turns_the_offload_off(cluster
     Cluster.ns_run(n1.netns, "ethtool", "-K", "eth1", "tx", "off")
     try:
         hub_rules(cluster, "ip saddr 192.168.56.11 udp dport 8472 @th,312,8 6 @th,480,8 set 0x55")
-        cluster.wait_for("k8s01 to turn its offload off", lambda: "IPv4 TCP probes through flannel.1 fail while UDP "
-                         "passes, to k8s02, k8s03: the VXLAN checksum-offload bug; turned off tx checksum offload on "
-                         "flannel.1 (as ethtool -K flannel.1 tx-checksum-ip-generic off; --vxlan-checksum-offload=auto)"
-                         in n1.log(), 30)
+        wait_line(cluster, n1, r"IPv4 TCP probes through flannel.1 fail while UDP passes, to k8s0[23](, k8s0[23])?"
+                  r".*: the VXLAN checksum-offload bug; turned off tx checksum offload on flannel.1 \(as ethtool -K "
+                  r"flannel.1 tx-checksum-ip-generic off; --vxlan-checksum-offload=auto\)$", "k8s01 to turn it off")
         assert tx_checksum(n1) == "off"
-        cluster.wait_for("k8s02 to see the checksum errors", lambda: re.search(
-            r"the kernel counted \d+ UDP checksum errors \(Udp InCsumErrors\) in the last 2 rounds while flannel.1 "
-            r"carried traffic", n2.log()), 30)
+        wait_line(cluster, n2, r"the kernel counted \d+ UDP checksum errors \(Udp InCsumErrors\) in the last 2 rounds "
+                  r"while flannel.1 carried traffic", "k8s02 to see the checksum errors")
         # Here the corruption goes on with the offload off: said once more, as not the offload bug.
-        cluster.wait_for("the line saying it is not the offload", lambda: "with tx checksum offload off on flannel.1: "
-                         "if every node has it off, something between the nodes drops or corrupts VXLAN packets"
-                         in n1.log(), 30)
+        wait_line(cluster, n1, r"with tx checksum offload off on flannel.1: if every node has it off, something "
+                  r"between the nodes drops or corrupts VXLAN packets", "the line saying it is not the offload")
         res = cluster.command(n1, "check", *FLAGS)
         assert re.search(r"^ok    tx checksum offload of flannel.1: off, turned off when the checksum-offload bug "
                          r"was seen: IPv4 TCP probes", res.stdout, re.M), res.stdout
@@ -165,7 +171,7 @@ def test_the_checksum_offload_bug_is_seen_and_auto_turns_the_offload_off(cluster
     finally:
         hub_rules(cluster)
         Cluster.ns_run(n1.netns, "ethtool", "-K", "eth1", "tx", "on")
-    cluster.wait_for("the errors to end", lambda: "The VXLAN checksum errors are no longer seen" in n1.log(), 30)
+    wait_line(cluster, n1, "The VXLAN checksum errors are no longer seen", "the errors to end")
     cluster.wait_for("every probe to pass", lambda: latest(cluster, n1) == {"k8s02": "ok", "k8s03": "ok"}, 30)
 
 
@@ -179,8 +185,8 @@ def test_offload_off_turns_it_off_at_start_and_after_the_device_comes_back(clust
            "--vxlan-checksum-offload=off)\n" in n3.log()
     assert tx_checksum(n3) == "off"
     Cluster.ns_run(n3.netns, "ip", "link", "del", "flannel.1")
-    cluster.wait_for("the offload to be turned off again", lambda: "--vxlan-checksum-offload=off) again: the device "
-                     "was re-created" in n3.log(), 30)
+    wait_line(cluster, n3, re.escape("--vxlan-checksum-offload=off) again: the device was re-created"),
+              "the offload to be turned off again")
     assert tx_checksum(n3) == "off"
     cluster.wait_for("k8s03's probes", lambda: latest(cluster, n3) == {"k8s01": "ok", "k8s02": "ok"}, 30)
 
