@@ -613,7 +613,7 @@ def test_mtu_from_net_conf(cluster: Cluster, tmp_path: Path) -> None:
 @needs_netns
 def test_net_conf_multi_network_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
-    conf.write_text(json.dumps({"Network": NETWORK, "Networks": [NETWORK], "Backend": {"Type": "vxlan"}}))
+    conf.write_text(json.dumps({"Network": NETWORK, "Networks": ["10.99.0.0/16"], "Backend": {"Type": "vxlan"}}))
     code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
     assert code == 1
-    the_block(out, "net-conf.json is invalid: Networks: pyflannel does not support multiple networks")
+    the_block(out, "net-conf.json is invalid: Networks: 10.99.0.0/16 differs from Network %s" % NETWORK)
