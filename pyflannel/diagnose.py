@@ -758,7 +758,7 @@ def check_ipv6_interface(ctx: Context) -> Result:
             "this node has no IPv6 default route\n"
             "The pods' IPv6 traffic to addresses outside the cluster (masqueraded to this node's address) has no "
             "route out, and without --iface pyflannel cannot pick its interface (`failed to get default v6 "
-            "interface: Unable to find default v6 route`).",
+            "interface: unable to find default v6 route`).",
             ["add one in the node's network configuration: ip -6 route add default via <router> dev %s" % ext.name,
              "if the router advertises it: with IPv6 forwarding on, the kernel takes router advertisements only "
              "with net.ipv6.conf.%s.accept_ra=2" % ext.name]))
