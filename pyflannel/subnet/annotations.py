@@ -61,6 +61,11 @@ class AnnotationKeys:
         """The key a user sets to overwrite ``family``'s public address (read only)."""
         return self.prefix + family.public_ip_overwrite_annotation
 
+    def node_public_ip(self, family: Family) -> str:
+        """The key a user sets to pin ``family``'s public address before the interface is chosen, as
+        ``--public-ip(v6)`` would (``node-public-ip``, ``node-public-ipv6``; flannel v0.25.3; read only)."""
+        return self.prefix + "node-" + family.public_ip_annotation
+
     @classmethod
     def from_prefix(cls, prefix: str) -> AnnotationKeys:
         """The keys for ``prefix`` (normalised first); raises :class:`PrefixError`."""
