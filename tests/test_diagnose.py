@@ -617,3 +617,22 @@ def test_net_conf_multi_network_is_refused(cluster: Cluster, tmp_path: Path) -> 
     code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
     assert code == 1
     the_block(out, "net-conf.json is invalid: Networks: 10.99.0.0/16 differs from Network %s" % NETWORK)
+
+
+def test_br_netfilter_for_ipv6_and_what_the_daemon_does(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(json.dumps({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/56",
+                                "Backend": {"Type": "vxlan"}}))
+    ctx = proc_context(tmp_path / "v6", {"net/bridge/bridge-nf-call-iptables": "1"})
+    ctx.opts = flags.parse(["--kube-subnet-mgr", "--net-config-path=%s" % conf], {})
+    missing = diagnose.check_br_netfilter(ctx)
+    assert isinstance(missing, list) and len(missing) == 1
+    assert "bridge-nf-call-ip6tables is missing" in missing[0].what
+    assert "pyflannel waits for it, not ready (/readyz 503), after logging `Failed to check br_netfilter: stat " \
+           in missing[0].what
+    (tmp_path / "v6" / "sys" / "net" / "bridge" / "bridge-nf-call-ip6tables").write_text("0\n")
+    off = diagnose.check_br_netfilter(ctx)
+    assert isinstance(off, list) and off[0].what.startswith(
+        "bridged traffic bypasses ip6tables (net.bridge.bridge-nf-call-ip6tables = 0)")
+    assert off[0].fix == ["sysctl -w net.bridge.bridge-nf-call-ip6tables=1, and put net.bridge.bridge-nf-call-ip6tables "
+                          "= 1 into /etc/sysctl.d/99-kubernetes.conf"]
