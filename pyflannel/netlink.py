@@ -88,7 +88,8 @@ _U32_ATTR = struct.Struct("=HHI")
 
 Deletion = tuple[str, int, str]
 """What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst"), ("route", table, "dst/len"),
-("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP.
+("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP;
+or ("up", ifindex, name): a link with IFF_UP was created or changed (a re-created external interface).
 Addresses of either family, IPv6 ones in their compressed form ("fd00:10:244:1::")."""
 
 
@@ -407,7 +408,7 @@ class Netlink:
 
 def deletions(buf: bytes, families: frozenset[int] = frozenset((socket.AF_INET,))) -> list[Deletion]:
     """The neighbour, route and address deletions of the address ``families``, the FDB and link
-    deletions, and the links without IFF_UP, in a buffer of rtnetlink notifications.
+    deletions, and the links' news (with or without IFF_UP), in a buffer of rtnetlink notifications.
 
     Only the few fields needed are read, so the many notifications a busy node sends cost little.
     """
@@ -431,10 +432,11 @@ def deletions(buf: bytes, families: frozenset[int] = frozenset((socket.AF_INET,)
             _, prefixlen, _, _, index = _IFADDRMSG.unpack_from(buf, body)
             a = parse_attrs(buf, body + _IFADDRMSG.size, end)
             out.append(("addr", index, "%s/%d" % (_ip(a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)), prefixlen)))
-        elif msg_type == RTM_DELLINK or (msg_type == RTM_NEWLINK and not _IFINFOMSG.unpack_from(buf, body)[3] & IFF_UP):
-            index = _IFINFOMSG.unpack_from(buf, body)[2]
+        elif msg_type in (RTM_DELLINK, RTM_NEWLINK):
+            _, index, link_flags, _ = _IFINFOMSG.unpack_from(buf, body)[1:]
             name = parse_attrs(buf, body + _IFINFOMSG.size, end).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
-            out.append(("link" if msg_type == RTM_DELLINK else "down", index, name))
+            kind = "link" if msg_type == RTM_DELLINK else "up" if link_flags & IFF_UP else "down"
+            out.append((kind, index, name))
         off += (length + 3) & ~3
     return out
 
