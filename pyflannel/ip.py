@@ -263,22 +263,29 @@ def _is_local(nl: Netlink, address: IPAddress) -> bool:
     return True
 
 
-def follow(nl: Netlink, ext: ExternalInterface) -> ExternalInterface | None:
+def follow(nl: Netlink, ext: ExternalInterface) -> ExternalInterface:
     """``ext`` as the kernel has it now: ``ext`` itself while its index still has its name; when the
     interface was re-created under a new index (a VLAN, bond or tailscale0 restarted), the interface of
-    that name, once it holds the interface address of every family again; None until then.
+    that name, once it holds the interface address of every family again. Raises LookupError (flannel
+    v0.28.9's device watcher's words where it has them) until then.
 
     The name is what the flags chose (or the address's interface, which keeps its name), so a
-    re-created interface is found by it, as flannel v0.27.4's device watcher finds it.
+    re-created interface is found by it, as flannel v0.27.4's device watcher finds it. The addresses
+    must be the ones chosen at start: they are what this node advertises.
     """
     link = nl.link(index=ext.index)
     if link is not None and link.get_attr("IFLA_IFNAME") == ext.name:
         return ext
     link = nl.link(name=ext.name)
     if link is None:
-        return None
+        raise LookupError("external interface %s not found" % ext.name)
     index = int(link["index"])
     for family, addr in ext.addrs.items():
-        if addr.iface_addr not in {_address(m) for m in nl.addresses(index, family.af)}:
-            return None
+        have = _addresses(nl, index, family)
+        if not have:
+            raise LookupError("error getting %s addresses for %s: no %s address found for given interface"
+                              % (family, ext.name, family))
+        if addr.iface_addr not in have:
+            raise LookupError("%s was re-created without its address %s (it has %s); restart pyflannel to use "
+                              "another" % (ext.name, addr.iface_addr, ", ".join(str(a) for a in have)))
     return replace(ext, index=index)

@@ -130,7 +130,8 @@ def test_a_re_created_external_interface_gets_its_devices_and_entries_back(clust
     mark = len(n1.log())
     Cluster.ns_run(n1.netns, "ip", "link", "del", "eth1")
     cluster.wait_for("/readyz 503", lambda: "503" in _readyz(n1), 10)
-    cluster.wait_for("the error", lambda: "its external interface eth1 is gone" in n1.log()[mark:], 10)
+    cluster.wait_for("the error", lambda: "flannel.1 was deleted and could not be restored: external interface eth1 not "
+                                          "found; waiting for it" in n1.log()[mark:], 10)
     watch = ReadyzWatch(n1)
     Cluster.ns_run(n1.netns, "ip", "link", "add", "eth1", "address", eth1["address"], "type", "veth",
                    "peer", "name", peer, "netns", cluster.hub)

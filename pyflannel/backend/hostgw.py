@@ -211,8 +211,11 @@ class HostGWNetwork:
         routes = self.nl.routes(family=self.family.af)
         l2 = l2_networks(routes, self.ext.index, self.family)
         if not l2:  # the interface may have been re-created (a VLAN, bond or tailscale0 restarted): find it by name
-            moved = ip.follow(self.nl, self.ext)
-            if moved is not None and moved is not self.ext:
+            try:
+                moved = ip.follow(self.nl, self.ext)
+            except LookupError:
+                moved = self.ext  # not yet: the error below says the interface is unusable
+            if moved is not self.ext:
                 log.info("External interface %s was re-created (index %d, was %d); the %s routes follow it",
                          moved.name, moved.index, self.ext.index, self.family)
                 self.ext = moved

@@ -340,10 +340,10 @@ class VXLANNetwork:
     def _follow_external(self) -> None:
         """Find the external interface again by its name if it was re-created with a new index (the kernel
         deletes the device with it); raises DeviceError while it is gone or lacks its address."""
-        ext = ip.follow(self.nl, self.ext)
-        if ext is None:
-            raise DeviceError("its external interface %s is gone or lacks its address %s; waiting for it to come back"
-                              % (self.ext.name, self.ext.addrs[self.family].iface_addr))
+        try:
+            ext = ip.follow(self.nl, self.ext)
+        except LookupError as exc:
+            raise DeviceError("%s; waiting for it" % exc) from None
         if ext is not self.ext:
             log.info("External interface %s was re-created (index %d, was %d); %s follows it", ext.name, ext.index,
                      self.ext.index, self.name)
