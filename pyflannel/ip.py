@@ -263,10 +263,10 @@ def _is_local(nl: Netlink, address: IPAddress) -> bool:
     return True
 
 
-def follow(nl: Netlink, ext: ExternalInterface) -> ExternalInterface:
+def follow(nl: Netlink, ext: ExternalInterface, family: Family) -> ExternalInterface:
     """``ext`` as the kernel has it now: ``ext`` itself while its index still has its name; when the
     interface was re-created under a new index (a VLAN, bond or tailscale0 restarted), the interface of
-    that name, once it holds the interface address of every family again. Raises LookupError (flannel
+    that name, once it holds its interface address of ``family`` again. Raises LookupError (flannel
     v0.28.9's device watcher's words where it has them) until then.
 
     The name is what the flags chose (or the address's interface, which keeps its name), so a
@@ -280,12 +280,12 @@ def follow(nl: Netlink, ext: ExternalInterface) -> ExternalInterface:
     if link is None:
         raise LookupError("external interface %s not found" % ext.name)
     index = int(link["index"])
-    for family, addr in ext.addrs.items():
-        have = _addresses(nl, index, family)
-        if not have:
-            raise LookupError("error getting %s addresses for %s: no %s address found for given interface"
-                              % (family, ext.name, family))
-        if addr.iface_addr not in have:
-            raise LookupError("%s was re-created without its address %s (it has %s); restart pyflannel to use "
-                              "another" % (ext.name, addr.iface_addr, ", ".join(str(a) for a in have)))
+    want = ext.addrs[family].iface_addr
+    have = _addresses(nl, index, family)
+    if not have:
+        raise LookupError("error getting %s addresses for %s: no %s address found for given interface"
+                          % (family, ext.name, family))
+    if want not in have:
+        raise LookupError("%s was re-created without its address %s (it has %s); restart pyflannel to use another"
+                          % (ext.name, want, ", ".join(str(a) for a in have)))
     return replace(ext, index=index)

@@ -71,7 +71,7 @@ def follow_error(readd: bool) -> str:
     if readd:
         nl.ip_link_add("eth1")
     try:
-        ip.follow(nl, ext)
+        ip.follow(nl, ext, IPV4)
     except LookupError as exc:
         return str(exc)
     raise AssertionError("no error")

@@ -212,7 +212,7 @@ class HostGWNetwork:
         l2 = l2_networks(routes, self.ext.index, self.family)
         if not l2:  # the interface may have been re-created (a VLAN, bond or tailscale0 restarted): find it by name
             try:
-                moved = ip.follow(self.nl, self.ext)
+                moved = ip.follow(self.nl, self.ext, self.family)
             except LookupError:
                 moved = self.ext  # not yet: the error below says the interface is unusable
             if moved is not self.ext:

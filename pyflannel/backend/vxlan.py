@@ -341,7 +341,7 @@ class VXLANNetwork:
         """Find the external interface again by its name if it was re-created with a new index (the kernel
         deletes the device with it); raises DeviceError while it is gone or lacks its address."""
         try:
-            ext = ip.follow(self.nl, self.ext)
+            ext = ip.follow(self.nl, self.ext, self.family)
         except LookupError as exc:
             raise DeviceError("%s; waiting for it" % exc) from None
         if ext is not self.ext:
