@@ -21,14 +21,14 @@ from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
 from .blackhole import BlackholeRoutes
 from .etcdclient import EtcdClient, EtcdError
-from .family import FAMILIES, IPV4, IPV6, Family, IPNetwork
+from .family import IPV4, IPV6, Family, IPNetwork
 from .flags import FlagError, Options, continue_when_cache_not_ready, describe, event_queue_depth, go_quote
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError, LeaseRevoked
 from .log import V
 from .netlink import Deletion, Monitor, Netlink
 from .subnet import SubnetManager
-from .subnet.annotations import AnnotationKeys, normalize_prefix
+from .subnet.annotations import AnnotationKeys, node_public_ips, normalize_prefix
 from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .trafficmngr.iptables import IPTablesManager
@@ -527,20 +527,14 @@ class Daemon:
             return public_ip, public_ipv6
         log.info("List of node(%s) annotations: map[string]string{%s}", sm.node_name,
                  ", ".join("%s:%s" % (go_quote(k), go_quote(v)) for k, v in sorted(own.annotations.items())))
-        publics = {IPV4: public_ip, IPV6: public_ipv6}
-        for family in FAMILIES:
-            key = sm.keys.node_public_ip(family)
-            value = own.annotations.get(key, "")
-            if not value:
-                continue
-            try:
-                family.address(value)
-            except ValueError:
-                raise Fatal("Failed to find any valid interface to use: invalid public %s address: %s (node "
-                            "annotation '%s')" % ("IP" if family is IPV4 else "IPv6", value, key)) from None
+        try:
+            found = node_public_ips(sm.keys, own.annotations)
+        except ValueError as exc:
+            raise Fatal("Failed to find any valid interface to use: %s" % exc) from None
+        for family, value in found.items():
             log.info("Overriding %s with '%s' from node annotation '%s'",
-                     family.public_ip_annotation.replace("-", " "), value, key)
-            publics[family] = value
+                     family.public_ip_annotation.replace("-", " "), value, sm.keys.node_public_ip(family))
+        publics = {IPV4: public_ip, IPV6: public_ipv6, **found}
         return publics[IPV4], publics[IPV6]
 
     # -- steady state --------------------------------------------------------------------------------

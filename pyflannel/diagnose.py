@@ -25,7 +25,7 @@ from . import brnetfilter, flags, ip, subnetfile
 from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_len, load
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
-from .subnet.annotations import AnnotationKeys, PrefixError
+from .subnet.annotations import AnnotationKeys, PrefixError, node_public_ips
 from .backend.hostgw import l2_networks, on_link
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
 from .family import IPV4, IPV6, Family
@@ -209,7 +209,14 @@ class Context:
         logger.propagate = False
         try:
             o = self.opts
-            return ip.select(self.nl, o.iface, o.iface_regex, o.iface_can_reach, o.public_ip, o.public_ipv6,
+            publics = {IPV4: o.public_ip, IPV6: o.public_ipv6}
+            try:  # the node-public-ip(v6) annotations replace the flags, as in the daemon
+                publics.update(node_public_ips(self.keys(), self.own_node().annotations))
+            except Unavailable:
+                pass
+            except ValueError as exc:
+                raise ip.InterfaceError("Failed to find any valid interface to use: %s" % exc) from None
+            return ip.select(self.nl, o.iface, o.iface_regex, o.iface_can_reach, publics[IPV4], publics[IPV6],
                              _families(self))
         finally:
             logger.removeHandler(collect)
