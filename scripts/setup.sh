@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables iputils-ping containernetworking-plugins procps etcd-server etcd-client)
+packages=(iproute2 iptables iputils-ping containernetworking-plugins procps etcd-server etcd-client openssl)
+# The image's build (scripts/build-image.sh) and its test in the namespace cluster (tests/test_image.py).
+packages+=(podman buildah mmdebstrap runc skopeo)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do

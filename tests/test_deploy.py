@@ -579,3 +579,46 @@ def test_iptables_wrapper_runs_the_backend_when_it_cannot_switch(tmp_path: Path)
         assert (proc.returncode, proc.stdout) == (0, rules(2))
         assert "could not switch iptables to iptables-legacy" in proc.stderr
         assert (sbin / "iptables-save").resolve() == sbin / "iptables-wrapper"
+
+
+@needs_update_alternatives
+def test_iptables_wrapper_keeps_its_choice_in_the_state_dir_on_a_read_only_root(tmp_path: Path) -> None:
+    """When the alternatives cannot change (read-only /etc), the first call writes its choice to
+    /var/lib/iptables-wrapper/mode (the manifest's emptyDir), and later calls read it there: no more
+    *-save dumps, no warning."""
+    sbin = fake_root(tmp_path, {"iptables-legacy-save": rules(2)})
+    for prog in ("iptables", "ip6tables"):
+        (tmp_path / "var/lib/dpkg/alternatives" / prog).write_text("corrupt\n")
+    state = tmp_path / "var/lib/iptables-wrapper"
+    state.mkdir()
+    env = {**os.environ, "IPTABLES_WRAPPER_ROOT": str(tmp_path), "PATH": str(sbin) + os.pathsep + os.environ["PATH"]}
+    first = subprocess.run(["iptables", "-t", "nat", "-S"], env=env, capture_output=True, text=True, timeout=30)
+    assert (first.returncode, first.stdout, first.stderr) == (0, "iptables-legacy -t nat -S\n", "")
+    assert os.listdir(state) == ["mode"] and (state / "mode").read_text() == "legacy\n"
+    # The hosts' rules change (kubelet's nft hint appears): the choice made at the first call stays.
+    (tmp_path / "rules" / "iptables-nft-save").write_text(KUBELET_HINT)
+    (tmp_path / "rules" / "iptables-legacy-save").unlink()
+    again = subprocess.run(["ip6tables-restore", "-w"], env=env, capture_output=True, text=True, timeout=30)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "ip6tables-legacy-restore -w\n", "")
+
+
+# --- supply chain ------------------------------------------------------------------------------------
+
+def test_locked_dependencies_have_no_known_vulnerabilities() -> None:
+    """tools/audit.py: pip-audit against PyPI, or the advisory snapshot where PyPI's data is out of reach."""
+    proc = subprocess.run([sys.executable, "-m", "tools.audit"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 of 4 pinned packages affected" in proc.stdout
+
+
+def test_advisory_ranges_are_read_as_osv_defines_them() -> None:
+    from tools import audit
+
+    advisory = {"affected": [{"ranges": [{"type": "ECOSYSTEM", "events": [
+        {"introduced": "0"}, {"fixed": "65.5.1"}, {"introduced": "70"}, {"last_affected": "70.2"}]}],
+        "versions": ["0.6b1"]}]}
+    for version, hit in (("65.5.0", True), ("65.5.1", False), ("69.9", False), ("70.0", True), ("70.2", True),
+                         ("70.3", False), ("0.6b1", True)):
+        assert audit.affected(version, advisory) is hit, version
+    assert audit.offline({"setuptools": "65.5.0"}) == {"setuptools": ["PYSEC-2022-43012"]}
+    assert audit.offline(audit.pins(LOCK)) == {}
