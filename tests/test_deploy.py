@@ -293,7 +293,7 @@ def test_docs_name_no_unpublished_image() -> None:
     for path in (MANIFEST, DOCKERFILE, ROOT / "deploy" / "README.md"):
         assert "ghcr.io/flannel-io/flannel:" not in path.read_text(), path
         assert set(re.findall(r"[\w.-]+(?:/[\w.-]+)*/pyflannel:", path.read_text())) <= {
-            "registry.example.com/pyflannel:"}, path
+            "registry.example.com/pyflannel:", "localhost/pyflannel:"}, path
     readme = (ROOT / "deploy" / "README.md").read_text()
     assert "docker buildx build --platform linux/amd64,linux/arm64 -t \"$IMAGE\" --push ." in readme
     assert 'deploy/render.sh "$IMAGE"' in readme
@@ -404,6 +404,10 @@ def test_install_script_builds_the_image_venv(tmp_path: Path) -> None:
     (site,) = venv.glob("lib/python3*/site-packages")
     assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == [
         "msgspec", "prometheus_client", "pyflannel", "pyroute2"]
+    kubeconfig = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                 "from pyflannel.kubeclient import KubeClient\nKubeClient(kubeconfig_file='k')"],
+                                env=env, capture_output=True, text=True, timeout=60)
+    assert "fail to create kubernetes config: --kubeconfig-file needs the kubernetes package" in kubeconfig.stderr
     # install-conf, run by the virtualenv's Python in isolated mode.
     install_conf = bindir / "install-conf"
     assert install_conf.read_text().splitlines()[0] == "#!%s/bin/python -IS" % venv
