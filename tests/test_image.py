@@ -120,11 +120,28 @@ def test_init_containers_install_the_cni_config_from_the_image(setup: Setup) -> 
         conf_dir = pod.host_path("/etc/cni/net.d")
         assert sorted(p.name for p in conf_dir.iterdir()) == ["10-flannel.conflist"], name
         conflist = conf_dir / "10-flannel.conflist"
-        cni_conf = next(d for d in pod.config_maps.values())["data"]["cni-conf.json"]
+        cni_conf = next(iter(pod.config_maps.values()))["data"]["cni-conf.json"]
         assert conflist.read_text() == cni_conf, name
         assert json.loads(conflist.read_text())["plugins"][0]["type"] == "flannel"
         assert conflist.stat().st_mode & 0o777 == 0o644, name
         assert pod.skipped == ["install-cni-plugin"], name
+
+
+def test_older_manifests_cp_runs_from_the_image(setup: Setup) -> None:
+    """Up to flannel v0.28.5, install-cni runs ``cp -f``: from pyflannel's image too."""
+    docs = manifest(DATA / "kube-flannel.yml")
+    init = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+    install_cni = next(c for c in init if c["name"] == "install-cni")
+    install_cni["command"], install_cni["args"] = ["cp"], ["-f", *install_cni["args"]]
+    node = setup.cluster.add_node("k8s05")
+    try:
+        pod = DaemonSetPod(setup.cluster, node, docs, {FLANNEL_IMAGE: IMAGE}, str(setup.cluster.ca_cert))
+        pod.run_init_containers()
+        conflist = pod.host_path("/etc/cni/net.d") / "10-flannel.conflist"
+        assert conflist.read_text() == next(iter(pod.config_maps.values()))["data"]["cni-conf.json"]
+    finally:
+        assert setup.cluster.api is not None
+        setup.cluster.api.delete_node("k8s05")
 
 
 def test_daemons_come_up_with_each_manifest_and_pods_ping(setup: Setup) -> None:
@@ -196,5 +213,5 @@ def test_sigterm_stops_the_container_and_keeps_the_datapath(setup: Setup) -> Non
         assert Cluster.ns_run(node.netns, "ip", "route", "show", "dev", "flannel.1").stdout == routes
         assert node.subnet_file.read_text()
         for other in cluster.nodes.values():
-            if other is not node:
+            if other is not node and other.pods:
                 assert cluster.ping(node.pods[0], other.pods[0].ip, count=2), (name, other.name)
