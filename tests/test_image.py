@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,15 @@ def test_sigterm_stops_the_container_and_keeps_the_datapath(setup: Setup) -> Non
         for other in cluster.nodes.values():
             if other is not node and other.pods:
                 assert cluster.ping(node.pods[0], other.pods[0].ip, count=2), (name, other.name)
+
+
+def test_image_bench_runs_and_prints_its_figures(image: str) -> None:
+    """bench/image.py on the built image (no timings checked: benchmarks are not tests)."""
+    if shutil.which("skopeo") is None:
+        pytest.skip("bench.image needs skopeo (scripts/setup.sh installs it)")
+    res = subprocess.run([sys.executable, "-m", "bench.image", "--image", image, "--runs", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for line in ("  uncompressed: ", "  compressed: ", "  layers: 4", "build tools among them: none",
+                 "debugging tools: ip nft wg iptables iptables-legacy iptables-nft", "  flanneld --version "):
+        assert line in res.stdout, res.stdout
