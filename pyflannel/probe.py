@@ -157,8 +157,7 @@ class Problem:
     """A peer whose last probes failed: how, how many rounds in a row, since when."""
 
     kind: str
-    address: str
-    via: str
+    via: str  # the peer's public IP (the backend's string)
     since: float
     count: int = 0
     detail: str = ""
@@ -778,11 +777,12 @@ class Prober:
             state.problems.pop(r.name, None)
             return
         if old is None or old.kind != kind:
-            old = state.problems[r.name] = Problem(kind, r.address, r.via, r.when, size=r.size)
+            old = state.problems[r.name] = Problem(kind, r.via, r.when, size=r.size)
         old.count += 1
-        old.detail = "TCP %s, UDP %s, full size %s%s" % (
+        # interned: at 5,000 failing peers one string for all
+        old.detail = sys.intern("TCP %s, UDP %s, full size %s%s" % (
             r.tcp, "ok" if r.udp else "lost", {True: "ok", False: "lost", None: "not sent"}[r.full_size],
-            "; " + r.detail if r.detail else "")
+            "; " + r.detail if r.detail else ""))
         if old.count == CONFIRM and kind == UNREACHABLE:
             head, fix = problem_text(kind, family, p.device, p.vxlan, p.tunnel_port, self.port, r.size,
                                      "%s (%s, via %s)" % (r.name, r.address, r.via))
@@ -888,7 +888,7 @@ class Prober:
                     "responder": responder.error if responder is not None else "",
                     "last_round": round(state.last_round, 3), "skipped": state.skipped,
                     "cycle": state.cycle, "cycle_left": len(state.queue),
-                    "problems": [{"name": n, "address": x.address, "via": x.via, "problem": x.kind,
+                    "problems": [{"name": n, "address": _address(p, n), "via": x.via, "problem": x.kind,
                                   "rounds": x.count, "confirmed": x.confirmed, "since": round(x.since, 3),
                                   "size": x.size, "detail": x.detail} for n, x in state.problems.items()],
                     "recent": [r.as_dict() for r in state.recent],
@@ -900,6 +900,12 @@ class Prober:
                                      "turned_off_on": self._auto},
                 "families": families,
             }).encode()
+
+
+def _address(p: Path, name: str) -> str:
+    """A peer's probe address, from its programmed entry ('' once it is gone)."""
+    entry = p.peers.applied.get(name)
+    return probe_address(p.family.network(entry.dst)) if entry is not None else ""
 
 
 def _names(names: list[str], most: int = 3) -> str:

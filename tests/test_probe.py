@@ -286,7 +286,7 @@ def test_the_rotation_covers_every_peer_and_retries_failing_ones_first() -> None
     assert len(peers.applied) == 20
     failing = ["k8s%04d" % i for i in range(2, 8)]
     for name in failing:
-        state.problems[name] = probe.Problem(UNREACHABLE, "", "", 0.0, count=1)
+        state.problems[name] = probe.Problem(UNREACHABLE, "", 0.0, count=1)
     del peers.applied["k8s0002"]  # its node went: forgotten
     names = [t[0] for t in prober._sample(p, state)]
     assert names[:4] == failing[1:5] and len(names) == 8 and "k8s0002" not in state.problems
@@ -406,14 +406,14 @@ def test_check_prints_each_peer_and_each_problem_with_its_fix() -> None:
     assert lines[1].startswith("ok    IPv4 through lo from 127.0.0.1: 4 peers programmed, last round 0 s ago; every "
                                "peer is probed within 1 round (30 s)")
     assert lines[2].startswith("ok    IPv4 k8s0002 10.244.0.0 (via 192.168.0.1): TCP 0.40 ms, UDP, full size 1450 bytes")
-    assert lines[3] == ("FAIL  IPv4 peer k8s0003 (10.244.0.0, via 192.168.0.1) is unreachable through lo: no answer to "
+    assert lines[3] == ("FAIL  IPv4 peer k8s0003 (10.0.3.0, via 192.168.0.1) is unreachable through lo: no answer to "
                         "TCP or UDP probes")
     assert lines[4].startswith("      2 rounds in a row, the first ") and lines[4].endswith(
         ": TCP timeout, UDP lost, full size lost")
     assert lines[5] == "      Pods on this node cannot reach the pods of k8s0003."
     assert lines[6].startswith("      fix: host-gw needs the network between the nodes to carry pod addresses")
     assert lines[7].startswith("ok    IPv4 k8s0004 10.244.0.0 (via 192.168.0.1): reachable (the reset of the TCP probe")
-    assert lines[8].startswith("warn  IPv4 k8s0005 (10.244.0.0, via 192.168.0.1): TCP timeout, UDP lost, full size "
+    assert lines[8].startswith("warn  IPv4 k8s0005 (10.0.5.0, via 192.168.0.1): TCP timeout, UDP lost, full size "
                                "lost, 1 round so far")
 
 
