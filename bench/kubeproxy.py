@@ -83,6 +83,8 @@ JUMPS = (
     ("filter", "OUTPUT", '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" '
                          '-j KUBE-SERVICES'),
     ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+    ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+                          '-j KUBE-PROXY-FIREWALL'),
     ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
     ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
     ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'),
@@ -126,7 +128,8 @@ def kube_proxy_restore(services: int, cluster_cidr: str, jumps: bool = True) -> 
 
     lines = [
         "*filter",
-        *(":%s - [0:0]" % c for c in ("KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD")),
+        *(":%s - [0:0]" % c for c in ("KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD",
+                                       "KUBE-PROXY-FIREWALL")),
         *inserted("filter"),
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
         '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT',

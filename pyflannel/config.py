@@ -78,7 +78,7 @@ class Config:
     networks: dict[Family, IPNetwork] = field(default_factory=dict, hash=False)
     network_list: tuple[IPv4Network, ...] = ()  # v0.20.x multi-network keys, refused by check_supported
     ipv6_network_list: tuple[IPv6Network, ...] = ()
-    enable_nftables: bool = False  # flannel v0.25's key, refused by check_supported when true
+    enable_nftables: bool = False  # flannel v0.25's key: the traffic manager's nftables mode
 
 
 class _FieldError(Exception):
@@ -374,16 +374,13 @@ def parse(text: str, kube: bool = False) -> Config:
 def check_supported(cfg: Config) -> None:
     """Refuse, naming the key, what flanneld accepts and pyflannel does not implement yet; raises ConfigError.
 
-    IPv4-only, dual-stack and IPv6-only networks run; the multi-network keys and nftables do not,
-    and must fail at start-up rather than be silently ignored.
+    IPv4-only, dual-stack and IPv6-only networks run, in iptables or nftables mode; the multi-network
+    keys do not, and must fail at start-up rather than be silently ignored.
     """
     for key, value, alone in (("Networks", cfg.network_list, "Network"),
                               ("IPv6Networks", cfg.ipv6_network_list, "IPv6Network")):
         if value:
             raise ConfigError("%s: pyflannel does not support multiple networks; use %s alone" % (key, alone))
-    if cfg.enable_nftables:
-        raise ConfigError('EnableNFTables: pyflannel does not support nftables rules yet; set it to false '
-                          '(pyflannel writes iptables rules, through iptables-nft where that is the iptables in use)')
 
 
 def load(path: str, kube: bool = False) -> Config:

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables iputils-ping containernetworking-plugins procps etcd-server etcd-client)
+packages=(iproute2 iptables nftables iputils-ping containernetworking-plugins procps etcd-server etcd-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do

@@ -133,8 +133,7 @@ def test_v20_shows_info_lines_and_vmodule_is_honoured(tmp_path: Path) -> None:
 def test_unsupported_net_conf_keys_are_fatal_and_named(tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
     for keys, named in (({"Networks": ["10.1.0.0/16"]}, "Networks: "),
-                        ({"IPv6Networks": ["fd00::/56"]}, "IPv6Networks: "),
-                        ({"EnableNFTables": True}, "EnableNFTables: ")):
+                        ({"IPv6Networks": ["fd00::/56"]}, "IPv6Networks: ")):
         conf.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}, **keys}))
         res = pyflannel("--kube-subnet-mgr", "--net-config-path=%s" % conf)
         assert res.returncode == 1

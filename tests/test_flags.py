@@ -6,13 +6,13 @@ import pytest
 
 from pyflannel.flags import FlagError, HelpRequested, describe, parse, usage
 
-# spec §8: flanneld v0.20.2's line for `--kube-subnet-mgr --iface=eth1 --ip-masq`.
+# flanneld v0.20.2's line for `--kube-subnet-mgr --iface=eth1 --ip-masq`, with the field v0.28.9 added after ipMasq.
 REFERENCE_LINE = (
     "CLI flags config: {etcdEndpoints:http://127.0.0.1:4001,http://127.0.0.1:2379 "
     "etcdPrefix:/coreos.com/network etcdKeyfile: etcdCertfile: etcdCAFile: etcdUsername: "
     "etcdPassword: version:false kubeSubnetMgr:true kubeApiUrl: "
     "kubeAnnotationPrefix:flannel.alpha.coreos.com kubeConfigFile: iface:[eth1] ifaceRegex:[] "
-    "ipMasq:true ifaceCanReach: subnetFile:/run/flannel/subnet.env publicIP: publicIPv6: "
+    "ipMasq:true ipMasqRandomFullyDisable:false ifaceCanReach: subnetFile:/run/flannel/subnet.env publicIP: publicIPv6: "
     "subnetLeaseRenewMargin:60 healthzIP:0.0.0.0 healthzPort:0 iptablesResyncSeconds:5 "
     "iptablesForwardRules:true netConfPath:/etc/kube-flannel/net-conf.json "
     "setNodeNetworkUnavailable:true}"
@@ -202,7 +202,7 @@ def test_usage_layout() -> None:
     assert not text.endswith("\n")
     names = [line.split()[0][1:] for line in lines[1:] if line.startswith("  -")]
     assert names == sorted(names)
-    assert len(names) == 32 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert len(names) == 33 and "log_backtrace_at" in names and "iface-can-reach" in names
     assert ("  -etcd-endpoints string\n    \ta comma-delimited list of etcd endpoints "
             '(default "http://127.0.0.1:4001,http://127.0.0.1:2379")\n') in text
     assert "  -ip-masq\n    \tsetup IP masquerade rule for traffic destined outside of overlay network\n" in text
@@ -264,6 +264,13 @@ def test_bad_env_value() -> None:
         'invalid value "70000" for FLANNELD_METRICS_PORT: must be between 0 and 65535'
     # A bad variable for a flag given on the command line is never read.
     assert parse(["--healthz-port=1"], {"FLANNELD_HEALTHZ_PORT": "x"}).healthz_port == 1
+
+
+def test_ip_masq_fully_random_disable_from_flag_or_environment() -> None:
+    assert parse([], {}).ip_masq_fully_random_disable is False
+    assert parse(["--ip-masq-fully-random-disable"], {}).ip_masq_fully_random_disable is True
+    assert parse([], {"FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "true"}).ip_masq_fully_random_disable is True
+    assert " ipMasq:false ipMasqRandomFullyDisable:true " in describe(parse(["-ip-masq-fully-random-disable"], {}))
 
 
 def test_describe_reference_run() -> None:

@@ -124,10 +124,10 @@ def check_config(c: Config, kube: bool) -> None:
     try:
         check_supported(c)
     except ConfigError as exc:
-        assert c.network_list or c.ipv6_network_list or c.enable_nftables
-        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks", "EnableNFTables")
+        assert c.network_list or c.ipv6_network_list
+        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks")
     else:
-        assert not (c.network_list or c.ipv6_network_list or c.enable_nftables)
+        assert not (c.network_list or c.ipv6_network_list)
 
 
 @SETTINGS
