@@ -67,7 +67,8 @@ def test_pods_reach_each_other_and_the_underlay_masqueraded(cluster: Cluster) ->
 
 
 @pytest.mark.parametrize("damage", [
-    ["flush", "ruleset"], ["delete", "table", "ip", "flannel-ipv4"], ["flush", "chain", "ip6", "flannel-ipv6", "postrtg"],
+    ["flush", "ruleset"], ["delete", "table", "ip", "flannel-ipv4"],
+    ["flush", "chain", "ip6", "flannel-ipv6", "postrtg"],
 ], ids=["flush-ruleset", "delete-table", "flush-chain"])
 def test_flushed_or_deleted_rules_come_back(cluster: Cluster, damage: list[str]) -> None:
     """Within one --iptables-resync (1 s here); flannel v0.28.9 writes its tables once and never looks again."""

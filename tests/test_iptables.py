@@ -708,7 +708,8 @@ class TestInNamespace:
                 ("filter", "FORWARD"): KUBE_PROXY_FORWARD if v == 4 else []}
         assert state(ns, "nat", backend) == [line for line in kube_proxy if "FLANNEL" not in line]
         assert messages(caplog) == [
-            "Deleted %s's chain FLANNEL-POSTRTG and 2 rule(s) jumping to it from POSTROUTING" % binary(backend, "iptables"),
+            "Deleted %s's chain FLANNEL-POSTRTG and 2 rule(s) jumping to it from POSTROUTING"
+            % binary(backend, "iptables"),
             "Deleted %s's chain FLANNEL-FWD and 1 rule(s) jumping to it from FORWARD" % binary(backend, "iptables"),
             "Deleted %s's chain FLANNEL-POSTRTG and 1 rule(s) jumping to it from POSTROUTING"
             % binary(backend, "ip6tables"),
