@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tools.etcdserver import EtcdServer
-from tools.kubeapi import FakeKubeAPI
+from tools.kubeapi import FakeKubeAPI, make_test_certs, tls_context
 
 REPO = Path(__file__).resolve().parent.parent
 CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
@@ -140,12 +140,15 @@ class Cluster:
 
     def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
                  prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True,
-                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56", etcd: bool = False) -> None:
+                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56", etcd: bool = False,
+                 tls: bool = False) -> None:
         """``kubeconfig=False``: the daemons reach the API with ``--kube-api-url`` alone, unauthenticated,
         the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this).
         ``stack``: one of STACKS; ``backend``: net-conf's Backend (default vxlan).
         ``etcd=True``: the daemons run in etcd mode against a real etcd in the hub, at
-        HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX."""
+        HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX.
+        ``tls=True``: the API server speaks HTTPS with a certificate for HUB_IP from a test CA
+        (``ca_cert``, named in the kubeconfig), as a real one does for in-cluster clients."""
         if stack not in STACKS:
             raise ValueError("stack must be one of %s" % (STACKS,))
         self.workdir = Path(workdir)
@@ -166,11 +169,18 @@ class Cluster:
         conf["Backend"] = backend or {"Type": "vxlan"}
         self.net_conf.write_text(json.dumps(conf))
         self.kubeconfig: Path | None = self.workdir / "kubeconfig" if kubeconfig else None
-        self.api_url = "http://%s:%d" % (HUB_IP, API_PORT)
+        self.api_url = "%s://%s:%d" % ("https" if tls else "http", HUB_IP, API_PORT)
+        self.ca_cert: str | None = None
+        cert = key = ""
+        if tls:
+            self.ca_cert, cert, key = make_test_certs(str(self.workdir), HUB_IP)
         if self.kubeconfig is not None:
+            cluster_entry = {"server": self.api_url}
+            if self.ca_cert:
+                cluster_entry["certificate-authority"] = self.ca_cert
             self.kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-                "clusters": [{"name": "test", "cluster": {"server": self.api_url}}],
+                "clusters": [{"name": "test", "cluster": cluster_entry}],
                 "users": [{"name": "test", "user": {"token": TOKEN}}],
                 "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
             }))
@@ -182,7 +192,8 @@ class Cluster:
                 self.ns_run(self.hub, "ip", "addr", "add", HUB_IP6 + "/64", "dev", "br0")
             self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
             self.api = FakeKubeAPI(token=TOKEN if kubeconfig else None)
-            self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
+            self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)),
+                           tls=tls_context(cert, key) if tls else None)
             if etcd:
                 self.etcd = EtcdServer(self.workdir / "etcd", HUB_IP, ETCD_PORT, ETCD_PORT + 1, netns=self.hub)
                 self.etcd.start()
