@@ -1,11 +1,13 @@
 """End to end in nftables mode (``"EnableNFTables": true``): a dual-stack cluster of two nodes running
 pyflannel in network namespaces, one pod on each. flannel's tables as v0.28.9 writes them, pods reaching
 each other and the underlay (masqueraded) over both families, tables flushed or deleted put back within
-one --iptables-resync, and switching modes in both directions leaving no rule of the other."""
+one --iptables-resync, switching modes in both directions leaving no rule of the other, and a node
+without nft."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -104,3 +106,30 @@ def test_switching_modes_leaves_no_rule_of_the_other(cluster: Cluster) -> None:
     log = n2.log()
     assert "] Deleted nftables table ip flannel-ipv4\n" in log and "] Deleted nftables table ip6 flannel-ipv6\n" in log
     assert "] Deleted ip6tables's chain FLANNEL-FWD and 1 rule(s) jumping to it from FORWARD\n" in log
+
+
+def test_without_nft_the_node_says_so_and_is_not_ready(cluster: Cluster) -> None:
+    """A node whose PATH has no nft: one error line naming the fix, /readyz 503, /healthz 200."""
+    n3 = cluster.add_node("k8s03")
+    path = n3.dir / "bin"
+    path.mkdir()
+    for name in ("ip", "iptables", "iptables-restore", "ip6tables", "ip6tables-restore"):
+        found = shutil.which(name)
+        assert found is not None
+        (path / name).symlink_to(found)
+    cluster.start(n3, env={"PATH": str(path)})
+    try:
+        cluster.wait_for("the error line", lambda: "] no nftables support: " in n3.log(), 30)
+        assert "(nftables mode needs the nft binary; \"EnableNFTables\": false selects iptables mode)" in n3.log()
+        assert (status(n3, "/readyz"), status(n3, "/healthz")) == (503, 200)
+        assert n3.proc is not None and n3.proc.poll() is None
+    finally:
+        cluster.stop(n3)
+
+
+def status(node: Node, path: str) -> int:
+    res = Cluster.ns_run(node.netns, "python3", "-c",
+                         "import urllib.request,urllib.error\n"
+                         "try: print(urllib.request.urlopen('http://127.0.0.1:8471%s', timeout=5).status)\n"
+                         "except urllib.error.HTTPError as e: print(e.code)" % path)
+    return int(res.stdout.strip() or 0)
