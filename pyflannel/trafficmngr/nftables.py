@@ -19,12 +19,11 @@ many, or out of order) is deleted and created again.
 from __future__ import annotations
 
 import logging
-import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..family import IPNetwork
+from ..family import IPV4, IPV6, Family, IPNetwork
 from ..log import V
 from ..netlink import NetlinkError, Packed, parse_attrs
 from . import Command, CommandError, PodNetwork, SetupError, TrafficManager, local, netfilter, run
@@ -60,21 +59,19 @@ FULLY_RANDOM_PROBE = ("add table ip flannel-ipv4\n"
 
 @dataclass(frozen=True)
 class FlannelTable:
-    """One of flannel's two tables, and its family's names in nft and on netlink."""
+    """One of flannel's two tables: its IP family (whose ``af`` is the table's netlink family), nft's name
+    of that family (also the keyword of its address matches), and the table's name."""
 
-    version: int
-    af: int  # the nfgenmsg family: socket.AF_INET is nft's ip, AF_INET6 its ip6
-    family: str  # nft's family, which is also the keyword of its address matches: "ip" or "ip6"
+    ip: Family
+    family: str  # "ip" or "ip6"
     name: str
-    multicast: str
 
     @property
     def comment(self) -> str:
         return "rules for " + self.name
 
 
-TABLES = (FlannelTable(4, socket.AF_INET, "ip", "flannel-ipv4", "224.0.0.0/4"),
-          FlannelTable(6, socket.AF_INET6, "ip6", "flannel-ipv6", "ff00::/8"))
+TABLES = (FlannelTable(IPV4, "ip", "flannel-ipv4"), FlannelTable(IPV6, "ip6", "flannel-ipv6"))
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def masq_chain(table: FlannelTable, network: IPNetwork, subnet: IPNetwork, fully
         "%s saddr %s %s daddr %s return" % (m, s, m, n),  # this node's pods to other pods keep their source
         "%s saddr %s %s daddr %s return" % (m, n, m, s),  # other pods to this node's pods
         "%s saddr != %s %s daddr %s return" % (m, s, m, n),  # anything else to pods (flannel's nft text)
-        "%s saddr %s %s daddr != %s %s" % (m, n, m, table.multicast, masquerade),  # pods to the outside
+        "%s saddr %s %s daddr != %s %s" % (m, n, m, table.ip.multicast, masquerade),  # pods to the outside
         "%s saddr != %s %s daddr %s %s" % (m, n, m, n, masquerade),  # never reached: the rule above returns
     ))
 
@@ -160,11 +157,11 @@ class NFTablesManager(TrafficManager):
         self._tables: list[_Table] | None = None
         self._nf: NfTables | None = None
         for spec in TABLES:
-            if ip_masq and spec.version in self._pods:
-                log.info("nftables: setting up masking rules (ipv%d)", spec.version)
+            if ip_masq and spec.ip.version in self._pods:
+                log.info("nftables: setting up masking rules (ipv%d)", spec.ip.version)
         for spec in TABLES:
-            if forward_rules and spec.version in self._pods:
-                log.info("Changing default FORWARD chain policy to ACCEPT%s", " (ipv6)" if spec.version == 6 else "")
+            if forward_rules and spec.ip.version in self._pods:
+                log.info("Changing default FORWARD chain policy to ACCEPT%s", " (ipv6)" if spec.ip.version == 6 else "")
 
     def _plan(self) -> list[_Table]:
         """Both tables and the chains each should hold (probes nft for fully-random the first time)."""
@@ -179,7 +176,7 @@ class NFTablesManager(TrafficManager):
                     self.fully_random = False
             tables = []
             for spec in TABLES:
-                pod = self._pods.get(spec.version)
+                pod = self._pods.get(spec.ip.version)
                 chains = []
                 if pod is not None and self.ip_masq:
                     chains.append(masq_chain(spec, pod.network, pod.subnet, bool(self.fully_random)))
@@ -229,11 +226,11 @@ class NFTablesManager(TrafficManager):
     def _read(nf: NfTables, table: _Table) -> _State:
         """The table, each of its desired chains (None where missing), and all its rules."""
         spec = table.spec
-        found = nf.table(spec.af, spec.name)
+        found = nf.table(spec.ip.af, spec.name)
         if found is None:
             return None, (), ()
-        return (found, tuple(nf.chain(spec.af, spec.name, c.name) for c in table.chains),
-                tuple(nf.rules(spec.af, spec.name)))
+        return (found, tuple(nf.chain(spec.ip.af, spec.name, c.name) for c in table.chains),
+                tuple(nf.rules(spec.ip.af, spec.name)))
 
     def _write(self, nf: NfTables, stale: list[tuple[_Table, _State]]) -> None:
         """Rewrite each stale table: its structure over netlink if needed, then its chains in one nft transaction."""
@@ -244,11 +241,11 @@ class NFTablesManager(TrafficManager):
         for table, (found, chains, _) in stale:
             spec = table.spec
             if found is None:
-                structure.append(new_table(spec.af, spec.name, spec.comment))
+                structure.append(new_table(spec.ip.af, spec.name, spec.comment))
             elif not _reusable(table, found, chains):
                 log.info("nftables: table %s %s holds chains that are not flannel's; creating it again",
                          spec.family, spec.name)
-                structure += [delete_table(spec.af, spec.name), new_table(spec.af, spec.name, spec.comment)]
+                structure += [delete_table(spec.ip.af, spec.name), new_table(spec.ip.af, spec.name, spec.comment)]
             if table.chains:
                 commands.append("flush table %s %s" % (spec.family, spec.name))
                 commands += [chain.command(spec) for chain in table.chains]
@@ -308,12 +305,12 @@ def remove_tables(netlink: Callable[[], NfTables] = netfilter) -> bool:
         return True
     try:
         try:
-            found = [spec for spec in TABLES if nf.table(spec.af, spec.name) is not None]
+            found = [spec for spec in TABLES if nf.table(spec.ip.af, spec.name) is not None]
         except OSError as exc:
             log.log(V(2), "nftables cannot be read, so there are no nftables rules to clean up: %s", exc)
             return True
         if found:
-            nf.commit([delete_table(spec.af, spec.name) for spec in found])
+            nf.commit([delete_table(spec.ip.af, spec.name) for spec in found])
             for spec in found:
                 log.info("Deleted nftables table %s %s", spec.family, spec.name)
     except OSError as exc:
