@@ -18,6 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# pyflannel waits (not ready) while br_netfilter is not loaded, as flanneld v0.26+ refuses to start: the
+# namespace tests need it, as every Kubernetes node does.
+if [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
+  modprobe br_netfilter 2>/dev/null || echo "warning: br_netfilter is not loaded and modprobe failed; the namespace tests need it" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

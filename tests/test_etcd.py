@@ -176,8 +176,8 @@ def test_waits_for_the_config_with_a_hint(server: EtcdServer, managers: list[Man
      "EnableIPv6: pyflannel's etcd mode runs IPv4 only; set it to false (dual-stack runs with --kube-subnet-mgr)"),
     ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:5::/56", "Backend": {"Type": "vxlan"}},
      "EnableIPv4: pyflannel's etcd mode runs IPv4 only; set it to true with a Network"),
-    ({"Network": "10.5.0.0/16", "Networks": ["10.5.0.0/16"], "Backend": {"Type": "vxlan"}},
-     "Networks: pyflannel does not support multiple networks"),
+    ({"Network": "10.5.0.0/16", "Networks": ["10.6.0.0/16"], "Backend": {"Type": "vxlan"}},
+     "Networks: 10.6.0.0/16 differs from Network 10.5.0.0/16"),
 ])
 def test_a_config_etcd_mode_does_not_run_waits_naming_the_key(server: EtcdServer, managers: list[Manager],
                                                               caplog: pytest.LogCaptureFixture,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from pyflannel.flags import FlagError, HelpRequested, describe, parse, usage
+from pyflannel.flags import (FlagError, HelpRequested, continue_when_cache_not_ready, describe, event_queue_depth, parse,
+                            usage)
 
-# flanneld v0.20.2's line for `--kube-subnet-mgr --iface=eth1 --ip-masq`, with the field v0.28.9 added after ipMasq.
+# spec §8: flanneld v0.20.2's line for `--kube-subnet-mgr --iface=eth1 --ip-masq`.
 REFERENCE_LINE = (
     "CLI flags config: {etcdEndpoints:http://127.0.0.1:4001,http://127.0.0.1:2379 "
     "etcdPrefix:/coreos.com/network etcdKeyfile: etcdCertfile: etcdCAFile: etcdUsername: "
     "etcdPassword: version:false kubeSubnetMgr:true kubeApiUrl: "
     "kubeAnnotationPrefix:flannel.alpha.coreos.com kubeConfigFile: iface:[eth1] ifaceRegex:[] "
-    "ipMasq:true ipMasqRandomFullyDisable:false ifaceCanReach: subnetFile:/run/flannel/subnet.env publicIP: publicIPv6: "
+    "ipMasq:true ifaceCanReach: subnetFile:/run/flannel/subnet.env publicIP: publicIPv6: "
     "subnetLeaseRenewMargin:60 healthzIP:0.0.0.0 healthzPort:0 iptablesResyncSeconds:5 "
     "iptablesForwardRules:true netConfPath:/etc/kube-flannel/net-conf.json "
     "setNodeNetworkUnavailable:true}"
@@ -202,7 +203,8 @@ def test_usage_layout() -> None:
     assert not text.endswith("\n")
     names = [line.split()[0][1:] for line in lines[1:] if line.startswith("  -")]
     assert names == sorted(names)
-    assert len(names) == 33 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert len(names) == 34 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert "  -ip-blackhole-route\n    \tadd a blackhole route on the node for the local podCIDR\n" in text
     assert ("  -etcd-endpoints string\n    \ta comma-delimited list of etcd endpoints "
             '(default "http://127.0.0.1:4001,http://127.0.0.1:2379")\n') in text
     assert "  -ip-masq\n    \tsetup IP masquerade rule for traffic destined outside of overlay network\n" in text
@@ -276,7 +278,10 @@ def test_ip_masq_fully_random_disable_from_flag_or_environment() -> None:
 def test_describe_reference_run() -> None:
     o = parse(["--kube-subnet-mgr", "--iface=eth1", "--ip-masq"], {})
     line = "CLI flags config: " + describe(o)
-    assert line == REFERENCE_LINE[:-1] + " logFormat:klog metricsPort:0 datapathResync:30}"
+    # v0.28.9 added ipMasqRandomFullyDisable after ipMasq and blackholeRoute after iptablesForwardRules
+    v028 = REFERENCE_LINE.replace(" ipMasq:true ", " ipMasq:true ipMasqRandomFullyDisable:false ").replace(
+        " iptablesForwardRules:true ", " iptablesForwardRules:true blackholeRoute:false ")
+    assert line == v028[:-1] + " logFormat:klog metricsPort:0 datapathResync:30}"
 
 
 def test_describe_lists_and_password() -> None:
@@ -291,3 +296,36 @@ def test_describe_lists_and_password() -> None:
 def test_values_in_errors_are_quoted_like_go() -> None:
     assert error(["--healthz-port=a\"b\\c\n\x01\x7f\u00e9\udcff"]) == \
         'invalid value "a\\"b\\\\c\\n\\x01\\x7f\u00e9\\xff" for flag -healthz-port: parse error'
+
+
+def test_ip_blackhole_route_from_the_command_line_and_the_environment() -> None:
+    assert parse([], {}).ip_blackhole_route is False
+    assert parse(["--ip-blackhole-route"], {}).ip_blackhole_route is True
+    assert parse([], {"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is True
+    assert parse(["--ip-blackhole-route=false"], {"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is False
+    assert error([], {"FLANNELD_IP_BLACKHOLE_ROUTE": "yes"}) == \
+        'invalid value "yes" for FLANNELD_IP_BLACKHOLE_ROUTE: parse error'
+    assert " iptablesForwardRules:true blackholeRoute:true netConfPath:" in describe(parse(["-ip-blackhole-route"], {}))
+
+
+@pytest.mark.parametrize("value,depth", [("", 5000), ("5000", 5000), ("100", 100), ("+7", 7), ("007", 7), ("0", 5000),
+                                         ("-3", 5000)])
+def test_event_queue_depth_is_read_as_flanneld_reads_it(value: str, depth: int) -> None:
+    assert event_queue_depth({"EVENT_QUEUE_DEPTH": value} if value else {}) == depth
+
+
+@pytest.mark.parametrize("value,reason", [("abc", "invalid syntax"), ("1_000", "invalid syntax"),
+                                          ("0x10", "invalid syntax"), (" 5", "invalid syntax"),
+                                          ("99999999999999999999", "value out of range")])
+def test_a_bad_event_queue_depth_is_refused_with_flanneld_s_text(value: str, reason: str) -> None:
+    with pytest.raises(FlagError) as exc:
+        event_queue_depth({"EVENT_QUEUE_DEPTH": value})
+    assert str(exc.value) == 'env EVENT_QUEUE_DEPTH=%s format error: strconv.Atoi: parsing "%s": %s' % (
+        value, value, reason)
+
+
+def test_cont_when_cache_not_ready_is_on_only_when_exactly_true() -> None:
+    assert continue_when_cache_not_ready({"CONT_WHEN_CACHE_NOT_READY": "true"}) is True
+    for value in ("false", "True", "1", ""):
+        assert continue_when_cache_not_ready({"CONT_WHEN_CACHE_NOT_READY": value}) is False
+    assert continue_when_cache_not_ready({}) is False
