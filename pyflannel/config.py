@@ -86,7 +86,7 @@ class Config:
     networks: dict[Family, IPNetwork] = field(default_factory=dict, hash=False)
     network_list: tuple[IPv4Network, ...] = ()  # the leftover multi-network keys (see check_supported)
     ipv6_network_list: tuple[IPv6Network, ...] = ()
-    enable_nftables: bool = False  # flannel v0.25's key, refused by check_supported when true
+    enable_nftables: bool = False  # flannel v0.25's key: the traffic manager's nftables mode
 
 
 class _FieldError(Exception):
@@ -387,15 +387,12 @@ def parse(text: str, kube: bool = False) -> Config:
 def check_supported(cfg: Config) -> None:
     """Refuse, naming the key, what flanneld accepts and pyflannel does not implement yet; raises ConfigError.
 
-    IPv4-only, dual-stack and IPv6-only networks run; a leftover ``Networks``/``IPv6Networks`` runs
-    as :func:`network_list_warnings` says, or is refused when it would change the network; nftables
-    does not, and must fail at start-up rather than be silently ignored.
+    IPv4-only, dual-stack and IPv6-only networks run, in iptables or nftables mode; a leftover
+    ``Networks``/``IPv6Networks`` runs as :func:`network_list_warnings` says, or is refused when it would
+    change the network.
     """
     for warning in network_list_warnings(cfg):
         log.warning("%s", warning)
-    if cfg.enable_nftables:
-        raise ConfigError('EnableNFTables: pyflannel does not support nftables rules yet; set it to false '
-                          '(pyflannel writes iptables rules, through iptables-nft where that is the iptables in use)')
 
 
 def network_list_warnings(cfg: Config) -> list[str]:

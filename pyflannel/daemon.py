@@ -16,7 +16,7 @@ from ipaddress import IPv4Network
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Protocol
 
-from . import __version__, brnetfilter, config, health, ip, metrics, subnetfile
+from . import __version__, brnetfilter, config, health, ip, metrics, subnetfile, trafficmngr
 from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
 from .blackhole import BlackholeRoutes
@@ -31,7 +31,6 @@ from .subnet import SubnetManager
 from .subnet.annotations import AnnotationKeys, node_public_ips, normalize_prefix
 from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
-from .trafficmngr.iptables import IPTablesManager
 
 if TYPE_CHECKING:
     from .probe import Prober
@@ -209,10 +208,10 @@ class Daemon:
         self.sm: SubnetManager | None = None
         self._watch_name = "node watch" if opts.kube_subnet_mgr else "lease watch"
         self.backend_type = "vxlan"  # net-conf's Backend.Type: "vxlan" or "host-gw"
-        # Per enabled family, in FAMILIES order: the backend's network, this node's lease, the iptables rules
+        # Per enabled family, in FAMILIES order: the backend's network, this node's lease
         self.backends: dict[Family, Backend] = {}
         self.leases: dict[Family, Lease] = {}
-        self.iptables: dict[Family, IPTablesManager] = {}
+        self.traffic: trafficmngr.TrafficManager | None = None  # the masquerade and forward rules
         self.ext: ip.ExternalInterface | None = None
         self.subnet_file: subnetfile.Keeper | None = None
         self._subnet_error = ""  # the last failure to write subnet.env, logged once
@@ -270,10 +269,10 @@ class Daemon:
         return what
 
     def ready(self) -> bool:
-        """subnet.env written, the datapath programmed, every family's device there and up, and every
-        family's iptables rules in place. The first time it is, flanneld's ``flannel is ready`` is logged."""
+        """subnet.env written, the datapath programmed, every family's device there and up, and the
+        masquerade and forward rules in place. The first time it is, flanneld's ``flannel is ready`` is logged."""
         ready = self.datapath_ready and bool(self.backends) and all(b.device_ok for b in self.backends.values()) \
-            and all(m.ready for m in self.iptables.values())
+            and (self.traffic is None or self.traffic.ready)
         if ready and not self._said_ready:
             with self._lock:
                 said, self._said_ready = self._said_ready, True
@@ -446,11 +445,12 @@ class Daemon:
         self._beat(STEP_BOUND)
         self._configure()
 
-        if opts.ip_masq or opts.iptables_forward_rules:
-            for family, network in cfg.networks.items():
-                prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file, family)
-                self.iptables[family] = IPTablesManager(network, leases[family].subnet, prev_network, prev_subnet,
-                                                        opts.ip_masq, opts.iptables_forward_rules, opts.iptables_resync)
+        pods = []
+        for family, network in cfg.networks.items():
+            prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file, family)
+            pods.append(trafficmngr.PodNetwork(network, leases[family].subnet, prev_network, prev_subnet))
+        self.traffic = trafficmngr.new(cfg.enable_nftables, pods, opts.ip_masq, opts.iptables_forward_rules,
+                                       opts.ip_masq_fully_random_disable, opts.iptables_resync)
         mtu = next(iter(self.backends.values())).mtu  # the same in every family, as flanneld's
         env = subnetfile.SubnetEnv({f: (n, leases[f].subnet) for f, n in cfg.networks.items()}, mtu, opts.ip_masq)
         self.subnet_file = subnetfile.Keeper(opts.subnet_file, env)
@@ -482,9 +482,8 @@ class Daemon:
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
         self.supervisor.spawn("kernel-events listener", self._kernel_events)
-        for family, manager in self.iptables.items():
-            # After the routes, which pods need first; /readyz waits for both.
-            self.supervisor.spawn("%s check" % family.iptables, manager.run)
+        # After the routes, which pods need first; /readyz waits for both.
+        self.supervisor.spawn("%s check" % self.traffic.mode, self.traffic.run)
         self._start_prober()
         self.datapath_ready = True
         metrics.READY.set(1)

@@ -48,6 +48,7 @@ class Options:
     public_ipv6: str
     subnet_lease_renew_margin: int
     ip_masq: bool
+    ip_masq_fully_random_disable: bool
     kube_subnet_mgr: bool
     kube_api_url: str
     kube_annotation_prefix: str
@@ -291,6 +292,8 @@ _FLAGS = (
           "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     _Flag("ip-masq", _BOOL, False,
           "setup IP masquerade rule for traffic destined outside of overlay network"),
+    _Flag("ip-masq-fully-random-disable", _BOOL, False,
+          "disable fully random source port allocation (--random-fully, fully-random) in the IP masquerade rules"),
     _Flag("kube-subnet-mgr", _BOOL, False,
           "contact the Kubernetes API for subnet assignment instead of etcd."),
     _Flag("kube-api-url", _STRING, "",
@@ -438,7 +441,8 @@ _DESCRIBE_FIELDS = (
     ("etcdPassword", "etcd_password"), ("version", "version"), ("kubeSubnetMgr", "kube_subnet_mgr"),
     ("kubeApiUrl", "kube_api_url"), ("kubeAnnotationPrefix", "kube_annotation_prefix"),
     ("kubeConfigFile", "kubeconfig_file"), ("iface", "iface"), ("ifaceRegex", "iface_regex"),
-    ("ipMasq", "ip_masq"), ("ifaceCanReach", "iface_can_reach"), ("subnetFile", "subnet_file"),
+    ("ipMasq", "ip_masq"), ("ipMasqRandomFullyDisable", "ip_masq_fully_random_disable"),
+    ("ifaceCanReach", "iface_can_reach"), ("subnetFile", "subnet_file"),
     ("publicIP", "public_ip"), ("publicIPv6", "public_ipv6"),
     ("subnetLeaseRenewMargin", "subnet_lease_renew_margin"), ("healthzIP", "healthz_ip"),
     ("healthzPort", "healthz_port"), ("iptablesResyncSeconds", "iptables_resync"),

@@ -276,7 +276,7 @@ class Netlink:
                     yield seq, 0, msg_flags, buf, off, length
                 off += (length + 3) & ~3
 
-    def _answer(self, req: Request, flags: int) -> Iterable[tuple[bytes, int, int]]:
+    def _answer(self, req: Request | Packed, flags: int) -> Iterable[tuple[bytes, int, int]]:
         """Send one request; (buffer, offset, length) of each message of its answer. Raises
         NetlinkError, and DumpInterrupted once a disturbed dump has been read to its end."""
         seq, data = self._encode(req, flags)
@@ -293,7 +293,7 @@ class Netlink:
         if interrupted:
             raise DumpInterrupted()
 
-    def _dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
+    def _dump(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
         """A dump request; ``parse(buffer, offset, length)`` of each message of the answer, those
         that are not None. A dump that changes disturbed is read again, not trusted."""
         for _ in range(DUMP_ATTEMPTS - 1):
@@ -303,7 +303,7 @@ class Netlink:
                 continue
         return self._parse_dump(req, parse)
 
-    def _parse_dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
+    def _parse_dump(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
         found = []
         for buf, off, length in self._answer(req, NLM_F_DUMP):
             item = parse(buf, off, length)

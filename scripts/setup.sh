@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables iputils-ping containernetworking-plugins procps etcd-server etcd-client)
+packages=(iproute2 iptables nftables iputils-ping containernetworking-plugins procps etcd-server etcd-client)
 # The image's build (scripts/build-image.sh), its test in the namespace cluster (tests/test_image.py,
 # with an HTTPS API server: openssl makes its certificates) and bench/image.py (skopeo).
 packages+=(openssl podman buildah mmdebstrap runc skopeo)

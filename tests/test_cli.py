@@ -135,8 +135,7 @@ def test_unsupported_net_conf_keys_are_fatal_and_named(tmp_path: Path) -> None:
     for keys, named, says in (
             ({"Networks": ["10.1.0.0/16"]}, "Networks: ", "differs from Network 10.244.0.0/16"),
             ({"EnableIPv6": True, "IPv6Network": "fd00::/56", "IPv6Networks": ["fd00:1::/56"]}, "IPv6Networks: ",
-             "differs from IPv6Network fd00::/56"),
-            ({"EnableNFTables": True}, "EnableNFTables: ", "pyflannel does not support")):
+             "differs from IPv6Network fd00::/56")):
         conf.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}, **keys}))
         res = pyflannel("--kube-subnet-mgr", "--net-config-path=%s" % conf)
         assert res.returncode == 1

@@ -408,9 +408,6 @@ def test_config_error_is_a_value_error() -> None:
     ({"Networks": ["10.244.0.0/16", "10.2.0.0/16"]}, "Networks: 10.2.0.0/16 differs from Network 10.244.0.0/16; "),
     ({"EnableIPv6": True, "IPv6Network": "fd00::/48", "IPv6Networks": ["fd00::/56"]},
      "IPv6Networks: fd00::/56 differs from IPv6Network fd00::/48; "),
-    ({"EnableNFTables": True},
-     "EnableNFTables: pyflannel does not support nftables rules yet; set it to false (pyflannel writes iptables "
-     "rules, through iptables-nft where that is the iptables in use)"),
 ])
 def test_load_refuses_what_pyflannel_does_not_implement(tmp_path: Path, keys: dict[str, Any], message: str) -> None:
     path = tmp_path / "net-conf.json"
@@ -460,6 +457,13 @@ def test_load_accepts_ipv4_only_with_ipv6_keys_off(tmp_path: Path) -> None:
                                 "Backend": {"Type": "vxlan", "MTU": 1400}}))
     c = load(str(path), kube=True)
     assert c.ipv6_network == IPv6Network("fd00::/48") and c.vxlan == VXLANConfig(mtu=1400)
+
+
+def test_load_accepts_nftables_mode(tmp_path: Path) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(json.dumps({"Network": "10.244.0.0/16", "EnableNFTables": True, "Backend": VXLAN}))
+    for kube in (True, False):
+        assert load(str(path), kube=kube).enable_nftables is True
 
 
 def test_load_checks_ipv6_keys_before_refusing(tmp_path: Path) -> None:

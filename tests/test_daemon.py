@@ -199,9 +199,9 @@ def test_readiness_needs_every_family_s_device_and_rules(tmp_path: Path) -> None
     b6.device_ok = False
     assert not d.ready()
     b6.device_ok = True
-    d.iptables = {IPV4: SimpleNamespace(ready=True), IPV6: SimpleNamespace(ready=False)}  # type: ignore[dict-item]
+    d.traffic = SimpleNamespace(ready=False)  # type: ignore[assignment]
     assert not d.ready()
-    d.iptables[IPV6].ready = True
+    d.traffic.ready = True
     assert d.ready()
 
 

@@ -216,7 +216,7 @@ def test_usage_layout() -> None:
     assert not text.endswith("\n")
     names = [line.split()[0][1:] for line in lines[1:] if line.startswith("  -")]
     assert names == sorted(names)
-    assert len(names) == 36 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert len(names) == 37 and "log_backtrace_at" in names and "iface-can-reach" in names
     assert "  -ip-blackhole-route\n    \tadd a blackhole route on the node for the local podCIDR\n" in text
     assert ("  -etcd-endpoints string\n    \ta comma-delimited list of etcd endpoints "
             '(default "http://127.0.0.1:4001,http://127.0.0.1:2379")\n') in text
@@ -281,11 +281,19 @@ def test_bad_env_value() -> None:
     assert parse(["--healthz-port=1"], {"FLANNELD_HEALTHZ_PORT": "x"}).healthz_port == 1
 
 
+def test_ip_masq_fully_random_disable_from_flag_or_environment() -> None:
+    assert parse([], {}).ip_masq_fully_random_disable is False
+    assert parse(["--ip-masq-fully-random-disable"], {}).ip_masq_fully_random_disable is True
+    assert parse([], {"FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "true"}).ip_masq_fully_random_disable is True
+    assert " ipMasq:false ipMasqRandomFullyDisable:true " in describe(parse(["-ip-masq-fully-random-disable"], {}))
+
+
 def test_describe_reference_run() -> None:
     o = parse(["--kube-subnet-mgr", "--iface=eth1", "--ip-masq"], {})
     line = "CLI flags config: " + describe(o)
-    # v0.28.9 added blackholeRoute after iptablesForwardRules
-    v028 = REFERENCE_LINE.replace(" iptablesForwardRules:true ", " iptablesForwardRules:true blackholeRoute:false ")
+    # v0.28.9 added ipMasqRandomFullyDisable after ipMasq and blackholeRoute after iptablesForwardRules
+    v028 = REFERENCE_LINE.replace(" ipMasq:true ", " ipMasq:true ipMasqRandomFullyDisable:false ").replace(
+        " iptablesForwardRules:true ", " iptablesForwardRules:true blackholeRoute:false ")
     assert line == v028[:-1] + (" logFormat:klog metricsPort:0 datapathResync:30 datapathProbePort:8473 "
                              "datapathProbeInterval:30 vxlanChecksumOffload:auto}")
 

@@ -124,10 +124,9 @@ def check_config(c: Config, kube: bool) -> None:
     try:
         check_supported(c)
     except ConfigError as exc:
-        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks", "EnableNFTables")
+        assert str(exc).split(":")[0] in ("Networks", "IPv6Networks")
     else:
         # a leftover Networks/IPv6Networks runs only when it names the family's network (or the family is off)
-        assert not c.enable_nftables
         assert not c.enable_ipv4 or all(n == c.network for n in c.network_list)
         assert not c.enable_ipv6 or all(n == c.ipv6_network for n in c.ipv6_network_list)
 

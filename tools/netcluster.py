@@ -24,9 +24,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import TypeVar
 
 from tools.etcdserver import EtcdServer
 from tools.kubeapi import FakeKubeAPI, make_test_certs, tls_context
@@ -41,6 +43,7 @@ ETCD_PORT = 2379
 ETCD_PREFIX = "/coreos.com/network"
 TOKEN = "pyflannel-test-token"
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def run(*cmd: str, check: bool = True, input: str | None = None, env: dict[str, str] | None = None,
@@ -52,12 +55,12 @@ def run(*cmd: str, check: bool = True, input: str | None = None, env: dict[str, 
     return res
 
 
-def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket bound to ``addr`` inside ``netns``: a short-lived thread enters the namespace to create it."""
+def in_netns(netns: str, make: Callable[[], T]) -> T:
+    """``make()``, called in a short-lived thread that entered ``netns``: a socket it creates lives there."""
     libc = ctypes.CDLL(None, use_errno=True)
-    result: list[socket.socket | BaseException] = []
+    result: list[T | BaseException] = []
 
-    def make() -> None:
+    def enter() -> None:
         try:
             fd = os.open("/var/run/netns/%s" % netns, os.O_RDONLY)
             try:
@@ -65,19 +68,27 @@ def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_S
                     raise OSError(ctypes.get_errno(), "setns %s" % netns)
             finally:
                 os.close(fd)
-            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, kind)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(addr)
-            result.append(s)
+            result.append(make())
         except BaseException as exc:  # handed to the caller's thread
             result.append(exc)
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=enter)
     t.start()
     t.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket bound to ``addr`` inside ``netns``."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        return s
+
+    return in_netns(netns, make)
 
 
 @dataclass
