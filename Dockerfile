@@ -1,27 +1,34 @@
-# pyflannel's image, a drop-in replacement for flannel's: /opt/bin/flanneld runs pyflannel.
+# pyflannel's image, a drop-in replacement for flannel's: /opt/bin/flanneld runs pyflannel and
+# /opt/bin/install-conf installs the CNI config, as in flannel's image.
 # No image is published: build it and push it to your registry, for amd64 and arm64 at once:
 #   IMAGE=registry.example.com/pyflannel:v0.1.0
 #   docker buildx build --platform linux/amd64,linux/arm64 -t "$IMAGE" --push .
-# Every stage builds natively per platform (the base image is multi-arch, pip takes each platform's
-# wheels, nothing is downloaded by hand). The build stage runs deploy/install.sh, which the tests
-# also run outside Docker.
+# or, without Docker, scripts/build-image.sh (mmdebstrap, podman and buildah).
+# Both stages start from BASE_IMAGE, Debian bookworm (multi-arch; pin it by digest with
+# --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:...), and use Debian's Python 3.11. The build
+# stage runs deploy/install.sh, which the tests also run outside a container: the dependencies come
+# from requirements.lock, hash-checked, wheels only. The final stage has no pip, compiler or build
+# tool: Python, the virtualenv, iptables (both backends, behind deploy/iptables-wrapper), and ip,
+# nft and wg for `kubectl exec` debugging.
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
-FROM python:3.11-slim-bookworm AS build
-COPY pyproject.toml /src/
+FROM ${BASE_IMAGE} AS build
+# A CA bundle for pip behind a TLS-intercepting proxy (scripts/build-image.sh mounts the host's);
+# it exists in this stage only.
+ARG PIP_CERT
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-pip \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml requirements.lock /src/
 COPY pyflannel /src/pyflannel
-COPY deploy/install.sh /src/deploy/install.sh
+COPY deploy/install.sh deploy/install-conf /src/deploy/
 RUN sh /src/deploy/install.sh /opt/pyflannel /opt/bin
 
-FROM python:3.11-slim-bookworm
-# Debian's iptables brings both backends, iptables-nft and iptables-legacy; the wrapper switches
-# the iptables and ip6tables alternatives to the one the host uses, at the first iptables call.
-# The base image ships no bytecode for the standard library: compile it so start-up does not.
+FROM ${BASE_IMAGE}
 COPY --chmod=755 deploy/iptables-wrapper /usr/sbin/iptables-wrapper
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables \
-    && rm -rf /var/lib/apt/lists/* \
-    && /usr/sbin/iptables-wrapper install \
-    && python -m pip uninstall -y -q --disable-pip-version-check --root-user-action=ignore pip setuptools wheel \
-    && python -m compileall -q -j 0 --invalidation-mode unchecked-hash /usr/local/lib/python3.11
+    && apt-get install -y --no-install-recommends python3 iptables nftables iproute2 wireguard-tools \
+    && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/log/alternatives.log \
+    && /usr/sbin/iptables-wrapper install
 COPY --from=build /opt /opt
 ENTRYPOINT ["/opt/bin/flanneld"]

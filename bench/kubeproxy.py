@@ -12,9 +12,11 @@ them). The rules are loaded with the backend's own iptables-restore (iptables-nf
 iptables-legacy-restore), and the daemon finds that backend's iptables, iptables-save and
 iptables-restore first on its PATH.
 
-The design "new" is this tree. "old" is this tree with pyflannel/trafficmngr/iptables.py taken from
---baseline (default 0f9d847, the last commit whose check saved whole tables with iptables-save), so
-the two differ in the iptables check alone.
+The design "new" is this tree. "old" is the pyflannel package as it was at --baseline (default 0f9d847,
+the last commit whose check saved whole tables with iptables-save, and whose rules were flanneld
+v0.20.2's). Until flannel v0.28.9's rules came in, "old" was this tree with only that commit's
+iptables.py, so that the two differed in the iptables check alone; the results of 2026-11-29 were
+measured so.
 
 Each run measures the time from spawn to subnet.env and to every peer's route, neighbour and FDB entry,
 then the CPU over --idle-seconds of idling (the iptables check runs every 5 s, the default), the
@@ -83,6 +85,8 @@ JUMPS = (
     ("filter", "OUTPUT", '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" '
                          '-j KUBE-SERVICES'),
     ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+    ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+                          '-j KUBE-PROXY-FIREWALL'),
     ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
     ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
     ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'),
@@ -126,7 +130,8 @@ def kube_proxy_restore(services: int, cluster_cidr: str, jumps: bool = True) -> 
 
     lines = [
         "*filter",
-        *(":%s - [0:0]" % c for c in ("KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD")),
+        *(":%s - [0:0]" % c for c in ("KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD",
+                                       "KUBE-PROXY-FIREWALL")),
         *inserted("filter"),
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
         '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT',
@@ -204,16 +209,17 @@ def backend_bin(directory: Path, backend: str) -> Path:
 
 
 def baseline_tree(directory: Path, commit: str) -> Path:
-    """This tree's pyflannel package with trafficmngr/iptables.py as it was at ``commit``."""
-    shutil.copytree(REPO / "pyflannel", directory / "pyflannel", ignore=shutil.ignore_patterns("__pycache__"))
-    old = subprocess.run(["git", "-C", str(REPO), "show", "%s:pyflannel/trafficmngr/iptables.py" % commit],
-                         capture_output=True, text=True, check=True).stdout
-    (directory / "pyflannel" / "trafficmngr" / "iptables.py").write_text(old)
+    """The pyflannel package as it was at ``commit``."""
+    directory.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "pyflannel"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
     return directory
 
 
-def flannel_rules_in_place(netns: str, backend: str) -> bool:
-    """FLANNEL-POSTRTG holds its five rules and POSTROUTING jumps to it once."""
+def flannel_rules_in_place(netns: str, backend: str, rules: int) -> bool:
+    """FLANNEL-POSTRTG holds its ``rules`` rules (6 as flannel v0.28.9 writes them, 5 in v0.20.2) and
+    POSTROUTING jumps to it once."""
     def listing(chain: str) -> list[str]:
         res = subprocess.run(["ip", "netns", "exec", netns, binary(backend, "iptables"), "--wait", "-t", "nat",
                               "-S", chain], capture_output=True, text=True, timeout=120)
@@ -221,7 +227,7 @@ def flannel_rules_in_place(netns: str, backend: str) -> bool:
 
     own = [line for line in listing("FLANNEL-POSTRTG") if line.startswith("-A ")]
     jumps = [line for line in listing("POSTROUTING") if line.endswith("-j FLANNEL-POSTRTG")]
-    return len(own) == 5 and len(jumps) == 1
+    return len(own) == rules and len(jumps) == 1
 
 
 # -- the runs ----------------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def run(case: Case, args: argparse.Namespace, work: Path, pythonpath: dict[str, 
         after = idle(setup, args.idle_seconds) if start.outcome == "ok" else None
         log = setup.node.log()
         res = RunResult(start, after, setup.cgroup.oom_kills(), sum(log.count(e) for e in ERRORS),
-                        flannel_rules_in_place(setup.node.netns, case.backend))
+                        flannel_rules_in_place(setup.node.netns, case.backend, 6 if case.design == "new" else 5))
         if start.outcome != "ok":
             emit("  log: " + setup.log_tail())
     line = "- %s %s S=%d limits=%s %s: subnet.env %s s, all peers %s s" % (
@@ -292,7 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backends", default="nft,legacy", help="comma-separated: nft, legacy")
     p.add_argument("--limits", choices=("both", "on", "off"), default="both")
     p.add_argument("--designs", default="new,old", help="comma-separated: new (this tree), old (--baseline's check)")
-    p.add_argument("--baseline", default=BASELINE, help="the commit whose iptables.py is the old design")
+    p.add_argument("--baseline", default=BASELINE, help="the commit whose pyflannel is the old design")
     p.add_argument("--nodes", type=int, default=100, help="nodes in the cluster (the daemon's and N-1 API-only)")
     p.add_argument("--runs", type=int, default=1, help="runs per figure; tables show medians")
     p.add_argument("--idle-seconds", type=float, default=60.0)
@@ -316,7 +322,7 @@ def bench(args: argparse.Namespace) -> None:
         emit(line)
     emit("- limits: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d, memory.limit_in_bytes=%d MiB (daemon and children)"
          % (CPU_QUOTA_US, CPU_PERIOD_US, MEMORY_LIMIT // MiB))
-    emit("- daemon: kube-flannel's command line with %s, %d nodes; old design: iptables.py of %s"
+    emit("- daemon: kube-flannel's command line with %s, %d nodes; old design: pyflannel of %s"
          % (" ".join(DAEMON_FLAGS), args.nodes, args.baseline))
     emit("- kube-proxy: S ClusterIP Services with one endpoint each, about 5 S + 10 nat rules and 2 S + 4 chains")
     emit("\n## Runs\n")

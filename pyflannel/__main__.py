@@ -9,7 +9,7 @@ from . import flags, log
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and the FLANNELD_* environment, then run the daemon (or ``diagnose``)."""
+    """Parse the command line and the FLANNELD_* environment, then run the daemon (or ``diagnose``, ``check``)."""
     args = sys.argv[1:] if argv is None else argv
     from .kubeclient import allow_deep_json
 
@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import diagnose
 
         return diagnose.main(args[1:], os.environ)
+    if args[:1] == ["check"]:
+        from . import check
+
+        return check.main(args[1:], os.environ)
     opts = flags.parse_or_exit_code(args, os.environ, "pyflannel")
     if isinstance(opts, int):
         return opts

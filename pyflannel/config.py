@@ -4,11 +4,17 @@ Keys are matched case-insensitively and unknown keys are ignored, as Go's ``enco
 A JSON ``null`` is treated as if the key were absent. :func:`parse` accepts everything flanneld
 accepts; :func:`load`, which the daemon uses, then refuses what pyflannel does not implement
 (:func:`check_supported`), naming the key.
+
+``Networks`` and ``IPv6Networks`` are leftovers: flannel v0.20 took their first entry as the
+network, v0.21 to v0.24 filled them from ClusterCIDR objects, and v0.25 removed them (v0.28.9
+ignores them). pyflannel accepts one with a warning when it names the family's network and nothing
+else, and refuses it, naming the key, when it would change the network.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -16,8 +22,10 @@ from typing import Any
 
 from .family import IPV4, IPV6, Family, IPNetwork
 
+log = logging.getLogger(__name__)
+
 __all__ = ["OVERHEAD", "SUPPORTED_BACKENDS", "Config", "ConfigError", "VXLANConfig", "check_supported",
-           "default_subnet_len", "load", "parse"]
+           "default_subnet_len", "load", "network_list_warnings", "parse"]
 
 SUPPORTED_BACKENDS = ("vxlan", "host-gw")
 OVERHEAD = 50  # VXLAN over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -76,9 +84,9 @@ class Config:
     backend: dict[str, Any] = field(hash=False)  # the raw Backend object
     vxlan: VXLANConfig | None  # set when backend_type is "vxlan"
     networks: dict[Family, IPNetwork] = field(default_factory=dict, hash=False)
-    network_list: tuple[IPv4Network, ...] = ()  # v0.20.x multi-network keys, refused by check_supported
+    network_list: tuple[IPv4Network, ...] = ()  # the leftover multi-network keys (see check_supported)
     ipv6_network_list: tuple[IPv6Network, ...] = ()
-    enable_nftables: bool = False  # flannel v0.25's key, refused by check_supported when true
+    enable_nftables: bool = False  # flannel v0.25's key: the traffic manager's nftables mode
 
 
 class _FieldError(Exception):
@@ -283,6 +291,9 @@ def _is_empty(net: IPv4Network | IPv6Network | None) -> bool:
     return net is None or (int(net.network_address) == 0 and net.prefixlen == 0)
 
 
+_LEFTOVER_HINT = " (%s is not read since flannel v0.21: name the network in %s)"
+
+
 def _build(doc: Any, kube: bool) -> Config:
     """Decode and validate a parsed JSON document; raises ``_FieldError``."""
     if doc is None:
@@ -319,13 +330,15 @@ def _build(doc: Any, kube: bool) -> Config:
 
     if values["enable_ipv4"]:
         if _is_empty(values["network"]):
-            raise _FieldError("please define a correct Network parameter in the flannel config")
+            hint = _LEFTOVER_HINT % ("Networks", "Network") if values.get("network_list") else ""
+            raise _FieldError("please define a correct Network parameter in the flannel config" + hint)
         if not kube:
             values["subnet_len"], values["subnet_min"], values["subnet_max"] = _derive(
                 _V4, values["network"], values["subnet_len"], values["subnet_min"], values["subnet_max"])
     if values["enable_ipv6"]:
         if _is_empty(values["ipv6_network"]):
-            raise _FieldError("please define a correct IPv6Network parameter in the flannel config")
+            hint = _LEFTOVER_HINT % ("IPv6Networks", "IPv6Network") if values.get("ipv6_network_list") else ""
+            raise _FieldError("please define a correct IPv6Network parameter in the flannel config" + hint)
         if not kube:
             values["ipv6_subnet_len"], values["ipv6_subnet_min"], values["ipv6_subnet_max"] = _derive(
                 _V6, values["ipv6_network"], values["ipv6_subnet_len"], values["ipv6_subnet_min"],
@@ -374,16 +387,39 @@ def parse(text: str, kube: bool = False) -> Config:
 def check_supported(cfg: Config) -> None:
     """Refuse, naming the key, what flanneld accepts and pyflannel does not implement yet; raises ConfigError.
 
-    IPv4-only, dual-stack and IPv6-only networks run; the multi-network keys and nftables do not,
-    and must fail at start-up rather than be silently ignored.
+    IPv4-only, dual-stack and IPv6-only networks run, in iptables or nftables mode; a leftover
+    ``Networks``/``IPv6Networks`` runs as :func:`network_list_warnings` says, or is refused when it would
+    change the network.
     """
-    for key, value, alone in (("Networks", cfg.network_list, "Network"),
-                              ("IPv6Networks", cfg.ipv6_network_list, "IPv6Network")):
-        if value:
-            raise ConfigError("%s: pyflannel does not support multiple networks; use %s alone" % (key, alone))
-    if cfg.enable_nftables:
-        raise ConfigError('EnableNFTables: pyflannel does not support nftables rules yet; set it to false '
-                          '(pyflannel writes iptables rules, through iptables-nft where that is the iptables in use)')
+    for warning in network_list_warnings(cfg):
+        log.warning("%s", warning)
+
+
+def network_list_warnings(cfg: Config) -> list[str]:
+    """The warnings for a leftover ``Networks``/``IPv6Networks``; raises ConfigError naming the key when it
+    would change the network.
+
+    A key whose entries are all the family's network (or that is empty) is accepted with one
+    warning, as is any value when the family is not enabled: flannel v0.28.9 ignores the key, and
+    v0.20 would have run the same network. An entry that is another network is refused: v0.20 would
+    have used it, v0.21 to v0.24 would have run several networks, and v0.28.9 ignores it, so the
+    file does not say which network is meant.
+    """
+    warnings = []
+    for key, entries, alone, network, family, enabled in (
+            ("Networks", cfg.network_list, "Network", cfg.network, IPV4, cfg.enable_ipv4),
+            ("IPv6Networks", cfg.ipv6_network_list, "IPv6Network", cfg.ipv6_network, IPV6, cfg.enable_ipv6)):
+        if not entries:
+            continue
+        others = [str(n) for n in entries if n != network]
+        if enabled and others:
+            raise ConfigError("%s: %s differs from %s %s; flannel ignores %s since v0.25 and used its first entry "
+                              "as the network up to v0.20: remove %s, and name the network you mean in %s"
+                              % (key, ", ".join(others), alone, network, key, key, alone))
+        why = "it names the same network as %s" % alone if enabled else "%s is not enabled" % family
+        warnings.append("%s in net-conf.json is ignored: %s (flannel reads only %s since v0.21); remove it"
+                        % (key, why, alone))
+    return warnings
 
 
 def load(path: str, kube: bool = False) -> Config:

@@ -14,24 +14,27 @@ import traceback
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Network
 from types import FrameType, TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from . import __version__, config, health, heap, ip, metrics, subnetfile
+from . import __version__, brnetfilter, config, health, heap, ip, metrics, subnetfile, trafficmngr
 from .backend.hostgw import BackendError, HostGWNetwork
 from .backend.vxlan import DeviceError, VXLANNetwork, log_config
+from .blackhole import BlackholeRoutes
 from .etcdclient import EtcdClient, EtcdError, read_password_file
-from .family import IPV4, Family, IPNetwork
-from .flags import Options, describe
+from .family import IPV4, IPV6, Family, IPNetwork
+from .flags import FlagError, Options, continue_when_cache_not_ready, describe, event_queue_depth, go_quote
 from .kubeclient import ApiError, KubeClient
 from .lease import Lease, LeaseError, LeaseRevoked
 from .log import V
 from .netlink import Deletion, Monitor, Netlink
 from .subnet import SubnetManager
-from .subnet.annotations import AnnotationKeys, normalize_prefix
+from .subnet.annotations import AnnotationKeys, node_public_ips, normalize_prefix
 from .subnet.etcd import CONFIG_RETRY, EtcdSubnetManager
 from .subnet.kube import PROGRESS_BOUND, KubeSubnetManager
 from .subnet.nodenet import node_network, warn_overlap
-from .trafficmngr.iptables import IPTablesManager
+
+if TYPE_CHECKING:
+    from .probe import Prober
 
 log = logging.getLogger(__name__)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -40,6 +43,7 @@ SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5
 LEASE_RETRY = 10.0  # seconds between lease attempts when nothing on the node changes
 DEVICE_RETRY = 5.0  # seconds between looks at a backend whose device or interface is unusable (no news of its return)
 SYNC_TIMEOUT = 600.0  # seconds to wait for the first node list, as flanneld
+BR_NETFILTER_RETRY = 5.0  # seconds between looks for br_netfilter while it is missing
 # The most seconds one step of the start-up, or one turn of the loop, may work: an API request with
 # its connect and read timeouts (40 s), or a full reconcile of 5,000 nodes under 100m CPU (about 10 s).
 # /healthz says the main thread stalled when it has not beaten for its wait plus this.
@@ -54,6 +58,11 @@ POD_CIDR_HINT = (
     '--pod-network-cidr=%s). '
     "Waiting for the node's spec.podCIDR; pyflannel carries on as soon as it is set."
 )
+BR_NETFILTER_HINT = (
+    "The br_netfilter module is not loaded: without it, traffic between pods on this node's bridge bypasses "
+    "iptables, and pods cannot reach Services whose endpoints are on this node. Load it (%s; %s). "
+    "pyflannel waits, not ready, and carries on as soon as it is loaded."
+) % tuple(brnetfilter.FIXES)
 
 
 class Backend(Protocol):
@@ -183,8 +192,10 @@ class Supervisor:
 class Daemon:
     """One pyflannel process, in kube mode (--kube-subnet-mgr) or etcd mode."""
 
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, environ: Mapping[str, str] = os.environ, proc: str = "/proc") -> None:
         self.opts = opts
+        self.environ = environ  # flanneld's other variables: NODE_NAME, EVENT_QUEUE_DEPTH, CONT_WHEN_CACHE_NOT_READY
+        self.proc = proc  # the root of /proc, where br_netfilter's sysctls are looked for
         self.stop = threading.Event()
         self.exit_code = 0
         self.supervisor = Supervisor(self.stop, self._give_up)
@@ -201,14 +212,16 @@ class Daemon:
         self.sm: SubnetManager | None = None
         self._watch_name = "node watch" if opts.kube_subnet_mgr else "lease watch"
         self.backend_type = "vxlan"  # net-conf's Backend.Type: "vxlan" or "host-gw"
-        # Per enabled family, in FAMILIES order: the backend's network, this node's lease, the iptables rules
+        # Per enabled family, in FAMILIES order: the backend's network, this node's lease
         self.backends: dict[Family, Backend] = {}
         self.leases: dict[Family, Lease] = {}
-        self.iptables: dict[Family, IPTablesManager] = {}
+        self.traffic: trafficmngr.TrafficManager | None = None  # the masquerade and forward rules
         self.ext: ip.ExternalInterface | None = None
         self.subnet_file: subnetfile.Keeper | None = None
         self._subnet_error = ""  # the last failure to write subnet.env, logged once
         self._warned_subnet: dict[Family, IPNetwork] = {}  # a changed pod CIDR, said once
+        self.prober: Prober | None = None
+        self._said_ready = False  # "flannel is ready" was logged
 
     # -- signals and readiness -----------------------------------------------------------------------
 
@@ -260,10 +273,16 @@ class Daemon:
         return what
 
     def ready(self) -> bool:
-        """subnet.env written, the datapath programmed, every family's device there and up, and every
-        family's iptables rules in place."""
-        return self.datapath_ready and bool(self.backends) and all(b.device_ok for b in self.backends.values()) and \
-            all(m.ready for m in self.iptables.values())
+        """subnet.env written, the datapath programmed, every family's device there and up, and the
+        masquerade and forward rules in place. The first time it is, flanneld's ``flannel is ready`` is logged."""
+        ready = self.datapath_ready and bool(self.backends) and all(b.device_ok for b in self.backends.values()) \
+            and (self.traffic is None or self.traffic.ready)
+        if ready and not self._said_ready:
+            with self._lock:
+                said, self._said_ready = self._said_ready, True
+            if not said:
+                log.info("flannel is ready")
+        return ready
 
     def _on_change(self, names: set[str]) -> None:
         now = time.monotonic()
@@ -303,11 +322,15 @@ class Daemon:
         except ValueError as exc:
             raise Fatal("Failed to create SubnetManager: error creating network manager: %s" % exc) from exc
         try:
+            event_queue_depth(self.environ)  # validated as flanneld does; pyflannel has no queue it would size
+        except FlagError as exc:
+            raise Fatal("Failed to create SubnetManager: error creating network manager: %s" % exc) from exc
+        try:
             client = KubeClient(opts.kube_api_url, opts.kubeconfig_file)
         except ApiError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         try:
-            node = node_name(client)
+            node = node_name(client, self.environ)
         except NodeNameError as exc:
             raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
         sm = KubeSubnetManager(client, node, AnnotationKeys.from_prefix(prefix), prefix, cfg.networks, self._on_change)
@@ -422,10 +445,17 @@ class Daemon:
         self.sm = sm
         log.info("Found network config - Backend type: %s", cfg.backend_type)
         self.backend_type = cfg.backend_type
+        if not cfg.enable_nftables:
+            self._wait_for_br_netfilter(tuple(cfg.networks))
+        public_ip, public_ipv6 = opts.public_ip, opts.public_ipv6
+        if isinstance(sm, KubeSubnetManager):
+            public_ip, public_ipv6 = self._node_public_ips(sm, public_ip, public_ipv6)
+        if self.stop.is_set():
+            return
 
         nl = Netlink()
         try:
-            ext = ip.select(nl, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip, opts.public_ipv6,
+            ext = ip.select(nl, opts.iface, opts.iface_regex, opts.iface_can_reach, public_ip, public_ipv6,
                             tuple(cfg.networks))
         except ip.InterfaceError as exc:
             raise Fatal(str(exc)) from exc
@@ -439,11 +469,12 @@ class Daemon:
         self._beat(STEP_BOUND)
         self._configure()
 
-        if opts.ip_masq or opts.iptables_forward_rules:
-            for family, network in cfg.networks.items():
-                prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file, family)
-                self.iptables[family] = IPTablesManager(network, leases[family].subnet, prev_network, prev_subnet,
-                                                        opts.ip_masq, opts.iptables_forward_rules, opts.iptables_resync)
+        pods = []
+        for family, network in cfg.networks.items():
+            prev_network, prev_subnet = subnetfile.read_previous(opts.subnet_file, family)
+            pods.append(trafficmngr.PodNetwork(network, leases[family].subnet, prev_network, prev_subnet))
+        self.traffic = trafficmngr.new(cfg.enable_nftables, pods, opts.ip_masq, opts.iptables_forward_rules,
+                                       opts.ip_masq_fully_random_disable, opts.iptables_resync)
         mtu = next(iter(self.backends.values())).mtu  # the same in every family, as flanneld's
         env = subnetfile.SubnetEnv({f: (n, leases[f].subnet) for f, n in cfg.networks.items()}, mtu, opts.ip_masq)
         self.subnet_file = subnetfile.Keeper(opts.subnet_file, env)
@@ -453,36 +484,102 @@ class Daemon:
         except OSError as exc:
             log.warning("Failed to write subnet file: %s", exc)
             self._subnet_error = str(exc)
+        if opts.ip_blackhole_route:
+            routes = BlackholeRoutes({f: lease.subnet for f, lease in leases.items()}, opts.iptables_resync)
+            self.supervisor.spawn("blackhole routes", routes.run)
         log.info("Running backend.")
         log.info("watching for new subnet leases")
-        self._beat(SYNC_TIMEOUT + STEP_BOUND)
-        try:
-            # the other nodes' leases; deciding without them would remove their routes
-            sm.wait_synced(self.stop, SYNC_TIMEOUT)
-        except LeaseError as exc:
-            raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+        self._wait_synced(sm)  # the other nodes' leases; deciding without them would remove their routes
         if self.stop.is_set():
             return
         self._beat(STEP_BOUND)
-        self._take_dirty()
-        gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
-        try:
-            self._reconcile_all(sm)
-        finally:
-            gc.enable()
+        if sm.synced.is_set():  # else the list's arrival reports every node as changed
+            self._take_dirty()
+            gc.disable()  # as while listing: the first programming makes thousands of objects and no cycles
+            try:
+                self._reconcile_all(sm)
+            finally:
+                gc.enable()
         self._next_full = time.monotonic() + self.opts.datapath_resync
         gc.freeze()  # the node cache and kernel entries live on: later collections need not scan them
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
         self.supervisor.spawn("kernel-events listener", self._kernel_events)
-        for family, manager in self.iptables.items():
-            # After the routes, which pods need first; /readyz waits for both.
-            self.supervisor.spawn("%s check" % family.iptables, manager.run)
+        # After the routes, which pods need first; /readyz waits for both.
+        self.supervisor.spawn("%s check" % self.traffic.mode, self.traffic.run)
+        self._start_prober()
         self.datapath_ready = True
         metrics.READY.set(1)
         if opts.set_node_network_unavailable:
             sm.complete_lease()
         log.info("Waiting for all goroutines to exit")
+
+    def _start_prober(self) -> None:
+        """The datapath probes and the VXLAN checksum-offload keeper (probe.py): a supervised worker."""
+        opts = self.opts
+        if not opts.datapath_probe_port and (opts.vxlan_checksum_offload == "on" or self.backend_type != "vxlan"):
+            return
+        from .probe import Prober, path
+
+        self.prober = Prober([path(f, b, self.leases[f].subnet) for f, b in self.backends.items()],
+                             opts.datapath_probe_port, float(opts.datapath_probe_interval), opts.vxlan_checksum_offload)
+        self.supervisor.spawn("datapath prober", self.prober.run)
+
+    def _probes(self) -> tuple[int, bytes, str]:
+        """``/probes``, to clients on this host: the datapath probes' results as JSON (``pyflannel check``)."""
+        if self.prober is None:
+            return 503, b"the datapath probes are not running\n", "text/plain; charset=utf-8"
+        return 200, self.prober.report(), "application/json"
+
+    def _wait_synced(self, sm: SubnetManager) -> None:
+        """Wait for the first list of the leases, up to SYNC_TIMEOUT as flanneld; then raise Fatal, or with
+        CONT_WHEN_CACHE_NOT_READY=true say so and carry on (the leases are programmed as the list comes in)."""
+        self._beat(SYNC_TIMEOUT + STEP_BOUND)
+        try:
+            sm.wait_synced(self.stop, SYNC_TIMEOUT)
+        except LeaseError as exc:
+            if not continue_when_cache_not_ready(self.environ):
+                raise Fatal("Failed to create SubnetManager: %s" % exc) from exc
+            log.error("Timed out waiting for node controller sync. Continuing anyway.")
+
+    def _wait_for_br_netfilter(self, families: tuple[Family, ...]) -> None:
+        """Wait until br_netfilter is loaded (flanneld v0.26+ exits 1 without it), saying once why and how to
+        load it; not ready meanwhile (nothing is set up yet)."""
+        said = False
+        while not self.stop.is_set():
+            path = brnetfilter.missing(families, self.proc)
+            if not path:
+                if said:
+                    log.info("br_netfilter is loaded now; carrying on")
+                return
+            if not said:
+                log.error("%s", brnetfilter.problem(path))
+                log.error("%s", BR_NETFILTER_HINT)
+                said = True
+            self._beat(BR_NETFILTER_RETRY + STEP_BOUND)
+            self.stop.wait(BR_NETFILTER_RETRY)
+
+    def _node_public_ips(self, sm: KubeSubnetManager, public_ip: str, public_ipv6: str) -> tuple[str, str]:
+        """``--public-ip`` and ``--public-ipv6``, each replaced by this node's ``node-public-ip(v6)``
+        annotation when that is set (flannel v0.25.3), read from the node's record before the interface is
+        chosen; raises Fatal when one is not an address of its family."""
+        own = sm.own_node()
+        if own is None:  # the node could not be read alone: its annotations come with the node list
+            self._wait_synced(sm)
+            own = sm.own_node()
+        if own is None:
+            return public_ip, public_ipv6
+        log.info("List of node(%s) annotations: map[string]string{%s}", sm.node_name,
+                 ", ".join("%s:%s" % (go_quote(k), go_quote(v)) for k, v in sorted(own.annotations.items())))
+        try:
+            found = node_public_ips(sm.keys, own.annotations)
+        except ValueError as exc:
+            raise Fatal("Failed to find any valid interface to use: %s" % exc) from None
+        for family, value in found.items():
+            log.info("Overriding %s with '%s' from node annotation '%s'",
+                     family.public_ip_annotation.replace("-", " "), value, sm.keys.node_public_ip(family))
+        publics = {IPV4: public_ip, IPV6: public_ipv6, **found}
+        return publics[IPV4], publics[IPV6]
 
     # -- steady state --------------------------------------------------------------------------------
 
@@ -548,6 +645,8 @@ class Daemon:
             self._beat(interval + STEP_BOUND)
             lost = [b for b in backends.values() if not b.device_ok]
             self._wake.wait(max(0.0, min(self._next_full - time.monotonic(), DEVICE_RETRY if lost else interval)))
+            if not self._said_ready:
+                self.ready()  # says "flannel is ready" even if /readyz is not asked
             if stop.is_set():
                 break
             dirty, deleted = self._take_dirty()
@@ -566,7 +665,8 @@ class Daemon:
                 for name in changed:
                     metrics.PROGRAMMING_LATENCY.observe(now - dirty[name])
                 if time.monotonic() >= self._next_full:
-                    self._reconcile_all(sm)
+                    if sm.synced.is_set():  # before the first list it would remove every other node's entries
+                        self._reconcile_all(sm)
                     self._keep_subnet_file()
                     self._next_full = time.monotonic() + interval
             except BaseException:
@@ -585,12 +685,13 @@ class Daemon:
                 registry = metrics.enable(__version__)
             if opts.healthz_port:
                 routes = health.health_routes(self.ready, self.stalled)
+                routes["/probes"] = self._probes
                 if opts.metrics_port == opts.healthz_port:
                     routes.update(health.metrics_routes(registry))
                 addr = "[%s]:%d" % (opts.healthz_ip, opts.healthz_port) if ":" in opts.healthz_ip else \
                     "%s:%d" % (opts.healthz_ip, opts.healthz_port)
                 log.info("Start healthz server on %s", addr)
-                servers.append(health.serve(opts.healthz_ip, opts.healthz_port, routes))
+                servers.append(health.serve(opts.healthz_ip, opts.healthz_port, routes, local=("/probes",)))
             if opts.metrics_port and opts.metrics_port != opts.healthz_port:
                 servers.append(health.serve(opts.healthz_ip, opts.metrics_port, health.metrics_routes(registry)))
         except OSError as exc:
@@ -628,4 +729,4 @@ def main(opts: Options) -> int:
     """Log the configuration and run the daemon."""
     install_excepthooks()
     log.info("CLI flags config: %s", describe(opts))
-    return Daemon(opts).run()
+    return Daemon(opts, os.environ).run()

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, ip_network
 from typing import Any, TextIO, TypeVar, cast
 
-from . import flags, ip, subnetfile
+from . import brnetfilter, flags, ip, subnetfile
 from .config import OVERHEAD, Config, ConfigError, VXLANConfig, default_subnet_len, load
 from .kubeclient import ApiError, KubeClient
 from .netlink import Netlink
-from .subnet.annotations import AnnotationKeys, PrefixError
+from .subnet.annotations import AnnotationKeys, PrefixError, node_public_ips
 from .backend.hostgw import l2_networks, on_link
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
 from .family import IPV4, IPV6, Family
@@ -33,7 +33,7 @@ from .log import printable
 from .subnet.kube import (NodeInfo, decode_node_list, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr,
                           pod_cidr_field)
 
-__all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run"]
+__all__ = ["CHECKS", "Context", "Problem", "Unavailable", "main", "run", "write"]
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
@@ -49,7 +49,6 @@ PODCIDR_NAME = {IPV4: "PodCIDR", IPV6: "IPv6 PodCIDR"}  # as flanneld's errors n
 UNREACHABLE = {IPV4: "network is unreachable", IPV6: "no route to host"}  # the kernel's refusal of an off-link gateway
 IGNORED_LOG = {"vxlan": "ignoring non-vxlan v4Subnet(...): type=...",  # what a backend logs of another's node
                "host-gw": "Ignoring non-host-gw subnet: type=..."}
-BRIDGE_NF_CALL_IPTABLES = "sys/net/bridge/bridge-nf-call-iptables"
 FLANNEL_RBAC = "nodes: list, watch; nodes/status: patch; pods: get"
 
 T = TypeVar("T")
@@ -212,7 +211,14 @@ class Context:
         logger.propagate = False
         try:
             o = self.opts
-            return ip.select(self.nl, o.iface, o.iface_regex, o.iface_can_reach, o.public_ip, o.public_ipv6,
+            publics = {IPV4: o.public_ip, IPV6: o.public_ipv6}
+            try:  # the node-public-ip(v6) annotations replace the flags, as in the daemon
+                publics.update(node_public_ips(self.keys(), self.own_node().annotations))
+            except Unavailable:
+                pass
+            except ValueError as exc:
+                raise ip.InterfaceError("Failed to find any valid interface to use: %s" % exc) from None
+            return ip.select(self.nl, o.iface, o.iface_regex, o.iface_can_reach, publics[IPV4], publics[IPV6],
                              _families(self))
         finally:
             logger.removeHandler(collect)
@@ -760,7 +766,7 @@ def check_ipv6_interface(ctx: Context) -> Result:
             "this node has no IPv6 default route\n"
             "The pods' IPv6 traffic to addresses outside the cluster (masqueraded to this node's address) has no "
             "route out, and without --iface pyflannel cannot pick its interface (`failed to get default v6 "
-            "interface: Unable to find default v6 route`).",
+            "interface: unable to find default v6 route`).",
             ["add one in the node's network configuration: ip -6 route add default via <router> dev %s" % ext.name,
              "if the router advertises it: with IPv6 forwarding on, the kernel takes router advertisements only "
              "with net.ipv6.conf.%s.accept_ra=2" % ext.name]))
@@ -928,23 +934,37 @@ def _interface_name(ctx: Context) -> str:
 
 
 def check_br_netfilter(ctx: Context) -> Result:
-    """br_netfilter is loaded and bridged traffic goes through iptables."""
-    value = _read_sysctl(ctx, BRIDGE_NF_CALL_IPTABLES)
-    if value == "1":
-        return "br_netfilter is loaded (net.bridge.bridge-nf-call-iptables = 1)"
-    persist = ("sysctl -w net.bridge.bridge-nf-call-iptables=1, and put net.bridge.bridge-nf-call-iptables = 1 "
-               "into /etc/sysctl.d/99-kubernetes.conf")
-    if value is None:
+    """br_netfilter is loaded, and bridged traffic goes through iptables (ip6tables with IPv6)."""
+    families = _families(ctx)
+    missing = brnetfilter.missing(families, ctx.proc)
+    if missing:
         return [Problem(
             "the br_netfilter module is not loaded (%s is missing)\n"
             "Traffic between pods on this node's bridge then bypasses iptables: Services (kube-proxy's rules) do "
-            "not work between pods on the same node." % os.path.join(ctx.proc, BRIDGE_NF_CALL_IPTABLES),
-            ["modprobe br_netfilter",
-             "load it at boot: echo br_netfilter > /etc/modules-load.d/br_netfilter.conf",
-             persist])]
-    return [Problem(
-        "bridged traffic bypasses iptables (net.bridge.bridge-nf-call-iptables = %s)\n"
-        "Services (kube-proxy's rules) do not work between pods on the same node." % value, [persist])]
+            "not work between pods on the same node. pyflannel waits for it, not ready (/readyz 503), after "
+            "logging `%s`; flanneld v0.26 and later exit." % (missing, brnetfilter.problem(missing)),
+            brnetfilter.FIXES + [_persist_bridge_nf(families)])]
+    names = {f: _sysctl_name(brnetfilter.SYSCTLS[f]) for f in families}
+    off = {f: _read_sysctl(ctx, brnetfilter.SYSCTLS[f]) for f in families}
+    off = {f: value for f, value in off.items() if value != "1"}
+    if off:
+        return [Problem(
+            "bridged traffic bypasses %s (%s)\n"
+            "Services (kube-proxy's rules) do not work between pods on the same node." % (
+                " and ".join(f.iptables for f in off), ", ".join("%s = %s" % (names[f], v) for f, v in off.items())),
+            [_persist_bridge_nf(list(off))])]
+    return "br_netfilter is loaded (%s)" % ", ".join("%s = 1" % names[f] for f in families)
+
+
+def _sysctl_name(path: str) -> str:
+    """A sysctl's name from its path under /proc: ``net.bridge.bridge-nf-call-iptables``."""
+    return path[len("sys/"):].replace("/", ".")
+
+
+def _persist_bridge_nf(families: list[Family]) -> str:
+    names = [_sysctl_name(brnetfilter.SYSCTLS[f]) for f in families]
+    return "sysctl -w %s, and put %s into /etc/sysctl.d/99-kubernetes.conf" % (
+        " ".join("%s=1" % n for n in names), ", ".join("%s = 1" % n for n in names))
 
 
 def check_node_backends(ctx: Context) -> Result:
@@ -1038,7 +1058,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], Result]], ...] = (
 )
 
 
-def _write(out: TextIO, result: Result) -> int:
+def write(out: TextIO, result: Result) -> int:
     """Print one check's lines; the number of problems."""
     if isinstance(result, str):
         print("ok    %s" % printable(result), file=out)
@@ -1053,16 +1073,17 @@ def _write(out: TextIO, result: Result) -> int:
     return len(result)
 
 
-def run(ctx: Context, out: TextIO) -> int:
-    """Run every check in order, print the results, and return the number of problems."""
-    problems = 0
+def run(ctx: Context, out: TextIO, found: int = 0) -> int:
+    """Run every check in order, print the results, and return the number of problems (with ``found``,
+    those a caller printed before, counted in the closing line)."""
+    problems = found
     for title, check in CHECKS:
         try:
             result = check(ctx)
         except Unavailable as exc:
             print("skip  %s: needs %s" % (title, exc.needs), file=out)
             continue
-        problems += _write(out, result)
+        problems += write(out, result)
     if problems:
         print("%d problem%s found; fix them top down: later ones are often caused by earlier ones"
               % (problems, "" if problems == 1 else "s"), file=out)

@@ -1,4 +1,5 @@
-"""flanneld's command line (v0.20.2) and its ``FLANNELD_*`` environment variables.
+"""flanneld's command line (v0.20.2, and v0.28.9's new flags) and its ``FLANNELD_*`` environment
+variables; the other environment variables flanneld's kube subnet manager reads.
 
 Parsing follows Go's ``flag`` package: ``-name`` or ``--name``, ``-name=value`` or ``-name value``
 (bool flags take a value only as ``-name=value``), ``--`` or the first non-flag argument ends the
@@ -16,7 +17,8 @@ from typing import Any
 
 from . import __version__, log
 
-__all__ = ["FlagError", "HelpRequested", "Options", "describe", "parse", "usage"]
+__all__ = ["FlagError", "HelpRequested", "Options", "continue_when_cache_not_ready", "describe", "event_queue_depth",
+           "go_quote", "parse", "usage"]
 
 
 class FlagError(ValueError):
@@ -46,6 +48,7 @@ class Options:
     public_ipv6: str
     subnet_lease_renew_margin: int
     ip_masq: bool
+    ip_masq_fully_random_disable: bool
     kube_subnet_mgr: bool
     kube_api_url: str
     kube_annotation_prefix: str
@@ -55,6 +58,7 @@ class Options:
     healthz_port: int
     iptables_resync: int
     iptables_forward_rules: bool
+    ip_blackhole_route: bool
     net_config_path: str
     set_node_network_unavailable: bool
     v: int
@@ -63,6 +67,9 @@ class Options:
     log_format: str
     metrics_port: int
     datapath_resync: int
+    datapath_probe_port: int
+    datapath_probe_interval: int
+    vxlan_checksum_offload: str
     etcd_password_file: str
 
 
@@ -79,7 +86,7 @@ _QUOTE_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r
                   "\v": "\\v", "\\": "\\\\", '"': '\\"'}
 
 
-def _go_quote(s: str) -> str:
+def go_quote(s: str) -> str:
     """``strconv.Quote(s)``, i.e. Go's ``%q``."""
     out = []
     for ch in s:
@@ -172,7 +179,7 @@ def _klog_level(s: str) -> int:
     try:
         return _parse_int(s, 32, base=10)
     except _BadValue as exc:
-        raise _BadValue("strconv.ParseInt: parsing %s: %s" % (_go_quote(s), exc)) from None
+        raise _BadValue("strconv.ParseInt: parsing %s: %s" % (go_quote(s), exc)) from None
 
 
 def _klog_vmodule(s: str) -> str:
@@ -206,6 +213,11 @@ def _positive(value: int) -> None:
 def _log_format(value: str) -> None:
     if value not in ("klog", "json"):
         raise _BadValue("must be klog or json")
+
+
+def _offload_mode(value: str) -> None:
+    if value not in ("auto", "on", "off"):
+        raise _BadValue("must be auto, on or off")
 
 
 def _ip(value: str) -> None:
@@ -281,6 +293,8 @@ _FLAGS = (
           "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     _Flag("ip-masq", _BOOL, False,
           "setup IP masquerade rule for traffic destined outside of overlay network"),
+    _Flag("ip-masq-fully-random-disable", _BOOL, False,
+          "disable fully random source port allocation (--random-fully, fully-random) in the IP masquerade rules"),
     _Flag("kube-subnet-mgr", _BOOL, False,
           "contact the Kubernetes API for subnet assignment instead of etcd."),
     _Flag("kube-api-url", _STRING, "",
@@ -295,6 +309,7 @@ _FLAGS = (
     _Flag("healthz-port", _INT, 0, "the port for healthz server to listen(0 to disable)", _port),
     _Flag("iptables-resync", _INT, 5, "resync period for iptables rules, in seconds", _positive),
     _Flag("iptables-forward-rules", _BOOL, True, "add default accept rules to FORWARD chain in iptables"),
+    _Flag("ip-blackhole-route", _BOOL, False, "add a blackhole route on the node for the local podCIDR"),
     _Flag("net-config-path", _STRING, "/etc/kube-flannel/net-conf.json",
           "path to the network configuration file"),
     _Flag("set-node-network-unavailable", _BOOL, True, "set NodeNetworkUnavailable after ready"),
@@ -309,6 +324,15 @@ _FLAGS = (
           "the port for the metrics server to listen on the healthz IP (0 to disable)", _port),
     _Flag("datapath-resync", _INT, 30,
           "resync period for routes, neighbours and FDB entries, in seconds", _positive),
+    _Flag("datapath-probe-port", _INT, 8473,
+          "the TCP and UDP port of the datapath probes between the nodes, the same on every node (0 to disable)",
+          _port),
+    _Flag("datapath-probe-interval", _INT, 30,
+          "seconds between two rounds of datapath probes (each probes up to 8 other nodes per IP family)",
+          _positive),
+    _Flag("vxlan-checksum-offload", _STRING, "auto",
+          "tx checksum offload of the VXLAN device: auto (turned off when the checksum-offload bug is seen), on "
+          "(left as the kernel sets it) or off", _offload_mode),
     _Flag("etcd-password-file", _STRING, "",
           "file holding the password for BasicAuth to etcd (read once at start; unlike --etcd-password, not "
           "shown to every process on the host)"),
@@ -351,7 +375,7 @@ def _parse_args(argv: list[str], values: dict[str, Any]) -> set[str]:
             try:
                 _set(flag, values, text if eq else "true")
             except _BadValue as exc:
-                raise FlagError("invalid boolean value %s for -%s: %s" % (_go_quote(text), name, exc)) from None
+                raise FlagError("invalid boolean value %s for -%s: %s" % (go_quote(text), name, exc)) from None
         else:
             if not eq:
                 if i == len(argv):
@@ -361,7 +385,7 @@ def _parse_args(argv: list[str], values: dict[str, Any]) -> set[str]:
             try:
                 _set(flag, values, text)
             except _BadValue as exc:
-                raise FlagError("invalid value %s for flag -%s: %s" % (_go_quote(text), name, exc)) from None
+                raise FlagError("invalid value %s for flag -%s: %s" % (go_quote(text), name, exc)) from None
         given.add(name)
     return given
 
@@ -383,7 +407,7 @@ def parse(argv: list[str], environ: Mapping[str, str]) -> Options:
         try:
             _set(flag, values, text)
         except _BadValue as exc:
-            raise FlagError("invalid value %s for %s: %s" % (_go_quote(text), flag.env, exc)) from None
+            raise FlagError("invalid value %s for %s: %s" % (go_quote(text), flag.env, exc)) from None
     if values["etcd_password"] and values["etcd_password_file"]:
         raise FlagError("give the etcd password with --etcd-password or --etcd-password-file, not both")
     if not 1 <= values["subnet_lease_renew_margin"] < 24 * 60:
@@ -409,28 +433,31 @@ def usage() -> str:
         line = head + ("\t" if len(head) <= 4 else "\n    \t") + flag.usage
         if flag.kind is not _LIST and flag.default != flag.kind.zero:
             if flag.kind is _STRING:
-                line += " (default %s)" % _go_quote(flag.default)
+                line += " (default %s)" % go_quote(flag.default)
             else:
                 line += " (default %s)" % _go_format(flag.default)
         lines.append(line)
     return "\n".join(lines)
 
 
-# Go field names of flanneld v0.20.2's CmdLineOpts in declaration order, then pyflannel's own.
+# Go field names of flanneld v0.28.9's CmdLineOpts in declaration order, then pyflannel's own.
 _DESCRIBE_FIELDS = (
     ("etcdEndpoints", "etcd_endpoints"), ("etcdPrefix", "etcd_prefix"), ("etcdKeyfile", "etcd_keyfile"),
     ("etcdCertfile", "etcd_certfile"), ("etcdCAFile", "etcd_cafile"), ("etcdUsername", "etcd_username"),
     ("etcdPassword", "etcd_password"), ("version", "version"), ("kubeSubnetMgr", "kube_subnet_mgr"),
     ("kubeApiUrl", "kube_api_url"), ("kubeAnnotationPrefix", "kube_annotation_prefix"),
     ("kubeConfigFile", "kubeconfig_file"), ("iface", "iface"), ("ifaceRegex", "iface_regex"),
-    ("ipMasq", "ip_masq"), ("ifaceCanReach", "iface_can_reach"), ("subnetFile", "subnet_file"),
+    ("ipMasq", "ip_masq"), ("ipMasqRandomFullyDisable", "ip_masq_fully_random_disable"),
+    ("ifaceCanReach", "iface_can_reach"), ("subnetFile", "subnet_file"),
     ("publicIP", "public_ip"), ("publicIPv6", "public_ipv6"),
     ("subnetLeaseRenewMargin", "subnet_lease_renew_margin"), ("healthzIP", "healthz_ip"),
     ("healthzPort", "healthz_port"), ("iptablesResyncSeconds", "iptables_resync"),
-    ("iptablesForwardRules", "iptables_forward_rules"), ("netConfPath", "net_config_path"),
+    ("iptablesForwardRules", "iptables_forward_rules"), ("blackholeRoute", "ip_blackhole_route"),
+    ("netConfPath", "net_config_path"),
     ("setNodeNetworkUnavailable", "set_node_network_unavailable"),
     ("logFormat", "log_format"), ("metricsPort", "metrics_port"), ("datapathResync", "datapath_resync"),
-    ("etcdPasswordFile", "etcd_password_file"),
+    ("datapathProbePort", "datapath_probe_port"), ("datapathProbeInterval", "datapath_probe_interval"),
+    ("vxlanChecksumOffload", "vxlan_checksum_offload"), ("etcdPasswordFile", "etcd_password_file"),
 )
 
 
@@ -475,3 +502,32 @@ def parse_or_exit_code(argv: list[str], environ: Mapping[str, str], program: str
         print(__version__, file=sys.stderr)
         return 0
     return opts
+
+
+# --- the other environment variables of flanneld's kube subnet manager ---------------------------------
+
+DEFAULT_EVENT_QUEUE_DEPTH = 5000
+
+
+def event_queue_depth(environ: Mapping[str, str]) -> int:
+    """``EVENT_QUEUE_DEPTH``, validated as flanneld does (a value of 0 or less means the default, 5000).
+
+    flanneld sizes its lease-event channel with it. pyflannel has no such queue (changes are
+    coalesced per node), so the value sizes nothing; a bad one is refused all the same, with
+    flanneld's text, so that a manifest that works here works with flanneld. Raises FlagError.
+    """
+    text = environ.get("EVENT_QUEUE_DEPTH", "")
+    if not text:
+        return DEFAULT_EVENT_QUEUE_DEPTH
+    try:
+        value = _parse_int(text, 64, base=10)
+    except _BadValue as exc:
+        raise FlagError("env EVENT_QUEUE_DEPTH=%s format error: strconv.Atoi: parsing %s: %s"
+                        % (text, go_quote(text), exc)) from None
+    return value if value > 0 else DEFAULT_EVENT_QUEUE_DEPTH
+
+
+def continue_when_cache_not_ready(environ: Mapping[str, str]) -> bool:
+    """``CONT_WHEN_CACHE_NOT_READY``: exactly ``true`` makes the daemon carry on when the first node list
+    takes longer than the 10 minutes it waits for it (flannel v0.27.1); anything else makes it exit."""
+    return environ.get("CONT_WHEN_CACHE_NOT_READY", "") == "true"

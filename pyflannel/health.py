@@ -15,7 +15,8 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from ipaddress import ip_address
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class _Conn:
 class Server:
     """Serves ``routes`` on one address from one thread until :meth:`shutdown`."""
 
-    def __init__(self, addr: tuple[str, int], routes: dict[str, Route]) -> None:
+    def __init__(self, addr: tuple[str, int], routes: dict[str, Route], local: Collection[str] = ()) -> None:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -55,6 +56,7 @@ class Server:
         self._listener.setblocking(False)
         self.server_address: tuple[Any, ...] = self._listener.getsockname()
         self.routes = routes
+        self.local = local  # paths answered only to clients on this host (as if unknown to the others)
         self._waker_r, self._waker_w = socket.socketpair()
         self._stopping = False
         self._conns: dict[socket.socket, _Conn] = {}  # in order of arrival
@@ -132,12 +134,13 @@ class Server:
         conn.data += chunk
         if chunk and b"\r\n\r\n" not in conn.data and b"\n\n" not in conn.data and len(conn.data) < MAX_REQUEST:
             return
-        conn.out = self._answer(conn.data)
+        conn.out = self._answer(conn.data, conn.sock)
         self._sel.modify(conn.sock, selectors.EVENT_WRITE)
 
-    def _answer(self, request: bytes) -> bytes:
+    def _answer(self, request: bytes, sock: socket.socket) -> bytes:
         parts = request.split(b"\r\n", 1)[0].split()
-        route = self.routes.get(parts[1].decode("latin-1").split("?", 1)[0]) if len(parts) > 1 else None
+        path = parts[1].decode("latin-1").split("?", 1)[0] if len(parts) > 1 else ""
+        route = self.routes.get(path) if path not in self.local or _on_this_host(sock) else None
         if len(parts) < 2:
             status, body, ctype = _text(400, "bad request\n")
         elif route is None:
@@ -156,6 +159,18 @@ class Server:
         del self._conns[conn.sock]
         self._sel.unregister(conn.sock)
         conn.sock.close()
+
+
+def _on_this_host(sock: socket.socket) -> bool:
+    """Whether the client of ``sock`` is on this host: it came over loopback, or from the address it
+    connected to (a host's connection to its own address)."""
+    try:
+        peer, here = sock.getpeername()[0], sock.getsockname()[0]
+        addr = ip_address(peer)
+    except (OSError, ValueError):
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return peer == here or addr.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def _text(status: int, text: str) -> tuple[int, bytes, str]:
@@ -183,8 +198,9 @@ def metrics_routes(registry: Any) -> dict[str, Route]:
     return {"/metrics": lambda: (200, generate_latest(registry), CONTENT_TYPE_LATEST)}
 
 
-def serve(ip: str, port: int, routes: dict[str, Route]) -> Server:
-    """Serve ``routes`` on ip:port in a daemon thread; raises OSError when the address cannot be bound."""
-    server = Server((ip, port), routes)
+def serve(ip: str, port: int, routes: dict[str, Route], local: Collection[str] = ()) -> Server:
+    """Serve ``routes`` on ip:port in a daemon thread (those of ``local`` only to clients on this host);
+    raises OSError when the address cannot be bound."""
+    server = Server((ip, port), routes, local)
     server.start()
     return server

@@ -1,9 +1,11 @@
 """Choosing the external interface: ``--iface``, ``--iface-regex``, ``--iface-can-reach``, ``--public-ip``,
-``--public-ipv6``, for each enabled family.
+``--public-ipv6``, for each enabled family; and following it when it is re-created.
 
-The rules and log lines are flanneld's (its ``pkg/ipmatch``). For dual-stack, each family missing
-an address is filled from the chosen interface, as flannel v0.27.4 does, where v0.20.2 leaves it
-empty and later panics.
+The rules and log lines are flanneld v0.28.9's (its ``pkg/ipmatch``). For dual-stack, each family
+missing an address is filled from the chosen interface, as flannel v0.27.4 does, where v0.20.2
+leaves it empty and later panics. An interface's addresses are taken in flannel v0.28's order of
+preference: global before link-local, permanent (set by hand) before dynamic, non-temporary before
+temporary (the kernel's ``IFA_F_*`` flags); deprecated ones are never taken.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
@@ -19,6 +21,10 @@ from .family import IPV4, IPV6, Family, IPAddress, family_of
 from .netlink import Netlink
 
 log = logging.getLogger(__name__)
+
+IFA_F_TEMPORARY = 0x01  # an IPv6 privacy address; the same bit is IFA_F_SECONDARY in IPv4
+IFA_F_DEPRECATED = 0x20
+IFA_F_PERMANENT = 0x80  # set by hand (or by a tool through netlink), not by DHCP, SLAAC or a lifetime
 
 
 class InterfaceError(Exception):
@@ -31,6 +37,7 @@ class ExtAddr:
 
     iface_addr: IPAddress
     ext_addr: IPAddress
+    ext_local: bool = True  # the advertised address is one of this node's (always so when it is the interface's)
 
 
 @dataclass(frozen=True)
@@ -61,14 +68,32 @@ def _address(m: Any) -> IPAddress:
     return ip_address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
 
 
+def _flags(m: Any) -> int:
+    """An address's IFA_F_* flags: the 32-bit attribute when the kernel sends it, else the header's 8 bits."""
+    flags = m.get_attr("IFA_FLAGS")
+    return int(flags if flags is not None else m["flags"])
+
+
+def _preference(address: IPAddress, flags: int) -> tuple[bool, bool, bool]:
+    """Sorts an address after those flannel v0.28 prefers to it: link-local after global, then not
+    permanent after permanent, then temporary after non-temporary."""
+    return address.is_link_local, not flags & IFA_F_PERMANENT, bool(flags & IFA_F_TEMPORARY)
+
+
 def _addresses(nl: Netlink, index: int, family: Family) -> list[IPAddress]:
-    """The interface's addresses of ``family``, global unicast first, then link-local, in kernel order."""
-    addrs = [_address(m) for m in nl.addresses(index, family.af)]
-    usable = [a for a in addrs if not (a.is_loopback or a.is_link_local or a.is_multicast or a.is_unspecified)]
-    return usable + [a for a in addrs if a.is_link_local]
+    """The interface's usable addresses of ``family`` (global unicast or link-local, not deprecated) in
+    the order of preference of :func:`_preference`, kernel order among equals."""
+    found = []
+    for m in nl.addresses(index, family.af):
+        address, flags = _address(m), _flags(m)
+        if flags & IFA_F_DEPRECATED or address.is_loopback or address.is_multicast or address.is_unspecified:
+            continue
+        found.append((_preference(address, flags), address))
+    found.sort(key=lambda pair: pair[0])  # stable: kernel order among equals
+    return [address for _, address in found]
 
 
-_GIVEN = {IPV4: "IP", IPV6: "IPv6"}  # flanneld's "No interface with given IP/IPv6 found"
+_GIVEN = {IPV4: "IP", IPV6: "IPv6"}  # flanneld's "no interface with given IP/IPv6 found"
 
 
 def _words(family: Family, what: str) -> str:
@@ -88,7 +113,7 @@ def _by_ip(nl: Netlink, ip: IPAddress) -> int:
     for m in nl.addresses(0, family.af):
         if _address(m) == ip:
             return int(m["index"])
-    raise LookupError("error looking up %s %s: No interface with given %s found"
+    raise LookupError("error looking up %s %s: no interface with given %s found"
                       % (_words(family, "interface"), ip, _GIVEN[family]))
 
 
@@ -117,7 +142,10 @@ def _by_regex(nl: Netlink, pattern: str, families: Sequence[Family]) -> tuple[in
     for index, name in links:
         if rx.search(name):
             return index, {}
-    raise LookupError("No interface matches the regex")
+    listed = families[0] if len(families) == 1 else IPV4  # flanneld lists the IPv4 addresses unless IPv6-only
+    available = ("%s:[%s]" % (name, " ".join(str(a) for a in _addresses(nl, index, listed))) for index, name in links)
+    raise LookupError("could not match pattern %s to any of the available network interfaces (%s)"
+                      % (pattern, ", ".join(available)))
 
 
 def _by_route(nl: Netlink, target: str) -> tuple[int, dict[Family, IPAddress]]:
@@ -134,10 +162,10 @@ def _default_route(nl: Netlink, family: Family) -> int:
     for r in nl.routes(254, family.af):
         if r.dst == family.any_network:
             if not r.oif:
-                raise LookupError("failed to get %s: Found default %s but could not determine interface"
+                raise LookupError("failed to get %s: found default %s but could not determine interface"
                                   % (what, _words(family, "route")))
             return r.oif
-    raise LookupError("failed to get %s: Unable to find default %s" % (what, _words(family, "route")))
+    raise LookupError("failed to get %s: unable to find default %s" % (what, _words(family, "route")))
 
 
 def select(nl: Netlink, ifaces: list[str], regexes: list[str], can_reach: str, public_ip: str,
@@ -194,6 +222,7 @@ def select(nl: Netlink, ifaces: list[str], regexes: list[str], can_reach: str, p
             except LookupError as exc:
                 log.info("Could not find valid interface matching %s: %s", pattern, exc)
         if index is None and can_reach:
+            log.info("Determining interface to use based on given ifcanreach: %s", can_reach)
             try:
                 index, found = _by_route(nl, can_reach)
             except (LookupError, ValueError, OSError) as exc:
@@ -218,8 +247,45 @@ def select(nl: Netlink, ifaces: list[str], regexes: list[str], can_reach: str, p
         else:
             ext = addr
             log.info("Defaulting external %s to interface address (%s)", _words(family, "address"), addr)
-        addrs[family] = ExtAddr(addr, ext)
+        addrs[family] = ExtAddr(addr, ext, ext == addr or _is_local(nl, ext))
     if mtu == 0:
         raise InterfaceError("Failed to find any valid interface to use: failed to determine MTU for %s interface"
                              % addrs[families[0]].iface_addr)
     return ExternalInterface(name, index, mtu, addrs)
+
+
+def _is_local(nl: Netlink, address: IPAddress) -> bool:
+    """Whether ``address`` is on one of this node's interfaces."""
+    try:
+        _by_ip(nl, address)
+    except LookupError:
+        return False
+    return True
+
+
+def follow(nl: Netlink, ext: ExternalInterface, family: Family) -> ExternalInterface:
+    """``ext`` as the kernel has it now: ``ext`` itself while its index still has its name; when the
+    interface was re-created under a new index (a VLAN, bond or tailscale0 restarted), the interface of
+    that name, once it holds its interface address of ``family`` again. Raises LookupError (flannel
+    v0.28.9's device watcher's words where it has them) until then.
+
+    The name is what the flags chose (or the address's interface, which keeps its name), so a
+    re-created interface is found by it, as flannel v0.27.4's device watcher finds it. The addresses
+    must be the ones chosen at start: they are what this node advertises.
+    """
+    link = nl.link(index=ext.index)
+    if link is not None and link.get_attr("IFLA_IFNAME") == ext.name:
+        return ext
+    link = nl.link(name=ext.name)
+    if link is None:
+        raise LookupError("external interface %s not found" % ext.name)
+    index = int(link["index"])
+    want = ext.addrs[family].iface_addr
+    have = _addresses(nl, index, family)
+    if not have:
+        raise LookupError("error getting %s addresses for %s: no %s address found for given interface"
+                          % (family, ext.name, family))
+    if want not in have:
+        raise LookupError("%s was re-created without its address %s (it has %s); restart pyflannel to use another"
+                          % (ext.name, want, ", ".join(str(a) for a in have)))
+    return replace(ext, index=index)

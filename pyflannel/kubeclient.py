@@ -235,8 +235,13 @@ def _in_cluster(service_account: str) -> tuple[str, ssl.SSLContext, _TokenFile]:
 
 
 def _kubeconfig(path: str) -> tuple[str, ssl.SSLContext | None, Callable[[], str]]:
-    from kubernetes.client.configuration import Configuration
-    from kubernetes.config.kube_config import load_kube_config
+    try:
+        from kubernetes.client.configuration import Configuration
+        from kubernetes.config.kube_config import load_kube_config
+    except ImportError:
+        # The image leaves the kubernetes client out: a pod uses its service account.
+        raise ImportError("--kubeconfig-file needs the kubernetes package, which is not installed "
+                          "(pip install 'pyflannel[kubeconfig]'; in a pod, omit it to use the service account)") from None
 
     cfg = Configuration()
     load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)  # type: ignore[no-untyped-call]

@@ -38,11 +38,21 @@ IPTABLES_REPAIRS: Any = _NOOP
 NETLINK_ERRORS: Any = _NOOP
 WORKER_RESTARTS: Any = _NOOP
 READY: Any = _NOOP
+# the datapath probes (probe.py) and the checksum-offload keeper
+PROBES: Any = _NOOP
+PROBE_FAILURES: Any = _NOOP
+PROBE_RTT: Any = _NOOP
+PROBE_PEERS_UNREACHABLE: Any = _NOOP
+PROBE_PEERS_DEGRADED: Any = _NOOP
+CHECKSUM_BUG: Any = _NOOP
+TX_CHECKSUM_OFFLOAD: Any = _NOOP
 REGISTRY: Any = None
 
 
 _NAMES = ("LEASES", "LEASE_EVENTS", "WATCH_RESTARTS", "API_ERRORS", "PROGRAMMING_LATENCY", "RECONCILES", "REPAIRS",
-          "IPTABLES_RESYNCS", "IPTABLES_REPAIRS", "NETLINK_ERRORS", "WORKER_RESTARTS", "READY")
+          "IPTABLES_RESYNCS", "IPTABLES_REPAIRS", "NETLINK_ERRORS", "WORKER_RESTARTS", "READY",
+          "PROBES", "PROBE_FAILURES", "PROBE_RTT", "PROBE_PEERS_UNREACHABLE", "PROBE_PEERS_DEGRADED", "CHECKSUM_BUG",
+          "TX_CHECKSUM_OFFLOAD")
 
 
 def disable() -> None:
@@ -57,6 +67,8 @@ def enable(version: str) -> Any:
     """Create the metrics in a registry of their own and return that registry."""
     global LEASES, LEASE_EVENTS, WATCH_RESTARTS, API_ERRORS, PROGRAMMING_LATENCY, RECONCILES, REPAIRS
     global IPTABLES_RESYNCS, IPTABLES_REPAIRS, NETLINK_ERRORS, WORKER_RESTARTS, READY, REGISTRY
+    global PROBES, PROBE_FAILURES, PROBE_RTT, PROBE_PEERS_UNREACHABLE, PROBE_PEERS_DEGRADED, CHECKSUM_BUG
+    global TX_CHECKSUM_OFFLOAD
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
     reg = CollectorRegistry(auto_describe=True)
@@ -82,5 +94,23 @@ def enable(version: str) -> Any:
                               "by worker.", ["worker"], registry=reg)
     READY = Gauge(PREFIX + "_ready", "1 once subnet.env is written and the datapath is programmed.",
                   registry=reg)
+    PROBES = Counter(PREFIX + "_probes_total", "Datapath probes sent to other nodes, by family and protocol "
+                     "(tcp, udp, udp_full_size).", ["family", "protocol"], registry=reg)
+    PROBE_FAILURES = Counter(PREFIX + "_probe_failures_total", "Datapath probes that got no answer, by family and "
+                             "protocol.", ["family", "protocol"], registry=reg)
+    PROBE_RTT = Histogram(PREFIX + "_probe_rtt_seconds", "Round-trip time of the datapath probes' TCP handshakes "
+                          "through the overlay, by family.", ["family"],
+                          buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                   1, 2.5), registry=reg)
+    PROBE_PEERS_UNREACHABLE = Gauge(PREFIX + "_probe_peers_unreachable", "Other nodes that answered no datapath "
+                                    "probe in the last rounds they were probed in, by family.", ["family"],
+                                    registry=reg)
+    PROBE_PEERS_DEGRADED = Gauge(PREFIX + "_probe_peers_degraded", "Other nodes that answer some datapath probes "
+                                 "but not all, by family and problem (tcp, full_size, udp).", ["family", "problem"],
+                                 registry=reg)
+    CHECKSUM_BUG = Gauge(PREFIX + "_vxlan_checksum_bug", "1 while the VXLAN checksum-offload bug is seen and not "
+                         "worked around.", registry=reg)
+    TX_CHECKSUM_OFFLOAD = Gauge(PREFIX + "_vxlan_tx_checksum_offload", "1 while the VXLAN device's tx checksum "
+                                "offload is on.", ["device"], registry=reg)
     REGISTRY = reg
     return reg

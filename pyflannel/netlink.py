@@ -72,7 +72,9 @@ IFF_UP = 0x1
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDA_DST, NDA_LLADDR = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+RTN_UNICAST, RTN_BLACKHOLE = 1, 6
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 AF_BRIDGE = 7
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBi")
@@ -86,7 +88,8 @@ _U32_ATTR = struct.Struct("=HHI")
 
 Deletion = tuple[str, int, str]
 """What the kernel deleted: ("neigh", ifindex, ip), ("fdb", ifindex, "mac dst"), ("route", table, "dst/len"),
-("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP.
+("addr", ifindex, "ip/len"), ("link", ifindex, name); or ("down", ifindex, name): a link without IFF_UP;
+or ("up", ifindex, name): a link with IFF_UP was created or changed (a re-created external interface).
 Addresses of either family, IPv6 ones in their compressed form ("fd00:10:244:1::")."""
 
 
@@ -124,14 +127,17 @@ def neighbour_request(msg_type: int, flags: int, family: int, ifindex: int, stat
 
 
 def route_request(msg_type: int, flags: int, dst: str, dst_len: int, gateway: str | None, oif: int | None,
-                  table: int, proto: int, scope: int, rtype: int, rtm_flags: int) -> Packed:
-    """RTM_NEWROUTE or RTM_DELROUTE for a route of the family of ``dst`` (an address's text)."""
+                  table: int, proto: int, scope: int, rtype: int, rtm_flags: int, metric: int = 0) -> Packed:
+    """RTM_NEWROUTE or RTM_DELROUTE for a route of the family of ``dst`` (an address's text); ``metric`` 0
+    sends none (the kernel's default)."""
     family = socket.AF_INET6 if ":" in dst else socket.AF_INET
     body = _RTMSG.pack(family, dst_len, 0, 0, table, proto, scope, rtype, rtm_flags) + _address_attr(RTA_DST, dst)
     if gateway is not None:
         body += _address_attr(RTA_GATEWAY, gateway)
     if oif is not None:
         body += _U32_ATTR.pack(8, RTA_OIF, oif)
+    if metric:
+        body += _U32_ATTR.pack(8, RTA_PRIORITY, metric)
     return Packed(msg_type, flags, body)
 
 
@@ -170,6 +176,8 @@ class Route:
     oif: int
     proto: int
     table: int
+    type: int = RTN_UNICAST  # RTN_*: unicast, blackhole, ...
+    metric: int = 0
 
 
 def parse_neighbour(buf: bytes, body: int, end: int) -> Neighbour:
@@ -182,13 +190,14 @@ def parse_neighbour(buf: bytes, body: int, end: int) -> Neighbour:
 
 def parse_route(buf: bytes, body: int, end: int) -> Route:
     """An rtmsg whose body runs from ``body`` to ``end`` in ``buf``."""
-    family, dst_len, _, _, table, proto, _, _, _ = _RTMSG.unpack_from(buf, body)
+    family, dst_len, _, _, table, proto, _, rtype, _ = _RTMSG.unpack_from(buf, body)
     a = parse_attrs(buf, body + _RTMSG.size, end)
     if RTA_TABLE in a:
         table = struct.unpack("=I", a[RTA_TABLE])[0]
     oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
+    metric = struct.unpack("=I", a[RTA_PRIORITY])[0] if RTA_PRIORITY in a else 0
     dst = _ip(a.get(RTA_DST)) or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-    return Route("%s/%d" % (dst, dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table)
+    return Route("%s/%d" % (dst, dst_len), _ip(a.get(RTA_GATEWAY)), oif, proto, table, rtype, metric)
 
 
 class NetlinkError(OSError):
@@ -267,7 +276,7 @@ class Netlink:
                     yield seq, 0, msg_flags, buf, off, length
                 off += (length + 3) & ~3
 
-    def _answer(self, req: Request, flags: int) -> Iterable[tuple[bytes, int, int]]:
+    def _answer(self, req: Request | Packed, flags: int) -> Iterable[tuple[bytes, int, int]]:
         """Send one request; (buffer, offset, length) of each message of its answer. Raises
         NetlinkError, and DumpInterrupted once a disturbed dump has been read to its end."""
         seq, data = self._encode(req, flags)
@@ -284,7 +293,7 @@ class Netlink:
         if interrupted:
             raise DumpInterrupted()
 
-    def _dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
+    def _dump(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
         """A dump request; ``parse(buffer, offset, length)`` of each message of the answer, those
         that are not None. A dump that changes disturbed is read again, not trusted."""
         for _ in range(DUMP_ATTEMPTS - 1):
@@ -294,10 +303,10 @@ class Netlink:
                 continue
         return self._parse_dump(req, parse)
 
-    def _parse_dump(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
+    def _parse_dump(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
         return list(self._each(req, parse))
 
-    def _each(self, req: Request, parse: Callable[[bytes, int, int], T | None]) -> Iterator[T]:
+    def _each(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> Iterator[T]:
         """One reading of a dump, each message parsed as it arrives; DumpInterrupted at its end if a
         change disturbed it."""
         for buf, off, length in self._answer(req, NLM_F_DUMP):
@@ -367,13 +376,24 @@ class Netlink:
         found = self.dump(request(ifaddrmsg, RTM_GETADDR, fields={"family": family}))
         return [m for m in found if not index or m["index"] == index]
 
-    def routes(self, table: int = 254, family: int = socket.AF_INET) -> list[Route]:
-        """The routes of a family in a table. Read with :func:`parse_route`, not decoded whole: a
-        node's table holds a route for every other node, and this runs on every reconcile."""
+    def routes(self, table: int = 254, family: int = socket.AF_INET, rtype: int = 0) -> list[Route]:
+        """The routes of a family in a table (of one RTN_* type when ``rtype`` is given). Read with
+        :func:`parse_route`, not decoded whole: a node's table holds a route for every other node, and
+        this runs on every reconcile. A socket with :meth:`strict_dumps` has the kernel filter them."""
         def parse(buf: bytes, off: int, length: int) -> Route | None:
             r = parse_route(buf, off + _HEADER.size, off + length)
-            return r if r.table == table else None
-        return self._dump(request(rtmsg, RTM_GETROUTE, fields={"family": family}), parse)
+            return r if r.table == table and (not rtype or r.type == rtype) else None
+        fields = {"family": family, "table": table, "type": rtype} if rtype else {"family": family}
+        return self._dump(request(rtmsg, RTM_GETROUTE, fields=fields), parse)
+
+    def strict_dumps(self) -> bool:
+        """Ask the kernel (4.20+) to filter dumps by the request's fields (NETLINK_GET_STRICT_CHK); whether it will.
+        Without it every route is sent and :meth:`routes` filters them."""
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        except OSError:
+            return False
+        return True
 
     def iter_routes(self, table: int = 254, family: int = socket.AF_INET) -> Iterator[Route]:
         """:meth:`routes`, read as they arrive, never all held: one reading, which raises DumpInterrupted at
@@ -406,7 +426,7 @@ class Netlink:
 
 def deletions(buf: bytes, families: frozenset[int] = frozenset((socket.AF_INET,))) -> list[Deletion]:
     """The neighbour, route and address deletions of the address ``families``, the FDB and link
-    deletions, and the links without IFF_UP, in a buffer of rtnetlink notifications.
+    deletions, and the links' news (with or without IFF_UP), in a buffer of rtnetlink notifications.
 
     Only the few fields needed are read, so the many notifications a busy node sends cost little.
     """
@@ -430,10 +450,11 @@ def deletions(buf: bytes, families: frozenset[int] = frozenset((socket.AF_INET,)
             _, prefixlen, _, _, index = _IFADDRMSG.unpack_from(buf, body)
             a = parse_attrs(buf, body + _IFADDRMSG.size, end)
             out.append(("addr", index, "%s/%d" % (_ip(a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)), prefixlen)))
-        elif msg_type == RTM_DELLINK or (msg_type == RTM_NEWLINK and not _IFINFOMSG.unpack_from(buf, body)[3] & IFF_UP):
-            index = _IFINFOMSG.unpack_from(buf, body)[2]
+        elif msg_type in (RTM_DELLINK, RTM_NEWLINK):
+            _, index, link_flags, _ = _IFINFOMSG.unpack_from(buf, body)[1:]
             name = parse_attrs(buf, body + _IFINFOMSG.size, end).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
-            out.append(("link" if msg_type == RTM_DELLINK else "down", index, name))
+            kind = "link" if msg_type == RTM_DELLINK else "up" if link_flags & IFF_UP else "down"
+            out.append((kind, index, name))
         off += (length + 3) & ~3
     return out
 

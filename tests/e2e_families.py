@@ -166,3 +166,9 @@ def flanneld_state(cluster: Cluster, node: Node, peers: list[Node], macs: dict[i
     node.subnet_file.write_text("\n".join(env + ["FLANNEL_MTU=1450", "FLANNEL_IPMASQ=true"]) + "\n")
     # flanneld's patch of nodes/<name>/status (spec §3.2)
     cluster.api.patch_node(node.name, {"metadata": {"annotations": annotations}})
+
+
+def probe_outcomes(cluster: Cluster, node: Node) -> dict[int, dict[str, str]]:
+    """The datapath probes' last outcome of each peer, per IP version, from the node's /probes."""
+    return {4 if fam["family"] == "IPv4" else 6: {r["name"]: r["outcome"] for r in fam["recent"]}
+            for fam in cluster.probes(node)["families"]}

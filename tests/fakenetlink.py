@@ -280,8 +280,8 @@ class FakeNetlink:
         return _message(ifinfmsg, {"index": link.index, "flags": link.flags, "change": 0}, attrs)
 
     def _notify_link(self, link: Link) -> None:
-        if not link.up:  # what netlink.deletions() reports of an RTM_NEWLINK
-            self.events.append(("down", link.index, link.name))
+        # what netlink.deletions() reports of an RTM_NEWLINK
+        self.events.append(("up" if link.up else "down", link.index, link.name))
 
     def _set_up(self, link: Link, up: bool) -> None:
         if up == link.up:

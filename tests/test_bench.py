@@ -59,3 +59,34 @@ def test_kubeproxy_bench_runs_and_prints_its_table() -> None:
     rows = [line for line in out.split("## Idle beside")[1].splitlines() if line.startswith(("| nft ", "| legacy "))]
     assert len(rows) == 8, out
     assert all("| off " in row and "| yes " in row for row in rows), out  # flannel's rules were in place
+
+
+def test_nftables_bench_runs_and_prints_its_tables() -> None:
+    cmd = [sys.executable, "-m", "bench.nftables", "--services", "0,30", "--limits", "off", "--nodes", "2",
+           "--idle-seconds", "1", "--settle", "0.5"]
+    res = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for heading in ("- command: `python -m bench.nftables --services 0,30", "- machine: nproc",
+                    "## Idle beside kube-proxy's nftables rules: 2 nodes", "## What nft itself costs"):
+        assert heading in out, out
+    rows = [line for line in out.split("## Idle beside")[1].split("##")[0].splitlines()
+            if line.startswith(("| 0 ", "| 30 "))]
+    assert len(rows) == 2 and all("| yes " in row for row in rows), out
+    costs = [line for line in out.split("## What nft")[1].splitlines() if line.startswith(("| 0 ", "| 30 "))]
+    assert len(costs) == 2, out
+
+
+def test_probes_bench_runs_and_prints_its_table() -> None:
+    cmd = [sys.executable, "-m", "bench.probes", "--nodes", "4", "--runs", "1", "--window", "3", "--settle", "2",
+           "--interval", "1", "--limits", "off"]
+    res = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for heading in ("- command: `python -m bench.probes --nodes 4", "- machine: nproc", "## With and without the "
+                    "probes (median of 1)"):
+        assert heading in out, out
+    run = [line for line in out.splitlines() if line.startswith("- run 1/1 N=4: ")]
+    assert len(run) == 1 and run[0].endswith(", ok") and "load answered 0/" not in run[0], out
+    rows = [line for line in out.splitlines() if line.startswith("| 4 ")]
+    assert len(rows) == 1 and rows[0].rstrip().endswith("| ok      |"), out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -401,12 +402,12 @@ def test_config_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize("keys,message", [
-    ({"Networks": ["10.244.0.0/16"]}, "Networks: pyflannel does not support multiple networks; use Network alone"),
-    ({"IPv6Networks": ["fd00::/48"]},
-     "IPv6Networks: pyflannel does not support multiple networks; use IPv6Network alone"),
-    ({"EnableNFTables": True},
-     "EnableNFTables: pyflannel does not support nftables rules yet; set it to false (pyflannel writes iptables "
-     "rules, through iptables-nft where that is the iptables in use)"),
+    ({"Networks": ["10.1.0.0/16"]},
+     "Networks: 10.1.0.0/16 differs from Network 10.244.0.0/16; flannel ignores Networks since v0.25 and used its "
+     "first entry as the network up to v0.20: remove Networks, and name the network you mean in Network"),
+    ({"Networks": ["10.244.0.0/16", "10.2.0.0/16"]}, "Networks: 10.2.0.0/16 differs from Network 10.244.0.0/16; "),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/48", "IPv6Networks": ["fd00::/56"]},
+     "IPv6Networks: fd00::/56 differs from IPv6Network fd00::/48; "),
 ])
 def test_load_refuses_what_pyflannel_does_not_implement(tmp_path: Path, keys: dict[str, Any], message: str) -> None:
     path = tmp_path / "net-conf.json"
@@ -414,9 +415,39 @@ def test_load_refuses_what_pyflannel_does_not_implement(tmp_path: Path, keys: di
     for kube in (True, False):
         with pytest.raises(ConfigError) as exc:
             load(str(path), kube=kube)
-        assert str(exc.value) == message
+        assert str(exc.value).startswith(message)
     with pytest.raises(ConfigError):
         check_supported(parse(path.read_text(), kube=True))
+
+
+@pytest.mark.parametrize("keys,warning", [
+    ({"Networks": ["10.244.0.0/16"]}, "Networks in net-conf.json is ignored: it names the same network as Network "
+                                      "(flannel reads only Network since v0.21); remove it"),
+    ({"Networks": ["10.244.0.0/16", "10.244.0.0/16"]}, "Networks in net-conf.json is ignored: it names the same "),
+    ({"IPv6Networks": ["fd00::/56"]}, "IPv6Networks in net-conf.json is ignored: IPv6 is not enabled (flannel reads "
+                                      "only IPv6Network since v0.21); remove it"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/56", "IPv6Networks": ["fd00::/56"]},
+     "IPv6Networks in net-conf.json is ignored: it names the same network as IPv6Network "),
+    ({"Networks": []}, None),
+])
+def test_a_leftover_network_list_that_changes_nothing_runs_with_one_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, keys: dict[str, Any], warning: str | None) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": VXLAN, **keys}))
+    with caplog.at_level(logging.WARNING, logger="pyflannel.config"):
+        cfg = load(str(path), kube=True)
+    assert cfg.network == IPv4Network("10.244.0.0/16")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == (warning is not None) and all(w.startswith(warning or "") for w in warnings)
+
+
+def test_a_network_only_in_networks_is_refused_with_the_fix() -> None:
+    assert keys_error(Networks=["10.244.0.0/16"], Backend=VXLAN) == (
+        "error parsing subnet config: please define a correct Network parameter in the flannel config (Networks is not "
+        "read since flannel v0.21: name the network in Network)")
+    assert keys_error(EnableIPv4=False, EnableIPv6=True, IPv6Networks=["fd00::/56"], Backend=VXLAN).endswith(
+        "IPv6Network parameter in the flannel config (IPv6Networks is not read since flannel v0.21: name the network "
+        "in IPv6Network)")
 
 
 def test_load_accepts_ipv4_only_with_ipv6_keys_off(tmp_path: Path) -> None:
@@ -426,6 +457,13 @@ def test_load_accepts_ipv4_only_with_ipv6_keys_off(tmp_path: Path) -> None:
                                 "Backend": {"Type": "vxlan", "MTU": 1400}}))
     c = load(str(path), kube=True)
     assert c.ipv6_network == IPv6Network("fd00::/48") and c.vxlan == VXLANConfig(mtu=1400)
+
+
+def test_load_accepts_nftables_mode(tmp_path: Path) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(json.dumps({"Network": "10.244.0.0/16", "EnableNFTables": True, "Backend": VXLAN}))
+    for kube in (True, False):
+        assert load(str(path), kube=kube).enable_nftables is True
 
 
 def test_load_checks_ipv6_keys_before_refusing(tmp_path: Path) -> None:

@@ -6,11 +6,13 @@ import ipaddress
 import json
 import os
 import posixpath
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,18 @@ DOCKERFILE = ROOT / "Dockerfile"
 WRAPPER = ROOT / "deploy" / "iptables-wrapper"
 RENDER = ROOT / "deploy" / "render.sh"
 EXAMPLES = ROOT / "deploy" / "examples"
+POLICY = ROOT / "deploy" / "admission-policy.yml"
+INSTALL_CONF = ROOT / "deploy" / "install-conf"
+LOCK = ROOT / "requirements.lock"
+FLANNEL = ROOT / "tests" / "data" / "flannel-v0.28.9"
 IMAGE = "registry.example.com/pyflannel:v0.1.0"
 
 
 # --- helpers -----------------------------------------------------------------------------------------
 
-def documents() -> list[dict[str, Any]]:
-    """The manifest's documents, in order."""
-    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d is not None]
+def documents(path: Path = MANIFEST) -> list[dict[str, Any]]:
+    """A manifest's documents, in order (pyflannel's own by default)."""
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
 def one(kind: str) -> dict[str, Any]:
@@ -68,10 +74,11 @@ def volumes() -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in pod_spec()["volumes"]}
 
 
-def stages() -> list[list[tuple[str, str]]]:
-    """The Dockerfile's instructions, stage by stage, as (INSTRUCTION, arguments)."""
+def dockerfile() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments): those before the first FROM, then
+    each stage's."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
-    result: list[list[tuple[str, str]]] = []
+    result: list[list[tuple[str, str]]] = [[]]
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -83,16 +90,19 @@ def stages() -> list[list[tuple[str, str]]]:
     return result
 
 
+def stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's stages' instructions."""
+    return dockerfile()[1:]
+
+
 def instructions(stage: list[tuple[str, str]], name: str) -> list[str]:
     """The arguments of every ``name`` instruction of a stage."""
     return [args for instruction, args in stage if instruction == name]
 
 
 def install_command() -> list[str]:
-    """The build stage's only RUN, as an argument list: deploy/install.sh with VENV and BINDIR."""
-    runs = instructions(stages()[0], "RUN")
-    assert len(runs) == 1, runs
-    argv = shlex.split(runs[0])
+    """The build stage's last RUN, as an argument list: deploy/install.sh with VENV and BINDIR."""
+    argv = shlex.split(instructions(stages()[0], "RUN")[-1])
     assert argv[0] == "sh" and argv[1].endswith("/deploy/install.sh") and len(argv) == 4, argv
     return argv
 
@@ -121,14 +131,23 @@ def test_namespace_admits_the_daemonset() -> None:
             assert doc["metadata"]["namespace"] == "kube-flannel", doc["kind"]
 
 
-def test_rbac_is_exactly_what_pyflannel_calls() -> None:
-    """get pods (node name lookup), list+watch nodes, patch nodes/status; nothing else."""
-    granted = set()
-    for rule in one("ClusterRole")["rules"]:
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """A ClusterRole's rules as (apiGroup, resource, verb) triples."""
+    result = set()
+    for rule in role["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
-        granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {("", "pods", "get"), ("", "nodes", "list"), ("", "nodes", "watch"),
-                       ("", "nodes/status", "patch")}
+        result |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return result
+
+
+def test_rbac_is_what_pyflannel_calls_and_a_rollback_needs() -> None:
+    """list+watch nodes and patch nodes/status (pyflannel), get nodes (flanneld v0.28.9, for a rollback);
+    no pods: the node name comes from NODE_NAME."""
+    assert granted(one("ClusterRole")) == {("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "watch"),
+                                           ("", "nodes/status", "patch")}
+    # Everything flanneld v0.28.9 uses but the pod lookup, which NODE_NAME makes unnecessary.
+    flannel = next(d for d in documents(FLANNEL / "kube-flannel.yml") if d["kind"] == "ClusterRole")
+    assert granted(flannel) - {("", "pods", "get")} == granted(one("ClusterRole"))
     binding = one("ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": one("ClusterRole")["metadata"]["name"]}
@@ -158,31 +177,38 @@ def test_cni_conf_is_a_flannel_conflist() -> None:
 
 
 def test_install_cni_copies_the_config_and_plugin_to_the_host() -> None:
-    """The init containers write the host's /opt/cni/bin/flannel and /etc/cni/net.d conflist."""
+    """The init containers write the host's /opt/cni/bin/flannel and /etc/cni/net.d conflist, as
+    flannel v0.28.9's do (install-conf from the daemon's image)."""
     plugin = container("install-cni-plugin", init=True)
-    assert plugin["image"].startswith("docker.io/flannel/flannel-cni-plugin:")
+    theirs = {c["name"]: c for c in next(d for d in documents(FLANNEL / "kube-flannel.yml")
+                                          if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["initContainers"]}
+    assert plugin["image"] == theirs["install-cni-plugin"]["image"]
     assert [*plugin["command"], *plugin["args"]] == ["cp", "-f", "/flannel", "/opt/cni/bin/flannel"]
     assert volumes()[mounts(plugin)["/opt/cni/bin"]]["hostPath"]["path"] == "/opt/cni/bin"
 
     cni = container("install-cni", init=True)
     assert cni["image"] == container("kube-flannel")["image"] == "@IMAGE@", "the image the admin sets"
     assert [*cni["command"], *cni["args"]] == [
-        "cp", "-f", "/etc/kube-flannel/cni-conf.json", "/etc/cni/net.d/10-flannel.conflist"]
+        "/opt/bin/install-conf", "/etc/kube-flannel/cni-conf.json", "/etc/cni/net.d/10-flannel.conflist"]
+    assert [*cni["command"], *cni["args"]] == [*theirs["install-cni"]["command"], *theirs["install-cni"]["args"]]
     assert volumes()[mounts(cni)["/etc/cni/net.d"]]["hostPath"]["path"] == "/etc/cni/net.d"
     assert "configMap" in volumes()[mounts(cni)["/etc/kube-flannel"]]
 
 
 def test_daemon_command_line_is_accepted_by_pyflannel() -> None:
-    """The command is the image's /opt/bin/flanneld, and pyflannel parses the arguments."""
+    """The command is the image's /opt/bin/flanneld, and pyflannel parses the arguments. Health
+    listens on the node's loopback, where both probes look."""
     main = container("kube-flannel")
     assert main["command"] == ["/opt/bin/flanneld"]
-    assert main["args"] == ["--ip-masq", "--kube-subnet-mgr", "--healthz-port=8081"]
+    assert main["args"] == ["--ip-masq", "--kube-subnet-mgr", "--healthz-ip=127.0.0.1", "--healthz-port=8081"]
     opts = flags.parse(main["args"], {})
     assert opts.ip_masq and opts.kube_subnet_mgr
-    assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": opts.healthz_port}
-    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": opts.healthz_port}
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in main["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert (opts.healthz_ip, opts.healthz_port) == ("127.0.0.1", 8081)
+    assert main["ports"] == [{"name": "healthz", "containerPort": opts.healthz_port, "protocol": "TCP"}]
+    assert main["livenessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": "healthz"}
+    assert main["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/readyz", "port": "healthz"}
+    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in main["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName", "EVENT_QUEUE_DEPTH": "5000", "CONT_WHEN_CACHE_NOT_READY": "false"}
 
 
 def test_daemon_runs_unprivileged_with_its_host_mounts() -> None:
@@ -191,8 +217,16 @@ def test_daemon_runs_unprivileged_with_its_host_mounts() -> None:
     assert spec["hostNetwork"] is True
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["tolerations"] == [{"operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
     main = container("kube-flannel")
-    assert main["securityContext"] == {"privileged": False, "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}}
+    assert main["securityContext"] == {
+        "privileged": False, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}}
+    for init in spec["initContainers"]:
+        assert init["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                           "capabilities": {"drop": ["ALL"]}}, init["name"]
+    # The read-only root's one writable place: the iptables wrapper's choice of backend.
+    assert volumes()[mounts(main)["/var/lib/iptables-wrapper"]]["emptyDir"] == {"sizeLimit": "1Mi"}
     limits = {"cpu": "100m", "memory": "50Mi"}
     assert main["resources"] == {"requests": limits, "limits": limits}
     by_path = mounts(main)
@@ -254,9 +288,12 @@ def test_render_refuses_bad_arguments(args: list[str]) -> None:
 
 
 def test_docs_name_no_unpublished_image() -> None:
-    """No image is published: the docs and manifest name the admin's $IMAGE, never a registry of ours."""
+    """No image is published: the docs and manifest name the admin's $IMAGE, never a registry of ours
+    (flannel's CNI plugin image is flannel's)."""
     for path in (MANIFEST, DOCKERFILE, ROOT / "deploy" / "README.md"):
-        assert "ghcr.io" not in path.read_text(), path
+        assert "ghcr.io/flannel-io/flannel:" not in path.read_text(), path
+        assert set(re.findall(r"[\w.-]+(?:/[\w.-]+)*/pyflannel:", path.read_text())) <= {
+            "registry.example.com/pyflannel:", "localhost/pyflannel:"}, path
     readme = (ROOT / "deploy" / "README.md").read_text()
     assert "docker buildx build --platform linux/amd64,linux/arm64 -t \"$IMAGE\" --push ." in readme
     assert 'deploy/render.sh "$IMAGE"' in readme
@@ -275,28 +312,57 @@ def test_hadolint_finds_nothing() -> None:
 
 
 def test_image_runs_flanneld_and_picks_the_iptables_backend() -> None:
-    """The final stage: exec-form /opt/bin/flanneld, both iptables backends behind the wrapper."""
+    """The final stage: exec-form /opt/bin/flanneld, Python without pip, both iptables backends behind
+    the wrapper, and ip, nft and wg for debugging; both stages from the BASE_IMAGE argument."""
     build, final = stages()
-    assert instructions(build, "FROM") == ["python:3.11-slim-bookworm AS build"]
-    assert instructions(final, "FROM") == ["python:3.11-slim-bookworm"]
+    assert instructions(dockerfile()[0], "ARG") == ["BASE_IMAGE=docker.io/library/debian:bookworm-slim"]
+    assert instructions(build, "FROM") == ["${BASE_IMAGE} AS build"]
+    assert instructions(final, "FROM") == ["${BASE_IMAGE}"]
     entrypoint = json.loads(instructions(final, "ENTRYPOINT")[0])
     assert entrypoint == container("kube-flannel")["command"]
     assert entrypoint == [posixpath.join(install_command()[3], "flanneld")]
     assert "--from=build /opt /opt" in instructions(final, "COPY")
     assert "--chmod=755 deploy/iptables-wrapper /usr/sbin/iptables-wrapper" in instructions(final, "COPY")
     (run,) = instructions(final, "RUN")
-    assert "apt-get install -y --no-install-recommends iptables " in run
+    assert "apt-get install -y --no-install-recommends python3 iptables nftables iproute2 wireguard-tools " in run
     assert "/usr/sbin/iptables-wrapper install" in run
-    assert "python -m compileall" in run
+    # No pip, compiler or build tool reaches the final stage: only the build stage installs them.
+    assert "pip" not in run and "gcc" not in run and "build-essential" not in run
+    assert "python3-pip" in instructions(build, "RUN")[0]
 
 
 def test_dockerfile_builds_for_every_platform() -> None:
     """Nothing tied to one architecture: no --platform pin, no arch names, no downloaded binaries;
-    the base image is the official multi-arch python one."""
+    the base image is Debian's official multi-arch one, and pip only takes hash-locked files."""
     text = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.startswith("#"))
     for word in ("--platform", "amd64", "x86_64", "arm64", "aarch64", "curl", "wget", "ADD "):
         assert word not in text, word
-    assert all(image.startswith("python:") for stage in stages() for image in instructions(stage, "FROM"))
+    for stage in stages():
+        assert instructions(stage, "FROM")[0].startswith("${BASE_IMAGE}")
+
+
+def test_requirements_lock_pins_every_file_by_hash() -> None:
+    """requirements.lock: exactly pyproject's runtime dependencies and the build backend, each pinned
+    (==) with sha256 hashes of every file, for all platforms (msgspec has per-platform wheels)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    entries: dict[str, list[str]] = {}
+    name = ""
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "==" in line:
+            name, version = line.rstrip(" \\").split("==")
+            entries[name] = []
+        else:
+            assert line.startswith("--hash=sha256:"), line
+            entries[name].append(line.rstrip(" \\"))
+    wanted = {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0].lower() for dep in project["project"]["dependencies"]}
+    wanted |= {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0].lower() for dep in project["build-system"]["requires"]}
+    assert set(entries) == wanted
+    assert "kubernetes" not in entries, "the kubeconfig extra stays out of the image"
+    assert all(entries.values())
+    assert len(entries["msgspec"]) > 10, "hashes for every platform's wheel"
 
 
 def test_install_script_builds_the_image_venv(tmp_path: Path) -> None:
@@ -334,6 +400,83 @@ def test_install_script_builds_the_image_venv(tmp_path: Path) -> None:
                               env=env, capture_output=True, text=True, timeout=60)
     assert imported.returncode == 0, imported.stderr
     assert sorted(venv.rglob("*")) == before, "start-up compiled bytecode"
+    # The locked runtime dependencies only: the build backend is gone, the kubeconfig extra never came.
+    (site,) = venv.glob("lib/python3*/site-packages")
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == [
+        "msgspec", "prometheus_client", "pyflannel", "pyroute2"]
+    kubeconfig = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                 "from pyflannel.kubeclient import KubeClient\nKubeClient(kubeconfig_file='k')"],
+                                env=env, capture_output=True, text=True, timeout=60)
+    assert "fail to create kubernetes config: --kubeconfig-file needs the kubernetes package" in kubeconfig.stderr
+    # install-conf, run by the virtualenv's Python in isolated mode.
+    install_conf = bindir / "install-conf"
+    assert install_conf.read_text().splitlines()[0] == "#!%s/bin/python -IS" % venv
+    assert install_conf.read_text().split("\n", 1)[1] == INSTALL_CONF.read_text().split("\n", 1)[1]
+    (tmp_path / "conf.json").write_text("{}\n")
+    copied = subprocess.run([str(install_conf), str(tmp_path / "conf.json"), str(tmp_path / "10-flannel.conflist")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert (copied.returncode, copied.stderr) == (0, "")
+    assert (tmp_path / "10-flannel.conflist").read_text() == "{}\n"
+
+
+# --- install-conf ------------------------------------------------------------------------------------
+
+def install_conf(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-IS", str(INSTALL_CONF), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_install_conf_replaces_the_file_atomically_with_the_source_mode(tmp_path: Path) -> None:
+    """As flannel's install-conf: a temp file in the destination's directory, renamed over the old
+    file (so a reader sees the old or the new content, never part), with the source's mode."""
+    src, dest = tmp_path / "cni-conf.json", tmp_path / "net.d" / "10-flannel.conflist"
+    dest.parent.mkdir()
+    dest.write_text("old\n")
+    inode = dest.stat().st_ino
+    src.write_text('{"name": "cbr0"}\n')
+    src.chmod(0o640)
+    res = install_conf(str(src), str(dest))
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    assert dest.read_text() == '{"name": "cbr0"}\n'
+    assert dest.stat().st_mode & 0o7777 == 0o640
+    assert dest.stat().st_ino != inode, "renamed into place, not rewritten"
+    assert os.listdir(dest.parent) == ["10-flannel.conflist"], "no temporary file left"
+    # A configMap volume's key is a link through ..data; the target's mode counts.
+    (tmp_path / "..data").mkdir()
+    real = tmp_path / "..data" / "conf"
+    real.write_text("linked\n")
+    real.chmod(0o644)
+    (tmp_path / "conf").symlink_to("..data/conf")
+    assert install_conf(str(tmp_path / "conf"), str(dest)).returncode == 0
+    assert (dest.read_text(), dest.stat().st_mode & 0o7777, dest.is_symlink()) == ("linked\n", 0o644, False)
+
+
+@pytest.mark.parametrize("args", [[], ["one"], ["a", "b", "c"]])
+def test_install_conf_wants_two_arguments(args: list[str]) -> None:
+    res = install_conf(*args)
+    assert (res.returncode, res.stdout, res.stderr) == (1, "", "usage: %s <src> <dest>\n" % INSTALL_CONF)
+
+
+def test_install_conf_failures_say_what_and_leave_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "10-flannel.conflist"
+    dest.write_text("kept\n")
+    res = install_conf(str(tmp_path / "missing.json"), str(dest))
+    assert res.returncode == 1
+    assert res.stderr == 'error installing "%s": cannot open file "%s": No such file or directory\n' % (
+        tmp_path / "missing.json", tmp_path / "missing.json")
+    (tmp_path / "src").write_text("new\n")
+    res = install_conf(str(tmp_path / "src"), str(tmp_path / "absent" / "10-flannel.conflist"))
+    assert res.returncode == 1
+    assert res.stderr.startswith('error installing "%s": cannot create temp file ".10-flannel.conflist.tmp'
+                                 % (tmp_path / "src"))
+    assert res.stderr.endswith('in "%s": No such file or directory\n' % (tmp_path / "absent"))
+    # The destination is a directory: the rename fails, the temporary file goes.
+    (tmp_path / "dir.conflist").mkdir()
+    (tmp_path / "dir.conflist" / "x").write_text("")
+    res = install_conf(str(tmp_path / "src"), str(tmp_path / "dir.conflist"))
+    assert res.returncode == 1 and 'cannot replace "%s" with temp file' % (tmp_path / "dir.conflist") in res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["10-flannel.conflist", "dir.conflist", "src"]
+    assert dest.read_text() == "kept\n"
 
 
 # --- the iptables wrapper ----------------------------------------------------------------------------
@@ -440,3 +583,46 @@ def test_iptables_wrapper_runs_the_backend_when_it_cannot_switch(tmp_path: Path)
         assert (proc.returncode, proc.stdout) == (0, rules(2))
         assert "could not switch iptables to iptables-legacy" in proc.stderr
         assert (sbin / "iptables-save").resolve() == sbin / "iptables-wrapper"
+
+
+@needs_update_alternatives
+def test_iptables_wrapper_keeps_its_choice_in_the_state_dir_on_a_read_only_root(tmp_path: Path) -> None:
+    """When the alternatives cannot change (read-only /etc), the first call writes its choice to
+    /var/lib/iptables-wrapper/mode (the manifest's emptyDir), and later calls read it there: no more
+    *-save dumps, no warning."""
+    sbin = fake_root(tmp_path, {"iptables-legacy-save": rules(2)})
+    for prog in ("iptables", "ip6tables"):
+        (tmp_path / "var/lib/dpkg/alternatives" / prog).write_text("corrupt\n")
+    state = tmp_path / "var/lib/iptables-wrapper"
+    state.mkdir()
+    env = {**os.environ, "IPTABLES_WRAPPER_ROOT": str(tmp_path), "PATH": str(sbin) + os.pathsep + os.environ["PATH"]}
+    first = subprocess.run(["iptables", "-t", "nat", "-S"], env=env, capture_output=True, text=True, timeout=30)
+    assert (first.returncode, first.stdout, first.stderr) == (0, "iptables-legacy -t nat -S\n", "")
+    assert os.listdir(state) == ["mode"] and (state / "mode").read_text() == "legacy\n"
+    # The hosts' rules change (kubelet's nft hint appears): the choice made at the first call stays.
+    (tmp_path / "rules" / "iptables-nft-save").write_text(KUBELET_HINT)
+    (tmp_path / "rules" / "iptables-legacy-save").unlink()
+    again = subprocess.run(["ip6tables-restore", "-w"], env=env, capture_output=True, text=True, timeout=30)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "ip6tables-legacy-restore -w\n", "")
+
+
+# --- supply chain ------------------------------------------------------------------------------------
+
+def test_locked_dependencies_have_no_known_vulnerabilities() -> None:
+    """tools/audit.py: pip-audit against PyPI, or the advisory snapshot where PyPI's data is out of reach."""
+    proc = subprocess.run([sys.executable, "-m", "tools.audit"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 of 4 pinned packages affected" in proc.stdout
+
+
+def test_advisory_ranges_are_read_as_osv_defines_them() -> None:
+    from tools import audit
+
+    advisory = {"affected": [{"ranges": [{"type": "ECOSYSTEM", "events": [
+        {"introduced": "0"}, {"fixed": "65.5.1"}, {"introduced": "70"}, {"last_affected": "70.2"}]}],
+        "versions": ["0.6b1"]}]}
+    for version, hit in (("65.5.0", True), ("65.5.1", False), ("69.9", False), ("70.0", True), ("70.2", True),
+                         ("70.3", False), ("0.6b1", True)):
+        assert audit.affected(version, advisory) is hit, version
+    assert audit.offline({"setuptools": "65.5.0"}) == {"setuptools": ["PYSEC-2022-43012"]}
+    assert audit.offline(audit.pins(LOCK)) == {}

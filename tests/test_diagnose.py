@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyflannel import diagnose, flags
+from pyflannel.family import IPV4
 from tests.conftest import needs_netns
 from tests.fakenetlink import FakeNetlink
 from tools.kubeapi import FakeKubeAPI
@@ -137,7 +138,7 @@ class Node6:
         self.nl.ip_route_add("0.0.0.0/0", "192.168.56.1", "eth1")
         self.nl.ip_route_add("::/0", "fd56::1", "eth1")
         self.proc = {"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1",
-                     "net/bridge/bridge-nf-call-iptables": "1"}
+                     "net/bridge/bridge-nf-call-iptables": "1", "net/bridge/bridge-nf-call-ip6tables": "1"}
         self.conf = {"Network": NETWORK, "IPv6Network": V6_NETWORK, "EnableIPv6": True, "Backend": {"Type": "host-gw"}}
         self.env = ("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=%s\n"
                     "FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n"
@@ -613,7 +614,40 @@ def test_mtu_from_net_conf(cluster: Cluster, tmp_path: Path) -> None:
 @needs_netns
 def test_net_conf_multi_network_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
-    conf.write_text(json.dumps({"Network": NETWORK, "Networks": [NETWORK], "Backend": {"Type": "vxlan"}}))
+    conf.write_text(json.dumps({"Network": NETWORK, "Networks": ["10.99.0.0/16"], "Backend": {"Type": "vxlan"}}))
     code, out = run_diagnose(cluster, cluster.nodes["k8s01"], net_conf=conf)
     assert code == 1
-    the_block(out, "net-conf.json is invalid: Networks: pyflannel does not support multiple networks")
+    the_block(out, "net-conf.json is invalid: Networks: 10.99.0.0/16 differs from Network %s" % NETWORK)
+
+
+def test_br_netfilter_for_ipv6_and_what_the_daemon_does(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(json.dumps({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/56",
+                                "Backend": {"Type": "vxlan"}}))
+    ctx = proc_context(tmp_path / "v6", {"net/bridge/bridge-nf-call-iptables": "1"})
+    ctx.opts = flags.parse(["--kube-subnet-mgr", "--net-config-path=%s" % conf], {})
+    missing = diagnose.check_br_netfilter(ctx)
+    assert isinstance(missing, list) and len(missing) == 1
+    assert "bridge-nf-call-ip6tables is missing" in missing[0].what
+    assert "pyflannel waits for it, not ready (/readyz 503), after logging `Failed to check br_netfilter: stat " \
+           in missing[0].what
+    (tmp_path / "v6" / "sys" / "net" / "bridge" / "bridge-nf-call-ip6tables").write_text("0\n")
+    off = diagnose.check_br_netfilter(ctx)
+    assert isinstance(off, list) and off[0].what.startswith(
+        "bridged traffic bypasses ip6tables (net.bridge.bridge-nf-call-ip6tables = 0)")
+    assert off[0].fix == ["sysctl -w net.bridge.bridge-nf-call-ip6tables=1, and put net.bridge.bridge-nf-call-ip6tables "
+                          "= 1 into /etc/sysctl.d/99-kubernetes.conf"]
+
+
+def test_the_interface_check_takes_the_node_public_ip_annotation(node6: Node6) -> None:
+    node6.nl.ip_link_add("eth2").flags |= diagnose.IFF_LOWER_UP
+    node6.nl.ip_addr_add("eth2", "192.168.57.11/24")
+    node6.api.patch_node("k8s01", {"metadata": {"annotations": {PREFIX + "node-public-ip": "192.168.57.11"}}})
+    ctx = node6.context()
+    ctx.opts = flags.parse(["--kube-subnet-mgr", "--kube-api-url=%s" % node6.url], {})  # no --iface
+    assert ctx.interface().name == "eth2" and str(ctx.interface().addrs[IPV4].ext_addr) == "192.168.57.11"
+    node6.api.patch_node("k8s01", {"metadata": {"annotations": {PREFIX + "node-public-ip": "eth2"}}})
+    ctx = node6.context()
+    assert problems_of(diagnose.check_interface(ctx))[0].count(
+        "pyflannel stops with `Failed to find any valid interface to use: invalid public IP address: eth2 (node "
+        "annotation 'flannel.alpha.coreos.com/node-public-ip')`") == 1

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import needs_netns
 from tests.e2e_families import (PREFIX, expected_vxlan, families, flannel_rules, flanneld_state, ip_json,
-                                kernel_snapshot, pod_cidr, pod_ip, source_seen_by_hub, underlay_ip, vxlan_datapath)
+                                kernel_snapshot, pod_cidr, pod_ip, probe_outcomes, source_seen_by_hub, underlay_ip,
+                                vxlan_datapath)
 from tools.netcluster import HUB_IP6, Cluster, Node
 
 pytestmark = [needs_netns, pytest.mark.netns]
@@ -202,3 +203,14 @@ def test_a_node_set_up_as_flanneld_does_interoperates(cluster: Cluster) -> None:
         assert cluster.api is not None
         cluster.api.delete_node(fl.name)
     wait_datapath(cluster, base)
+
+
+def test_datapath_probes_pass_through_both_devices(cluster: Cluster) -> None:
+    """IPv4 probes go to each peer's flannel.1 address, IPv6 ones to an address of its pod subnet on lo
+    (the /64's network address is the pods' bridge's anycast address, which takes no TCP)."""
+    nodes = [cluster.nodes[n] for n in ("k8s01", "k8s02", "k8s03")]
+    for node in nodes:
+        peers = [o.name for o in nodes if o is not node]
+        cluster.wait_for("%s's probes" % node.name, lambda: all(
+            [found.get(name) for name in peers] == ["ok", "ok"] for found in probe_outcomes(cluster, node).values())
+            and len(probe_outcomes(cluster, node)) == len(families(cluster)), 30)

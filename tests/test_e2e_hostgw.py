@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import needs_netns
 from tests.e2e_families import (PREFIX, expected_hostgw, families, hostgw_routes, ip_json, kernel_snapshot, pod_cidr,
-                                pod_ip)
+                                pod_ip, probe_outcomes)
 from tools.netcluster import Cluster, Node
 
 pytestmark = [needs_netns, pytest.mark.netns]
@@ -116,3 +116,16 @@ def test_restart_duplicates_nothing_and_removes_routes_of_nodes_deleted_while_do
     assert kernel_snapshot(n1) == before
     for family in families(cluster):
         assert cluster.ping(n1.pods[0], pod_ip(n3.pods[0], family), count=2)
+
+
+def test_datapath_probes_take_the_host_gw_routes_in_every_family(cluster: Cluster) -> None:
+    """Each node answers probes on an address of its pod subnet put on lo, which the others reach
+    only through their host-gw route to its pods."""
+    nodes = base_nodes(cluster)
+    for node in nodes:
+        peers = [o.name for o in nodes if o is not node]
+        cluster.wait_for("%s's probes" % node.name, lambda: all(
+            [found.get(name) for name in peers] == ["ok", "ok"] for found in probe_outcomes(cluster, node).values())
+            and len(probe_outcomes(cluster, node)) == len(families(cluster)), 30)
+    lo = {(a["local"], a["prefixlen"]) for a in ip_json(nodes[0], "ip", "-j", "addr", "show", "dev", "lo")[0]["addr_info"]}
+    assert ("10.244.1.0", 32) in lo if cluster.ipv4 else ("fd00:10:244:1:8000::", 128) in lo

@@ -178,8 +178,8 @@ def test_waits_for_the_config_with_a_hint(server: EtcdServer, managers: list[Man
      "EnableIPv6: pyflannel's etcd mode runs IPv4 only; set it to false (dual-stack runs with --kube-subnet-mgr)"),
     ({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:5::/56", "Backend": {"Type": "vxlan"}},
      "EnableIPv4: pyflannel's etcd mode runs IPv4 only; set it to true with a Network"),
-    ({"Network": "10.5.0.0/16", "Networks": ["10.5.0.0/16"], "Backend": {"Type": "vxlan"}},
-     "Networks: pyflannel does not support multiple networks"),
+    ({"Network": "10.5.0.0/16", "Networks": ["10.6.0.0/16"], "Backend": {"Type": "vxlan"}},
+     "Networks: 10.6.0.0/16 differs from Network 10.5.0.0/16"),
 ])
 def test_a_config_etcd_mode_does_not_run_waits_naming_the_key(server: EtcdServer, managers: list[Manager],
                                                               caplog: pytest.LogCaptureFixture,
@@ -572,11 +572,23 @@ def make_pki(folder: Path) -> dict[str, str]:
 # -- hostile values ------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def default_recursion_limit() -> Iterator[None]:
+    """Python's default recursion limit, whatever an earlier test in this process set (the daemon raises it)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(limit)
+
+
 def test_hostile_lease_values_are_skipped_and_leases_come_oldest_first(
-        server: EtcdServer, managers: list[Manager], caplog: pytest.LogCaptureFixture) -> None:
-    """Values nested deeper than Python follows by default, larger than a lease needs, with an unusable public
-    IP: each skipped with one warning, also by published_data at start-up; the others are leases, listed in
-    the order they were created (of two leases with one VtepMAC the backend keeps the first)."""
+        server: EtcdServer, managers: list[Manager], caplog: pytest.LogCaptureFixture,
+        default_recursion_limit: None) -> None:
+    """Values nested deeper than this process follows (here Python's default limit: the daemon allows the
+    API server's 10,000 levels, more than a lease value's 4 KiB can nest), larger than a lease needs, with an
+    unusable public IP: each skipped with one warning, also by published_data at start-up; the others are
+    leases, listed in the order they were created (of two leases with one VtepMAC the backend keeps the
+    first)."""
     put_config(server)
     for i in (9, 3, 7):  # created in this order: not the keys' order
         server.etcdctl("put", "%s/subnets/10.5.%d.0-24" % (PREFIX, i), FLANNELD_VALUE.replace("56.12", "56.%d" % i))

@@ -1,8 +1,9 @@
 """Faults in a node's life, injected from outside running pyflannel processes: subnet.env deleted or
-changed, and a worker that fails with an unexpected error (an iptables binary that answers garbage)."""
+changed, and a worker that fails with an unexpected error (an iptables binary the kernel cannot execute)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -20,23 +21,30 @@ KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
 BINARIES = ("iptables", "iptables-save", "iptables-restore")
 
 
-def wrap_iptables(folder: Path, flag: Path) -> None:
-    """iptables binaries that run the real ones, but print bytes that are not UTF-8 while ``flag`` exists."""
-    folder.mkdir()
+def wrap_iptables(folder: Path, broken: bool = False) -> None:
+    """iptables binaries that run the real ones, or (``broken``) files the kernel refuses to execute.
+    Each is replaced in one rename, so that a running exec never sees it half written. ``folder`` is
+    the daemon's whole PATH (with ``ip``, which starts it): a broken binary found first would
+    otherwise be passed over for the real one further on."""
+    if not folder.exists():
+        folder.mkdir()
+        ip = shutil.which("ip")
+        assert ip is not None
+        (folder / "ip").symlink_to(ip)
     for name in BINARIES:
-        real = shutil.which(name)
+        real = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
         assert real is not None
-        script = folder / name
-        script.write_text("#!/bin/sh\nif [ -e '%s' ]; then printf '\\377\\376garbage\\n'; exit 0; fi\nexec %s \"$@\"\n"
-                          % (flag, real))
-        script.chmod(0o755)
+        new = folder / (name + ".new")
+        new.write_bytes(b"\x7fELF not a program\n" if broken else b'#!/bin/sh\nexec %s "$@"\n' % real.encode())
+        new.chmod(0o755)
+        os.replace(new, folder / name)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("faults")) as c:
         n1, n2 = c.add_node("k8s01"), c.add_node("k8s02")
-        wrap_iptables(n1.dir / "bin", n1.dir / "iptables-broken")
+        wrap_iptables(n1.dir / "bin")
         start(c, n1)
         c.start(n2)
         c.wait_ready(n1)
@@ -45,8 +53,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def start(cluster: Cluster, node: Node) -> None:
-    """k8s01 runs with the wrapped iptables binaries first in its PATH."""
-    cluster.start(node, env={"PATH": "%s:/usr/sbin:/usr/bin:/sbin:/bin" % (node.dir / "bin")})
+    """k8s01 runs with the wrapped iptables binaries as its PATH."""
+    cluster.start(node, env={"PATH": str(node.dir / "bin")})
 
 
 def healthz(node: Node) -> int:
@@ -85,38 +93,36 @@ def test_deleted_subnet_env_is_written_again(cluster: Cluster) -> None:
 
 
 def test_a_failing_worker_is_restarted_and_recovers(cluster: Cluster) -> None:
-    """The iptables worker fails on output it cannot decode; it is restarted, and once the binary
-    behaves again the rules flushed meanwhile are back. The log stays klog, /healthz stays 200."""
+    """The iptables worker fails on a binary the kernel cannot execute; it is restarted, and once the
+    binary is put right the rules flushed meanwhile are back. The log stays klog, /healthz stays 200."""
     n1 = cluster.nodes["k8s01"]
-    flag = n1.dir / "iptables-broken"
     rules = masq_rules(n1)
     assert rules
     offset = len(n1.log())
-    flag.touch()
+    wrap_iptables(n1.dir / "bin", broken=True)
     try:
         Cluster.ns_run(n1.netns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
         cluster.wait_for("the iptables worker to fail twice",
-                         lambda: n1.log()[offset:].count("] The iptables check failed: UnicodeDecodeError") >= 2, 30)
+                         lambda: n1.log()[offset:].count("] The iptables check failed: OSError") >= 2, 30)
         assert healthz(n1) == 200  # the node watch and the main loop still work
     finally:
-        flag.unlink()
+        wrap_iptables(n1.dir / "bin")
     started = time.monotonic()
     cluster.wait_for("the rules to come back", lambda: masq_rules(n1) == rules, 60, 0.2)
     print("iptables worker restarted and rules back %.1fs after the binary was fixed" % (time.monotonic() - started))
     assert n1.proc is not None and n1.proc.poll() is None
     lines = n1.log()[offset:].splitlines()
     assert lines and all(KLOG.match(line) for line in lines), "\n".join(lines)
-    assert re.search(r"\] The iptables check failed: UnicodeDecodeError: .* \(at iptables\.py:\d+ in _run\); "
-                     r"restarting it in 1s$", lines[0]), lines[0]
+    assert re.search(r"\] The iptables check failed: OSError: \[Errno 8\] Exec format error: 'iptables' "
+                     r"\(at __init__\.py:\d+ in run\); restarting it in 1s$", lines[0]), lines[0]
 
 
 def test_a_worker_that_keeps_failing_ends_the_process_and_the_datapath_stays(cluster: Cluster) -> None:
     n1 = cluster.nodes["k8s01"]
-    flag = n1.dir / "iptables-broken"
     before = routes(n1)
     assert "10.244.2.0/24" in before
     offset = len(n1.log())
-    flag.touch()
+    wrap_iptables(n1.dir / "bin", broken=True)
     started = time.monotonic()
     try:
         proc = n1.proc
@@ -131,7 +137,7 @@ def test_a_worker_that_keeps_failing_ends_the_process_and_the_datapath_stays(clu
         assert routes(n1) == before
         assert n1.subnet_file.exists()
     finally:
-        flag.unlink()
+        wrap_iptables(n1.dir / "bin")
     n1.proc = None
     start(cluster, n1)  # as the kubelet would
     cluster.wait_ready(n1)

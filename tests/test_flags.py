@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyflannel.flags import FlagError, HelpRequested, describe, parse, usage
+from pyflannel.flags import (FlagError, HelpRequested, continue_when_cache_not_ready, describe, event_queue_depth, parse,
+                            usage)
 
 # spec §8: flanneld v0.20.2's line for `--kube-subnet-mgr --iface=eth1 --ip-masq`.
 REFERENCE_LINE = (
@@ -170,6 +171,19 @@ def test_pyflannel_value_checks() -> None:
     assert error(["--healthz-ip=localhost"]) == 'invalid value "localhost" for flag -healthz-ip: not an IP address'
 
 
+def test_datapath_probe_and_checksum_offload_flags() -> None:
+    o = parse([], {})
+    assert (o.datapath_probe_port, o.datapath_probe_interval, o.vxlan_checksum_offload) == (8473, 30, "auto")
+    o = parse(["--datapath-probe-port=0", "--vxlan-checksum-offload=off"], {"FLANNELD_DATAPATH_PROBE_INTERVAL": "5"})
+    assert (o.datapath_probe_port, o.datapath_probe_interval, o.vxlan_checksum_offload) == (0, 5, "off")
+    assert error(["--datapath-probe-port=70000"]) == \
+        'invalid value "70000" for flag -datapath-probe-port: must be between 0 and 65535'
+    assert error(["--datapath-probe-interval=0"]) == \
+        'invalid value "0" for flag -datapath-probe-interval: must be at least 1'
+    assert error(["--vxlan-checksum-offload=maybe"]) == \
+        'invalid value "maybe" for flag -vxlan-checksum-offload: must be auto, on or off'
+
+
 def test_public_ip_checks() -> None:
     assert parse(["--public-ip=192.168.56.11"], {}).public_ip == "192.168.56.11"
     assert error(["--public-ip=foo"]) == "invalid public IP address: foo"
@@ -202,7 +216,8 @@ def test_usage_layout() -> None:
     assert not text.endswith("\n")
     names = [line.split()[0][1:] for line in lines[1:] if line.startswith("  -")]
     assert names == sorted(names)
-    assert len(names) == 33 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert len(names) == 38 and "log_backtrace_at" in names and "iface-can-reach" in names
+    assert "  -ip-blackhole-route\n    \tadd a blackhole route on the node for the local podCIDR\n" in text
     assert ("  -etcd-endpoints string\n    \ta comma-delimited list of etcd endpoints "
             '(default "http://127.0.0.1:4001,http://127.0.0.1:2379")\n') in text
     assert "  -ip-masq\n    \tsetup IP masquerade rule for traffic destined outside of overlay network\n" in text
@@ -266,10 +281,21 @@ def test_bad_env_value() -> None:
     assert parse(["--healthz-port=1"], {"FLANNELD_HEALTHZ_PORT": "x"}).healthz_port == 1
 
 
+def test_ip_masq_fully_random_disable_from_flag_or_environment() -> None:
+    assert parse([], {}).ip_masq_fully_random_disable is False
+    assert parse(["--ip-masq-fully-random-disable"], {}).ip_masq_fully_random_disable is True
+    assert parse([], {"FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "true"}).ip_masq_fully_random_disable is True
+    assert " ipMasq:false ipMasqRandomFullyDisable:true " in describe(parse(["-ip-masq-fully-random-disable"], {}))
+
+
 def test_describe_reference_run() -> None:
     o = parse(["--kube-subnet-mgr", "--iface=eth1", "--ip-masq"], {})
     line = "CLI flags config: " + describe(o)
-    assert line == REFERENCE_LINE[:-1] + " logFormat:klog metricsPort:0 datapathResync:30 etcdPasswordFile:}"
+    # v0.28.9 added ipMasqRandomFullyDisable after ipMasq and blackholeRoute after iptablesForwardRules
+    v028 = REFERENCE_LINE.replace(" ipMasq:true ", " ipMasq:true ipMasqRandomFullyDisable:false ").replace(
+        " iptablesForwardRules:true ", " iptablesForwardRules:true blackholeRoute:false ")
+    assert line == v028[:-1] + (" logFormat:klog metricsPort:0 datapathResync:30 datapathProbePort:8473 "
+                             "datapathProbeInterval:30 vxlanChecksumOffload:auto etcdPasswordFile:}")
 
 
 def test_describe_lists_and_password() -> None:
@@ -278,9 +304,42 @@ def test_describe_lists_and_password() -> None:
     text = describe(o)
     assert " iface:[eth1 eth0] ifaceRegex:[x] " in text
     assert " etcdPassword:******** " in text and "s3cret" not in text
-    assert text.endswith(" logFormat:json metricsPort:9100 datapathResync:5 etcdPasswordFile:}")
+    assert " logFormat:json metricsPort:9100 datapathResync:5 " in text and text.endswith(" etcdPasswordFile:}")
 
 
 def test_values_in_errors_are_quoted_like_go() -> None:
     assert error(["--healthz-port=a\"b\\c\n\x01\x7f\u00e9\udcff"]) == \
         'invalid value "a\\"b\\\\c\\n\\x01\\x7f\u00e9\\xff" for flag -healthz-port: parse error'
+
+
+def test_ip_blackhole_route_from_the_command_line_and_the_environment() -> None:
+    assert parse([], {}).ip_blackhole_route is False
+    assert parse(["--ip-blackhole-route"], {}).ip_blackhole_route is True
+    assert parse([], {"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is True
+    assert parse(["--ip-blackhole-route=false"], {"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is False
+    assert error([], {"FLANNELD_IP_BLACKHOLE_ROUTE": "yes"}) == \
+        'invalid value "yes" for FLANNELD_IP_BLACKHOLE_ROUTE: parse error'
+    assert " iptablesForwardRules:true blackholeRoute:true netConfPath:" in describe(parse(["-ip-blackhole-route"], {}))
+
+
+@pytest.mark.parametrize("value,depth", [("", 5000), ("5000", 5000), ("100", 100), ("+7", 7), ("007", 7), ("0", 5000),
+                                         ("-3", 5000)])
+def test_event_queue_depth_is_read_as_flanneld_reads_it(value: str, depth: int) -> None:
+    assert event_queue_depth({"EVENT_QUEUE_DEPTH": value} if value else {}) == depth
+
+
+@pytest.mark.parametrize("value,reason", [("abc", "invalid syntax"), ("1_000", "invalid syntax"),
+                                          ("0x10", "invalid syntax"), (" 5", "invalid syntax"),
+                                          ("99999999999999999999", "value out of range")])
+def test_a_bad_event_queue_depth_is_refused_with_flanneld_s_text(value: str, reason: str) -> None:
+    with pytest.raises(FlagError) as exc:
+        event_queue_depth({"EVENT_QUEUE_DEPTH": value})
+    assert str(exc.value) == 'env EVENT_QUEUE_DEPTH=%s format error: strconv.Atoi: parsing "%s": %s' % (
+        value, value, reason)
+
+
+def test_cont_when_cache_not_ready_is_on_only_when_exactly_true() -> None:
+    assert continue_when_cache_not_ready({"CONT_WHEN_CACHE_NOT_READY": "true"}) is True
+    for value in ("false", "True", "1", ""):
+        assert continue_when_cache_not_ready({"CONT_WHEN_CACHE_NOT_READY": value}) is False
+    assert continue_when_cache_not_ready({}) is False

@@ -125,3 +125,30 @@ def test_a_request_split_in_pieces_is_answered() -> None:
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"flanneld is ready")
     finally:
         server.shutdown()
+
+
+class _Sock:
+    def __init__(self, peer: str, here: str) -> None:
+        self.peer, self.here = peer, here
+
+    def getpeername(self) -> tuple[str, int]:
+        return self.peer, 40000
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.here, 8471
+
+
+def test_local_routes_answer_only_clients_on_this_host() -> None:
+    server = health.serve("127.0.0.1", 0, {"/probes": lambda: (200, b"{}", "application/json"),
+                                           "/healthz": lambda: (200, b"ok", "text/plain")}, local=("/probes",))
+    try:
+        assert get(server.server_address[1], "/probes") == (200, "{}", "application/json")
+    finally:
+        server.shutdown()
+    on_this_host = health._on_this_host
+    assert on_this_host(_Sock("127.0.0.5", "127.0.0.1"))  # type: ignore[arg-type]
+    assert on_this_host(_Sock("::ffff:127.0.0.1", "::ffff:127.0.0.1"))  # type: ignore[arg-type]
+    assert on_this_host(_Sock("192.168.56.11", "192.168.56.11"))  # type: ignore[arg-type]  # the node's own address
+    assert not on_this_host(_Sock("10.244.1.5", "10.244.1.1"))  # type: ignore[arg-type]  # a pod
+    assert not on_this_host(_Sock("192.168.56.12", "192.168.56.11"))  # type: ignore[arg-type]  # another node
+    assert not on_this_host(_Sock("::ffff:10.0.0.1", "::ffff:10.0.0.2"))  # type: ignore[arg-type]

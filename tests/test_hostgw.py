@@ -266,6 +266,26 @@ def test_the_external_interface_going_down_and_coming_back(running: tuple[FakeNe
     assert b.device_ok and routes(nl) == {stack.route(2), stack.route(3), stack.route(4)}
 
 
+def test_the_external_interface_re_created_with_a_new_index_is_found_by_name(
+        running: tuple[FakeNetlink, HostGWNetwork], stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A VLAN, bond or tailscale0 restarted: the kernel drops its routes; the routes follow the new link at its
+    first news (it came up)."""
+    nl, b = running
+    before, old = nl.addresses_of("eth1"), b.ext.index
+    nl.ip_link_del("eth1")
+    assert b.restore(nl.take_events()) == 0 and not b.device_ok
+    nl.ip_link_add("eth1")
+    for addr in before:
+        nl.ip_addr_add("eth1", addr)
+    nl.ip_link_set_up("eth1")
+    with caplog.at_level(logging.INFO):
+        b.restore(nl.take_events())
+    assert b.device_ok and b.ext.index == nl.link(name="eth1")["index"] != old
+    assert routes(nl) == {stack.route(2), stack.route(3)}
+    assert "External interface eth1 was re-created (index %d, was %d); the %s routes follow it" % (
+        b.ext.index, old, stack.family) in caplog.text
+
+
 # -- the daemon, in namespaces ---------------------------------------------------------------------
 
 

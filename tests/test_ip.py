@@ -54,6 +54,18 @@ def netns() -> Iterator[str]:
             "ip link set eth0 up", "ip link set eth0p up", "ip link set eth1 up", "ip link set eth1p up",
             "ip route add default via 10.0.2.2 dev eth0",
             "ip -6 route add default via 2001:db8::1 dev eth0",
+            # eth2: in kernel order a dynamic, a deprecated and then a permanent address of each family
+            "ip link add eth2 type veth peer name eth2p",
+            "ip addr add 10.9.0.5/24 dev eth2 valid_lft 3600 preferred_lft 3600",
+            "ip addr add 10.9.0.6/24 dev eth2 preferred_lft 0",
+            "ip addr add 10.9.0.7/24 dev eth2",
+            "ip -6 addr add fd57::10/64 dev eth2 nodad valid_lft 3600 preferred_lft 3600",
+            "ip -6 addr add fd57::20/64 dev eth2 nodad preferred_lft 0",
+            "ip -6 addr add fd57::30/64 dev eth2 nodad",
+            "ip link set eth2 up",
+            # eth3: only a deprecated address
+            "ip link add eth3 type veth peer name eth3p",
+            "ip addr add 10.9.3.3/24 dev eth3 preferred_lft 0",
         ):
             subprocess.run(["ip", "netns", "exec", ns, *cmd.split()], check=True)
         yield ns
@@ -102,7 +114,7 @@ def test_errors_use_flanneld_wording(netns: str) -> None:
     assert select(netns, iface=["eth9"]) == {
         "error": "Failed to find interface to use that matches the interfaces and/or regexes provided"}
     assert select(netns, public="203.0.113.5") == {"error": "Failed to find any valid interface to use: error looking up "
-                                                   "interface 203.0.113.5: No interface with given IP found"}
+                                                   "interface 203.0.113.5: no interface with given IP found"}
     assert select(netns, iface=["eth1p"]) == {"error": "Failed to find any valid interface to use: failed to find IPv4 "
                                               "address for interface eth1p"}
 
@@ -133,3 +145,43 @@ def test_ipv6_by_address_regex_route_and_public(netns: str) -> None:
         "fd56::aa", "2001:db8:9::9"]
     assert select(netns, public="10.0.2.15", public6="fd56::11", families=DUAL) == {
         "error": "Failed to find any valid interface to use: v6 interface eth1 must be the same with v4 interface eth0"}
+
+
+def test_permanent_addresses_are_preferred_and_deprecated_ones_never_taken(netns: str) -> None:
+    """flannel v0.28's order: a permanent address before a dynamic one (one with a lifetime: DHCP, SLAAC), and no
+    deprecated one (its preferred lifetime is over), whatever the kernel's order."""
+    assert select(netns, iface=["eth2"], families=DUAL)["addrs"] == {
+        "IPv4": ["10.9.0.7", "10.9.0.7"], "IPv6": ["fd57::30", "fd57::30"]}
+    assert select(netns, regex=[r"^10\.9\.0\."])["iface"] == "10.9.0.7"
+    assert select(netns, iface=["eth3"]) == {"error": "Failed to find any valid interface to use: failed to find IPv4 "
+                                                      "address for interface eth3"}
+    # an address named by the flags is taken as it is
+    assert select(netns, iface=["10.9.0.6"])["iface"] == "10.9.0.6"
+
+
+def test_regex_without_a_match_lists_the_interfaces(netns: str, capfd: pytest.CaptureFixture[str]) -> None:
+    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", PROBE_LOG,
+                          json.dumps({"regex": ["^nothing$"], "reach": ""})], capture_output=True, text=True, cwd=REPO)
+    assert json.loads(res.stdout) == {"error": "Failed to find interface to use that matches the interfaces and/or "
+                                               "regexes provided"}
+    assert ("Could not find valid interface matching ^nothing$: could not match pattern ^nothing$ to any of the "
+            "available network interfaces (lo:[], eth0p:[], eth0:[10.0.2.15], eth1p:[], eth1:[192.168.56.11 "
+            "192.168.56.99 169.254.9.9], eth2p:[], eth2:[10.9.0.7 10.9.0.5], eth3p:[], eth3:[])") in res.stderr
+    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", PROBE_LOG,
+                          json.dumps({"regex": [], "reach": "192.168.56.200"})], capture_output=True, text=True,
+                         cwd=REPO)
+    assert "Determining interface to use based on given ifcanreach: 192.168.56.200" in res.stderr
+
+
+PROBE_LOG = """
+import json, logging, sys
+from pyflannel import ip
+from pyflannel.netlink import Netlink
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+args = json.loads(sys.argv[1])
+try:
+    e = ip.select(Netlink(), [], args["regex"], args["reach"], "")
+    print(json.dumps({"name": e.name}))
+except ip.InterfaceError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""

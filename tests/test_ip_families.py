@@ -66,7 +66,7 @@ def test_dual_default_routes_must_share_the_interface() -> None:
     assert error(nl) == ("Failed to find any valid interface to use: v6 default route interface eth0 must be the same "
                          "with v4 default route interface eth1")
     nl.ip_route_del("::/0")
-    assert error(nl) == "Failed to find any valid interface to use: failed to get default v6 interface: Unable to " \
+    assert error(nl) == "Failed to find any valid interface to use: failed to get default v6 interface: unable to " \
                         "find default v6 route"
 
 
@@ -138,13 +138,41 @@ def test_ipv6_errors() -> None:
     assert error(nl, iface=["eth3"]) == ("Failed to find any valid interface to use: failed to find IPv6 address "
                                          "for interface eth3")
     assert error(nl, families=V6, public6="fd56::99") == (
-        "Failed to find any valid interface to use: error looking up v6 interface fd56::99: No interface with "
+        "Failed to find any valid interface to use: error looking up v6 interface fd56::99: no interface with "
         "given IPv6 found")
     nl.ip_route_del("::/0")
     assert error(nl, families=V6) == ("Failed to find any valid interface to use: failed to get default v6 "
-                                      "interface: Unable to find default v6 route")
+                                      "interface: unable to find default v6 route")
 
 
 def test_ipv4_only_is_unchanged() -> None:
     ext = ip.select(node(), ["eth1"], [], "", "")
     assert addrs(ext) == {IPV4: ("192.168.56.11", "192.168.56.11")}
+
+
+class _Flagged:
+    """An address message with IFA_F_* flags, as the kernel sends it (the 32-bit IFA_FLAGS attribute)."""
+
+    def __init__(self, address: str, flags: int) -> None:
+        self.attrs = {"IFA_LOCAL": address, "IFA_FLAGS": flags}
+
+    def get_attr(self, name: str) -> object:
+        return self.attrs.get(name)
+
+    def __getitem__(self, key: str) -> int:
+        return 0
+
+
+def test_address_preference_follows_the_kernel_s_flags() -> None:
+    """Global before link-local, permanent before dynamic, non-temporary before temporary (a privacy
+    address), deprecated never; kernel order among equals."""
+    flagged = [("fe80::1", ip.IFA_F_PERMANENT), ("fd56::1", ip.IFA_F_TEMPORARY), ("fd56::2", 0),
+               ("fd56::3", ip.IFA_F_PERMANENT | ip.IFA_F_DEPRECATED), ("fd56::4", ip.IFA_F_PERMANENT | ip.IFA_F_TEMPORARY),
+               ("fd56::5", ip.IFA_F_PERMANENT), ("fd56::6", ip.IFA_F_PERMANENT)]
+
+    class Stub:
+        def addresses(self, index: int, family: int) -> list[_Flagged]:
+            return [_Flagged(a, f) for a, f in flagged]
+
+    assert [str(a) for a in ip._addresses(Stub(), 1, IPV6)] == [  # type: ignore[arg-type]
+        "fd56::5", "fd56::6", "fd56::4", "fd56::2", "fd56::1", "fe80::1"]

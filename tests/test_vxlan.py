@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -200,6 +201,30 @@ def test_a_compatible_device_is_kept_with_its_mac(stack: Stack) -> None:
     nl.take_writes()
     assert b.create_device(MAC).mac == "0a:00:00:00:00:99"
     assert nl.take_writes() == []
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_device_whose_local_end_is_the_local_public_ip_is_kept(stack: Stack) -> None:
+    """flanneld v0.27.4+ makes the public IP the local end: with --public-ip set to another address of this
+    node, its device is taken as it is; new devices get the interface's address. A public IP that is not
+    local (NAT) never is a local end."""
+    nl, b = node(stack=stack)
+    public = stack.family.address("192.168.56.99" if stack.family is IPV4 else "fd56::99")
+    nl.ip_link_add("eth2")  # the public IP is an address of this node, on another interface
+    nl.ip_addr_add("eth2", "%s/%d" % (public, 24 if stack.family is IPV4 else 64))
+    b.ext = ip.select(nl, ["eth1"], [], "", *((str(public), "") if stack.family is IPV4 else ("", str(public))),
+                      families=(stack.family,))
+    assert b.ext.addrs[stack.family].ext_addr == public and b.ext.addrs[stack.family].ext_local
+    nl.ip_link_add(stack.device, kind="vxlan", mac="0a:00:00:00:00:99", up=False,
+                   data={"IFLA_VXLAN_ID": 1, "IFLA_VXLAN_LINK": b.ext.index, stack.family.vxlan_local: str(public),
+                         "IFLA_VXLAN_PORT": 8472})
+    nl.take_writes()
+    assert b.create_device(MAC).mac == "0a:00:00:00:00:99"
+    assert nl.take_writes() == []
+    nat = dataclasses.replace(b.ext.addrs[stack.family], ext_local=False)
+    b.ext = dataclasses.replace(b.ext, addrs={stack.family: nat})
+    assert incompatibility(read_link(nl.link(name=stack.device)), VXLANConfig(), b.ext, stack.family) == \
+        "vtep (external) IP: %s vs %s" % (public, nat.iface_addr)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -428,14 +453,17 @@ def test_a_device_that_cannot_come_back_sends_nothing_per_entry_and_logs_once(
     assert not b.device_ok
     assert [w for w in nl.take_writes() if "NEIGH" in w or "ROUTE" in w] == []
     errors = [r.getMessage() for r in caplog.records]
-    assert errors == ["%s was deleted and could not be restored: no such device" % stack.device]
-    # Once the interface is back, the next look restores everything, node 4 included.
+    assert errors == ["%s was deleted and could not be restored: external interface eth1 not found; waiting for it"
+                      % stack.device]
+    # Once the interface is back (with a new index), the next look finds it by name and restores everything,
+    # node 4 included.
+    old = b.ext.index
     nl.ip_link_add("eth1")
     nl.ip_addr_add("eth1", "192.168.56.11/24")
     nl.ip_addr_add("eth1", "fd56::11/64")
-    b.ext = external(nl)
     b.reconcile(stack.leases(1, 2, 3, 4))
     assert b.device_ok and nl.datapath(stack.device) == stack.expected(2, 3, 4)
+    assert b.ext.index != old and b.ext.index == nl.link(name="eth1")["index"]
 
 
 def test_a_device_lost_under_a_sync_is_restored_without_a_line_per_entry(

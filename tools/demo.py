@@ -1,6 +1,6 @@
 """The local demo: three nodes in network namespaces running pyflannel, a pod on each, pods pinging
-across nodes over every family of the stack, and a summary of what each node set up. Everything is
-removed at the end.
+across nodes over every family of the stack, a summary of what each node set up, and the first
+node's datapath probes as `pyflannel check` shows them. Everything is removed at the end.
 
     python -m tools.demo [--nodes N] [--dual-stack | --ipv6-only] [--backend vxlan|host-gw] [--hold] [--etcd]
 
@@ -74,6 +74,20 @@ def summary(cluster: Cluster, node: Node, backend: str) -> str:
     return "\n".join(out)
 
 
+def probe_results(cluster: Cluster, nodes: list[Node]) -> str:
+    """The first node's datapath probes, as `pyflannel check` prints them, once every peer was probed."""
+    peers = {n.name for n in nodes[1:]}
+
+    def probed() -> bool:
+        return all(peers <= {r["name"] for r in fam["recent"]} for fam in cluster.probes(nodes[0])["families"])
+
+    cluster.wait_for("the first round of datapath probes", probed, 60)
+    res = cluster.command(nodes[0], "check")
+    lines = res.stdout.split("Node checks (pyflannel diagnose):")[0].splitlines()
+    return "pyflannel check on %s (its datapath probes; diagnose's node checks follow in the full output):\n%s" % (
+        nodes[0].name, "\n".join("  " + line for line in lines))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
@@ -117,6 +131,8 @@ def main() -> int:
                     total += 1
                     row.append("%s %s" % (ip, "ok" if ok else "FAILED"))
             print("ping from %s (%s): %s" % (src.name, src.node.name, ", ".join(row)))
+        print()
+        print(probe_results(cluster, nodes))
         print()
         print("Node log (%s), first lines:" % nodes[0].name)
         for line in nodes[0].log().splitlines()[:14]:

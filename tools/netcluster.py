@@ -24,12 +24,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import TypeVar
 
 from tools.etcdserver import EtcdServer
-from tools.kubeapi import FakeKubeAPI
+from tools.kubeapi import FakeKubeAPI, make_test_certs, tls_context
 
 REPO = Path(__file__).resolve().parent.parent
 CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
@@ -41,6 +43,7 @@ ETCD_PORT = 2379
 ETCD_PREFIX = "/coreos.com/network"
 TOKEN = "pyflannel-test-token"
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def run(*cmd: str, check: bool = True, input: str | None = None, env: dict[str, str] | None = None,
@@ -52,12 +55,12 @@ def run(*cmd: str, check: bool = True, input: str | None = None, env: dict[str, 
     return res
 
 
-def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket bound to ``addr`` inside ``netns``: a short-lived thread enters the namespace to create it."""
+def in_netns(netns: str, make: Callable[[], T]) -> T:
+    """``make()``, called in a short-lived thread that entered ``netns``: a socket it creates lives there."""
     libc = ctypes.CDLL(None, use_errno=True)
-    result: list[socket.socket | BaseException] = []
+    result: list[T | BaseException] = []
 
-    def make() -> None:
+    def enter() -> None:
         try:
             fd = os.open("/var/run/netns/%s" % netns, os.O_RDONLY)
             try:
@@ -65,19 +68,27 @@ def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_S
                     raise OSError(ctypes.get_errno(), "setns %s" % netns)
             finally:
                 os.close(fd)
-            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, kind)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(addr)
-            result.append(s)
+            result.append(make())
         except BaseException as exc:  # handed to the caller's thread
             result.append(exc)
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=enter)
     t.start()
     t.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def socket_in_netns(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket bound to ``addr`` inside ``netns``."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        return s
+
+    return in_netns(netns, make)
 
 
 @dataclass
@@ -129,12 +140,15 @@ class Cluster:
 
     def __init__(self, workdir: str | Path, network: str = "10.244.0.0/16", backend: dict | None = None,
                  prefix: str | None = None, python: str = sys.executable, kubeconfig: bool = True,
-                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56", etcd: bool = False) -> None:
+                 stack: str = "v4", ipv6_network: str = "fd00:10:244::/56", etcd: bool = False,
+                 tls: bool = False) -> None:
         """``kubeconfig=False``: the daemons reach the API with ``--kube-api-url`` alone, unauthenticated,
         the way a pod's in-cluster config costs nothing more than HTTP (benchmarks use this).
         ``stack``: one of STACKS; ``backend``: net-conf's Backend (default vxlan).
         ``etcd=True``: the daemons run in etcd mode against a real etcd in the hub, at
-        HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX."""
+        HUB_IP:ETCD_PORT, holding the network config under ETCD_PREFIX.
+        ``tls=True``: the API server speaks HTTPS with a certificate for HUB_IP from a test CA
+        (``ca_cert``, named in the kubeconfig), as a real one does for in-cluster clients."""
         if stack not in STACKS:
             raise ValueError("stack must be one of %s" % (STACKS,))
         self.workdir = Path(workdir)
@@ -155,11 +169,18 @@ class Cluster:
         conf["Backend"] = backend or {"Type": "vxlan"}
         self.net_conf.write_text(json.dumps(conf))
         self.kubeconfig: Path | None = self.workdir / "kubeconfig" if kubeconfig else None
-        self.api_url = "http://%s:%d" % (HUB_IP, API_PORT)
+        self.api_url = "%s://%s:%d" % ("https" if tls else "http", HUB_IP, API_PORT)
+        self.ca_cert: str | None = None
+        cert = key = ""
+        if tls:
+            self.ca_cert, cert, key = make_test_certs(str(self.workdir), HUB_IP)
         if self.kubeconfig is not None:
+            cluster_entry = {"server": self.api_url}
+            if self.ca_cert:
+                cluster_entry["certificate-authority"] = self.ca_cert
             self.kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-                "clusters": [{"name": "test", "cluster": {"server": self.api_url}}],
+                "clusters": [{"name": "test", "cluster": cluster_entry}],
                 "users": [{"name": "test", "user": {"token": TOKEN}}],
                 "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
             }))
@@ -171,7 +192,8 @@ class Cluster:
                 self.ns_run(self.hub, "ip", "addr", "add", HUB_IP6 + "/64", "dev", "br0")
             self.ns_run(self.hub, "ip", "link", "set", "br0", "up")
             self.api = FakeKubeAPI(token=TOKEN if kubeconfig else None)
-            self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)))
+            self.api.start(sock=socket_in_netns(self.hub, (HUB_IP, API_PORT)),
+                           tls=tls_context(cert, key) if tls else None)
             if etcd:
                 self.etcd = EtcdServer(self.workdir / "etcd", HUB_IP, ETCD_PORT, ETCD_PORT + 1, netns=self.hub)
                 self.etcd.start()
@@ -248,18 +270,32 @@ class Cluster:
 
     # -- the daemon ---------------------------------------------------------------------------------
 
-    def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
-        """Start pyflannel on a node with the kube-flannel command line."""
+    def flags(self, node: Node) -> list[str]:
+        """The kube-flannel command line's flags for a node (the tests' health port and iptables resync)."""
         api = "--kubeconfig-file=%s" % self.kubeconfig if self.kubeconfig else "--kube-api-url=" + self.api_url
         sm = ["--etcd-endpoints=" + self.etcd.url] if self.etcd else ["--kube-subnet-mgr", api]
-        args = [self.python, "-m", "pyflannel", "--ip-masq", *sm, "--iface=eth1",
-                "--net-config-path=%s" % self.net_conf,
-                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1", *extra]
+        return ["--ip-masq", *sm, "--iface=eth1", "--net-config-path=%s" % self.net_conf,
+                "--subnet-file=%s" % node.subnet_file, "--healthz-port=8471", "--iptables-resync=1"]
+
+    def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start pyflannel on a node with the kube-flannel command line."""
+        args = [self.python, "-m", "pyflannel", *self.flags(node), *extra]
         penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
         penv.update(env or {})
         with open(node.log_file, "ab") as out:
             node.proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=out,
                                          stderr=subprocess.STDOUT, env=penv, cwd=str(REPO))
+
+    def probes(self, node: Node) -> dict:
+        """The datapath probes' results of the node's daemon (its /probes, as JSON)."""
+        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8471/probes',timeout=5).read().decode())"
+        return json.loads(self.ns_run(node.netns, "python3", "-c", code).stdout)  # type: ignore[no-any-return]
+
+    def command(self, node: Node, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """Run ``pyflannel <name>`` (diagnose, check) on a node with its daemon's flags."""
+        env = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
+        return self.ns_run(node.netns, self.python, "-m", "pyflannel", name, *self.flags(node), *extra, check=False,
+                           env=env, timeout=60)
 
     def stop(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Signal the daemon and wait for it; its exit code (None if it had to be killed)."""

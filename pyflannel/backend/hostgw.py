@@ -22,7 +22,7 @@ import os
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from .. import metrics
+from .. import ip, metrics
 from ..family import Family, IPAddress, IPNetwork
 from ..ip import ExternalInterface
 from ..lease import Lease
@@ -212,6 +212,16 @@ class HostGWNetwork:
         refreshes the external interface's subnets and :attr:`device_ok` on the way."""
         routes = self.nl.routes(family=self.family.af)
         l2 = l2_networks(routes, self.ext.index, self.family)
+        if not l2:  # the interface may have been re-created (a VLAN, bond or tailscale0 restarted): find it by name
+            try:
+                moved = ip.follow(self.nl, self.ext, self.family)
+            except LookupError:
+                moved = self.ext  # not yet: the error below says the interface is unusable
+            if moved is not self.ext:
+                log.info("External interface %s was re-created (index %d, was %d); the %s routes follow it",
+                         moved.name, moved.index, self.ext.index, self.family)
+                self.ext = moved
+                l2 = l2_networks(routes, moved.index, self.family)
         found: dict[str, Route] = {}
         for r in routes:
             if r.gateway is not None:

@@ -23,7 +23,7 @@ from ipaddress import ip_address, ip_interface
 from itertools import islice
 from typing import Any
 
-from .. import metrics
+from .. import ip, metrics
 from ..config import VXLANConfig
 from ..family import IPV4, Family, IPAddress, IPNetwork, family_of
 from ..ip import ExternalInterface
@@ -147,7 +147,10 @@ def read_link(link: Any) -> VXLANLink:
 def device_attributes(cfg: VXLANConfig, ext: ExternalInterface, family: Family = IPV4) -> list[tuple[str, Any]]:
     """The IFLA_VXLAN_* attributes flanneld gives a new device: the interface's address of the family as
     the local end, no group, no ageing, the port only when set, GBP only when on. (The device's MTU is a
-    link attribute.)"""
+    link attribute.)
+
+    The local end is the interface's address, as in flanneld v0.20.2 to v0.27.3. v0.27.4 and later
+    take the advertised public IP, which behind NAT is not an address of the node at all."""
     data: list[tuple[str, Any]] = [
         ("IFLA_VXLAN_ID", cfg.vni), ("IFLA_VXLAN_LINK", ext.index),
         (family.vxlan_local, str(ext.addrs[family].iface_addr)), ("IFLA_VXLAN_TTL", 0), ("IFLA_VXLAN_TOS", 0),
@@ -164,7 +167,8 @@ def device_attributes(cfg: VXLANConfig, ext: ExternalInterface, family: Family =
 
 def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface, family: Family = IPV4) -> str:
     """Why an existing device cannot be reused, in flanneld's words (``vni: 2 vs 1``), or '' when it
-    can. Learning, MAC and MTU are not compared, as in flanneld."""
+    can. Learning, MAC and MTU are not compared, as in flanneld. A local end that is the advertised
+    public IP, when that is an address of this node, is taken as well: flanneld v0.27.4+ makes it so."""
     d = link.data
     if link.kind != "vxlan":
         return "link type: %s vs vxlan" % link.kind
@@ -173,9 +177,9 @@ def incompatibility(link: VXLANLink, cfg: VXLANConfig, ext: ExternalInterface, f
     if d.get("IFLA_VXLAN_LINK") and d.get("IFLA_VXLAN_LINK") != ext.index:
         return "vtep (external) interface: %s vs %d" % (d.get("IFLA_VXLAN_LINK"), ext.index)
     local = d.get(family.vxlan_local)
-    want = ext.addrs[family].iface_addr
-    if local and ip_address(local) != want:
-        return "vtep (external) IP: %s vs %s" % (local, want)
+    addr = ext.addrs[family]
+    if local and ip_address(local) != addr.iface_addr and not (addr.ext_local and ip_address(local) == addr.ext_addr):
+        return "vtep (external) IP: %s vs %s" % (local, addr.iface_addr)
     if d.get("IFLA_VXLAN_GROUP"):
         return "vtep group: %s vs <nil>" % d.get("IFLA_VXLAN_GROUP")
     if d.get("IFLA_VXLAN_L2MISS"):
@@ -275,6 +279,7 @@ class VXLANNetwork:
                             self.name, reason)
                 self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
             self.device = self._create(mac_hint.lower() or random_mac())
+            log.info("Interface %s mac address set to: %s", self.name, self.device.mac)
         except OSError as exc:
             raise DeviceError(_errstr(exc)) from exc
         return self.device
@@ -362,6 +367,7 @@ class VXLANNetwork:
             self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
             found = None
         if found is None:
+            self._follow_external()
             self.device = self._create(mac)
         else:
             if found.mac != mac:
@@ -369,6 +375,18 @@ class VXLANNetwork:
                                      attrs=[("IFLA_ADDRESS", mac)]))
             self.device = Device(self.name, found.index, mac)
         self.configure_device(self.own_subnet)
+
+    def _follow_external(self) -> None:
+        """Find the external interface again by its name if it was re-created with a new index (the kernel
+        deletes the device with it); raises DeviceError while it is gone or lacks its address."""
+        try:
+            ext = ip.follow(self.nl, self.ext, self.family)
+        except LookupError as exc:
+            raise DeviceError("%s; waiting for it" % exc) from None
+        if ext is not self.ext:
+            log.info("External interface %s was re-created (index %d, was %d); %s follows it", ext.name, ext.index,
+                     self.ext.index, self.name)
+            self.ext = ext
 
     def _repair_device(self, problem: str) -> int:
         """Restore the device and then every entry on it (a new device has a new index, and a device

@@ -27,6 +27,7 @@ class SubnetManager(Protocol):
 
     node_name: str
     progress: float
+    synced: threading.Event  # set once the first list of the leases is in
 
     @property
     def name(self) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..family import Family
+from ..family import FAMILIES, IPV4, Family
 
-__all__ = ["AnnotationKeys", "PrefixError", "normalize_prefix"]
+__all__ = ["AnnotationKeys", "PrefixError", "node_public_ips", "normalize_prefix"]
 
 # Unanchored at the start, like Go's regexp.MatchString; \Z because Python's $ also matches before "\n".
 _PREFIX_RE = re.compile(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?\Z")
@@ -61,6 +62,11 @@ class AnnotationKeys:
         """The key a user sets to overwrite ``family``'s public address (read only)."""
         return self.prefix + family.public_ip_overwrite_annotation
 
+    def node_public_ip(self, family: Family) -> str:
+        """The key a user sets to pin ``family``'s public address before the interface is chosen, as
+        ``--public-ip(v6)`` would (``node-public-ip``, ``node-public-ipv6``; flannel v0.25.3; read only)."""
+        return self.prefix + "node-" + family.public_ip_annotation
+
     @classmethod
     def from_prefix(cls, prefix: str) -> AnnotationKeys:
         """The keys for ``prefix`` (normalised first); raises :class:`PrefixError`."""
@@ -76,3 +82,21 @@ class AnnotationKeys:
             backend_public_ipv6=p + "public-ipv6",
             backend_public_ipv6_overwrite=p + "public-ipv6-overwrite",
         )
+
+
+def node_public_ips(keys: AnnotationKeys, annotations: Mapping[str, str]) -> dict[Family, str]:
+    """The ``node-public-ip(v6)`` annotations of a node that are set, by family: what replaces
+    ``--public-ip(v6)``. Raises ValueError naming the annotation when one is not an address of its family."""
+    found = {}
+    for family in FAMILIES:
+        key = keys.node_public_ip(family)
+        value = annotations.get(key, "")
+        if not value:
+            continue
+        try:
+            family.address(value)
+        except ValueError:
+            raise ValueError("invalid public %s address: %s (node annotation '%s')"
+                             % ("IP" if family is IPV4 else "IPv6", value, key)) from None
+        found[family] = value
+    return found

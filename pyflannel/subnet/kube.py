@@ -952,14 +952,17 @@ class KubeSubnetManager:
                         self._update(record)
 
     def wait_synced(self, stop: threading.Event, timeout: float = 600.0) -> None:
-        """Block until the first list is in the cache (flanneld waits up to 10 min)."""
-        log.info("Waiting %dm%ds for node controller to sync", timeout // 60, timeout % 60)
+        """Block until the first list is in the cache (flanneld waits up to 10 min); raises LeaseError with
+        flannel v0.28.9's text (its error line names the real wait, not v0.28.9's misleading "1s")."""
+        waiting = "%dm%ds" % (timeout // 60, timeout % 60)
+        log.info("Waiting %s for node controller to sync", waiting)
         deadline = time.monotonic() + timeout
         while not self.synced.wait(0.2):
             if stop.is_set():
                 return
             if time.monotonic() > deadline:
-                raise LeaseError("error waiting for nodeController to sync state: timed out waiting for the condition")
+                log.error("Node controller sync not completed within %s: context deadline exceeded", waiting)
+                raise LeaseError("error waiting for nodeController to sync state: context deadline exceeded")
         log.info("Node controller sync successful")
 
     # -- the own lease ---------------------------------------------------------------------------
