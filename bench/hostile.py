@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.footprint import (MiB, Peer, Setup, StartResult, Want, _interrupted, fmt, goal, machine, median,
+from bench.footprint import (MiB, Setup, StartResult, Want, _interrupted, fmt, goal, machine, median,
                              outcomes, table)
 from tools.netcluster import REPO
 
@@ -47,10 +47,13 @@ HISTORY = 200  # watch events the API server keeps: 1.5 MB events would fill its
 FULL_RECONCILE = 35.0  # seconds after ready that cover the first full reconcile (--datapath-resync=30)
 
 
-def hostile_object(peer: Peer, size: int) -> dict[str, Any]:
-    """The padding that makes a node about ``size`` bytes of JSON: small objects, the costliest to parse."""
-    images = [{"names": ["a"]}] * int(size * 0.8 / 16)
-    fields = {"f:%05d" % i: {} for i in range(int(size * 0.1 / 12))}
+def hostile_object(size: int, where: str = "status") -> dict[str, Any]:
+    """The padding that makes a node about ``size`` bytes of JSON: small objects, the costliest to parse,
+    most of them in ``status.images`` (where a kubelet's bulk is), or with ``where="metadata"`` in its
+    managed fields (before the spec, so that no reader can stop short of them)."""
+    bulk = int(size * 0.8)
+    images = [{"names": ["a"]}] * (bulk // 16 if where == "status" else 0)
+    fields = {"f:%07d" % i: {} for i in range(int(size * 0.1 / 14) + (bulk // 14 if where == "metadata" else 0))}
     return {"metadata": {"annotations": {PREFIX + "x-padding": "p" * (200 << 10)},
                          "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
                                             "fieldsType": "FieldsV1", "fieldsV1": fields}]},
@@ -91,14 +94,14 @@ class Updater:
                 self.updates += 1
 
 
-def add_hostile(setup: Setup, count: int, size: int) -> list[str]:
+def add_hostile(setup: Setup, count: int, size: int, where: str) -> list[str]:
     """Add ``count`` new peers whose nodes are padded to ``size`` bytes; the kernel must hold them too."""
     names = []
     for _ in range(count):
         peer = setup.new_peer()
         node = setup.api.add_node(peer.name, pod_cidr=peer.pod_cidrs, annotations=peer.annotations(),
                                   internal_ip=peer.ip, realistic=True)
-        padding = hostile_object(peer, size - len(json.dumps(node)))
+        padding = hostile_object(size - len(json.dumps(node)), where)
         setup.api.patch_node(peer.name, padding)
         setup.peers.append(peer)
         setup.kernel.want(Want(peer, True))
@@ -130,7 +133,7 @@ class Bench:
         args = self.args
         with Setup(args.nodes - args.hostile, True) as setup:
             setup.api._history = HISTORY
-            names = add_hostile(setup, args.hostile, int(args.hostile_mb * 1e6))
+            names = add_hostile(setup, args.hostile, int(args.hostile_mb * 1e6), args.padding)
             setup.start()
             if run == 0:
                 self.emit("daemon command line: `%s`\n" % setup.command_line)
@@ -147,8 +150,8 @@ class Bench:
                                       millicores=(setup.cgroup.cpu_seconds() - cpu0) / wall * 1000,
                                       mem_end=setup.cgroup.memory_peak() / MiB, rss_end=setup.cgroup.memory_rss() / MiB,
                                       outcome=ended or ("peers missing" if setup.kernel.unmet() else "ok"))
-            self.run_line("hostile %d/%d N=%d (%d of %g MB)" % (run + 1, args.runs, args.nodes, args.hostile,
-                                                               args.hostile_mb), setup, start, after)
+            self.run_line("hostile %d/%d N=%d (%d of %g MB, bulk in %s)" % (
+                run + 1, args.runs, args.nodes, args.hostile, args.hostile_mb, args.padding), setup, start, after)
             return start, after
 
     def small(self, run: int) -> StartResult:
@@ -173,8 +176,9 @@ class Bench:
             done = [after for _, after in runs if after is not None]
             mem = median([r.mem_end for r in done])
             mc = median([r.millicores for r in done])
-            sections.append("## %d realistic nodes, %d of them padded to %g MB and updated every second (median of %d)"
-                            "\n\n" % (args.nodes, args.hostile, args.hostile_mb, args.runs) + table(
+            sections.append("## %d realistic nodes, %d of them padded to %g MB (bulk in %s) and updated every second "
+                            "(median of %d)\n\n" % (args.nodes, args.hostile, args.hostile_mb, args.padding, args.runs)
+                            + table(
                                 ["all peers s", "CPU s to ready", "updates", "mem peak MiB", "goal", "millicores",
                                  "goal", "outcome"],
                                 [[fmt(median([s.all_peers for s, _ in runs])), fmt(median([s.cpu_ready for s, _ in runs])),
@@ -200,6 +204,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=5000, help="nodes of the hostile measurement, the padded ones included")
     p.add_argument("--hostile", type=int, default=10, help="padded nodes (0: skip the measurement)")
     p.add_argument("--hostile-mb", type=float, default=1.5, help="size of a padded node's JSON, in MB")
+    p.add_argument("--padding", choices=("status", "metadata"), default="status",
+                   help="where most of a padded node's bulk is: its status (a kubelet's images), or its managed "
+                        "fields")
     p.add_argument("--seconds", type=float, default=30.0, help="seconds of updates measured")
     p.add_argument("--small-nodes", type=int, default=20000, help="nodes of the second measurement (0: skip it)")
     p.add_argument("--runs", type=int, default=1)

@@ -170,9 +170,6 @@ def _decoder(kind: type) -> Any:
     return msgspec.json.Decoder(kind)
 
 
-_STATUS = re.compile(rb',"status":\{')  # where a node's status begins, in a watch event as the API server writes it
-
-
 def _decode(raw: bytes | memoryview, kind: type) -> Any:
     """``raw`` as json.loads gives it when small; else decoded into ``kind``, a TypedDict of the fields
     flannel reads: the rest (status, labels, managed fields: nine tenths of a kubelet's node) is skipped,
@@ -190,21 +187,45 @@ def decode_node_list(raw: bytes) -> Any:
 def decode_watch_event(raw: bytes | memoryview) -> Any:
     """A node watch event, as json.loads would give it, less every field flannel does not read.
 
-    A large event is read up to its node's status only, when that holds the node's metadata and spec:
-    the API server writes a node's fields in their order in the Node type (metadata, spec, status), and
-    a kubelet's status (its images above all) is most of a node, which even skipping costs CPU to scan.
-    Anything else is read whole."""
+    Of a large event only the node's metadata, less its managed fields, and its spec are read, when they
+    give the node's name and spec: the API server writes a node's fields in their order in the Node type
+    (metadata, whose managed fields come last, then spec, then status), and the managed fields and the
+    status (a kubelet's images) are most of a node, which even skipping costs CPU to scan. A document
+    of another shape does not decode once cut, or lacks the name or the spec, and is read whole."""
     if len(raw) > SMALL_JSON:
-        found = _STATUS.search(raw)
-        if found is not None:
-            try:
-                event = _decoder(_WatchEvent).decode(bytes(raw[:found.start()]) + b"}}")
-            except ValueError:  # not where the status begins: the whole event is read below
-                event = None
-            obj = event.get("object") if isinstance(event, dict) else None
-            if isinstance(obj, dict) and "spec" in obj and (obj.get("metadata") or {}).get("name"):
-                return event
+        event = _cut_event(raw)
+        if event is not None:
+            return event
     return _decode(raw, _WatchEvent)
+
+
+# Where a node's managed fields, spec and status begin in a watch event as the API server writes it.
+# None of these can appear inside a string (its quotes would be escaped), nor be faked by a node's own
+# data: a cut at a wrong place leaves brackets unbalanced, and the cut event does not decode.
+_MANAGED = re.compile(rb',"managedFields":\[')
+_SPEC = re.compile(rb'\},"spec":\{')
+_STATUS = re.compile(rb',"status":\{')
+
+
+def _cut_event(raw: bytes | memoryview) -> Any:
+    """The event without its node's managed fields and status, decoded, or None (see decode_watch_event)."""
+    status = _STATUS.search(raw)
+    if status is None:
+        return None
+    end = status.start()
+    parts = [raw[:end]]
+    managed = _MANAGED.search(raw, 0, end)
+    spec = _SPEC.search(raw, managed.end(), end) if managed is not None else None
+    if managed is not None and spec is not None:
+        parts = [raw[:managed.start()], raw[spec.start():end]]
+    try:
+        event = _decoder(_WatchEvent).decode(b"".join(parts) + b"}}")
+    except ValueError:
+        return None
+    obj = event.get("object") if isinstance(event, dict) else None
+    if isinstance(obj, dict) and "spec" in obj and (obj.get("metadata") or {}).get("name"):
+        return event
+    return None
 
 
 def _decode_list_head(raw: bytes) -> Any:
