@@ -202,24 +202,22 @@ def decode_watch_event(raw: bytes | memoryview) -> Any:
 # Where a node's managed fields, spec and status begin in a watch event as the API server writes it.
 # None of these can appear inside a string (its quotes would be escaped), nor be faked by a node's own
 # data: a cut at a wrong place leaves brackets unbalanced, and the cut event does not decode.
-_MANAGED = re.compile(rb',"managedFields":\[')
-_SPEC = re.compile(rb'\},"spec":\{')
-_STATUS = re.compile(rb',"status":\{')
+_MANAGED = b',"managedFields":['
+_SPEC = b'},"spec":{'
+_STATUS = b',"status":{'
 
 
 def _cut_event(raw: bytes | memoryview) -> Any:
     """The event without its node's managed fields and status, decoded, or None (see decode_watch_event)."""
-    status = _STATUS.search(raw)
-    if status is None:
+    data = bytes(raw)  # bytes.find is some ten times quicker than a regular expression
+    managed = data.find(_MANAGED)  # each search starts where the last one ended: the event is scanned once
+    spec = data.find(_SPEC, max(managed, 0))
+    end = data.find(_STATUS, spec) if spec >= 0 else -1
+    if end < 0:
         return None
-    end = status.start()
-    parts = [raw[:end]]
-    managed = _MANAGED.search(raw, 0, end)
-    spec = _SPEC.search(raw, managed.end(), end) if managed is not None else None
-    if managed is not None and spec is not None:
-        parts = [raw[:managed.start()], raw[spec.start():end]]
+    cut = data[:managed if managed >= 0 else spec] + data[spec:end]
     try:
-        event = _decoder(_WatchEvent).decode(b"".join(parts) + b"}}")
+        event = _decoder(_WatchEvent).decode(cut + b"}}")
     except ValueError:
         return None
     obj = event.get("object") if isinstance(event, dict) else None
