@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,3 +327,18 @@ def test_the_daemon_refuses_a_public_ip_behind_nat_with_flanneld_error(tmp_path:
         assert n1.proc.wait(30) == 1
         assert ("Error fetching backend: your PublicIP differs from interface IP, meaning that probably you're on a "
                 "NAT, which is not supported by host-gw backend") in n1.log()
+
+
+def test_a_refused_route_is_logged_once_with_the_node(running: tuple[FakeNetlink, HostGWNetwork], stack: Stack,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    nl, b = running
+    real = nl.batch
+    mark = socket.inet_pton(stack.family.af, stack.ip(4))
+    monkeypatch.setattr(nl, "batch", lambda reqs: [22 if mark in getattr(r, "body", b"") else c  # EINVAL
+                                                  for r, c in zip(reqs, real(reqs))])
+    for _ in range(3):
+        b.reconcile(leases(stack, 2, 3, 4))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].endswith("invalid argument (node k8s04; tried again at each reconcile)"), \
+        errors

@@ -6,6 +6,7 @@ nodes keep their leases."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pyflannel import kubeclient, log
+from pyflannel import daemon, diagnose, kubeclient, log
 from pyflannel.family import IPV4
 from pyflannel.kubeclient import KubeClient
 from pyflannel.subnet import kube
@@ -346,3 +347,43 @@ def test_passwords_in_urls_are_masked() -> None:
     assert log.redact_url("http://a:b@c@host") == "http://a:********@host"
     assert log.loopback_host("http://127.0.0.2:1") and log.loopback_host("http://[::1]:1")
     assert not log.loopback_host("http://192.168.56.1:6443") and not log.loopback_host("http://etcd:2379")
+
+
+def test_diagnose_output_escapes_what_nodes_wrote() -> None:
+    out = io.StringIO()
+    diagnose.write(out, [diagnose.Problem("nodes on another backend: evil (x\x1b[2K)\nsecond\rline", ["fix\x07"])])
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue() and "\x07" not in out.getvalue()
+    assert "evil (x\\x1b[2K)" in out.getvalue() and "second\\rline" in out.getvalue()
+
+
+# -- H4, M5: credentials -----------------------------------------------------------------------------
+
+
+def test_without_node_name_a_forbidden_pod_read_says_the_permission_and_the_better_way(api: FakeKubeAPI) -> None:
+    api.fail_next("GET", r"/pods/", status=403, message='pods "p" is forbidden')
+    with pytest.raises(daemon.NodeNameError) as exc:
+        daemon.node_name(KubeClient(kube_api_url=api.url), {"POD_NAME": "p", "POD_NAMESPACE": "kube-flannel"})
+    assert "needs get on pods in namespace kube-flannel" in str(exc.value)
+    assert "set NODE_NAME from the pod's spec.nodeName instead" in str(exc.value)
+
+
+def test_credentials_are_never_logged_and_plain_http_is_warned_about(tmp_path: Any,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    client = KubeClient(kube_api_url="http://user:S3cret@127.0.0.1:1")
+    assert client.host == "http://user:********@127.0.0.1:1" and "S3cret" not in caplog.text
+    assert "Ignoring the user and password in the API server URL http://user:********@127.0.0.1:1" in caplog.text
+    with pytest.raises(kubeclient.ApiError) as exc:
+        client.list_nodes(1)  # nobody listens: the error names the URL without the password
+    assert "S3cret" not in str(exc.value)
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    caplog.clear()
+    KubeClient(kubeconfig_file=str(cfg))  # loopback: stays on this machine
+    KubeClient(kubeconfig_file=str(cfg), kube_api_url="https://192.0.2.1:6443")
+    assert "unencrypted" not in caplog.text
+    KubeClient(kubeconfig_file=str(cfg), kube_api_url="http://192.0.2.1:6443")
+    assert caplog.text.count("The credentials of the user of %s are sent unencrypted to http://192.0.2.1:6443" % cfg) == 1
