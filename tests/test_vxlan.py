@@ -655,6 +655,11 @@ def test_a_copied_vtep_mac_never_takes_the_first_holders_entry(running: tuple[Fa
         assert nl.datapath(stack.device) == stack.expected(2, 3)
     assert mac_warnings(caplog) == ['Ignoring node "evil": its %sVtepMAC %s is the VtepMAC of node "k8s02", which '
                                     'held it first' % (stack.family.v6 + " " if stack.family.v6 else "", victim_mac)]
+    # The holder's own lease changes (a new public IP): it keeps its VtepMAC.
+    moved = stack.lease(2, public_ip=stack.public(30))
+    assert b.sync({"k8s02": moved}) == {"k8s02"}
+    assert (victim_mac, stack.public(30)) in nl.datapath(stack.device)["fdb"] and "evil" not in b.applied
+    b.sync({"k8s02": stack.lease(2)})
     # The holder goes: the waiting node takes the VtepMAC over, in the same sync.
     assert b.sync({"k8s02": None}) == {"k8s02"}
     dp = nl.datapath(stack.device)

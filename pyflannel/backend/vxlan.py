@@ -436,14 +436,18 @@ class VXLANNetwork:
         built = self._built.get(name)
         if built is not None and (built.lease if isinstance(built, Entry) else built) == lease:
             return built if isinstance(built, Entry) else None
-        waited = self._mac_waiting.get(name)
-        if built is not None:
-            self._release(name, built if isinstance(built, Entry) else None)
+        entry = self._build(name, lease) if lease is not None else None
+        held = built if isinstance(built, Entry) and self._macs.get(built.mac) == name else None
+        if entry is not None and held is not None and entry.mac == held.mac:
+            self._built[name] = entry  # a holder keeps its VtepMAC through any change of its lease
+            return entry
+        waited = self._mac_waiting.pop(name, None)
+        if held is not None:
+            self._release(held)
         if lease is None:
             self._built.pop(name, None)
             self._failing.pop(name, None)
             return None
-        entry = self._build(name, lease)
         if entry is not None:
             entry = self._claim(name, entry, quiet=waited is not None and waited.mac == entry.mac)
         self._built[name] = entry or lease
@@ -463,11 +467,8 @@ class VXLANNetwork:
                         "this node's own" if own else 'the VtepMAC of node "%s", which held it first' % holder)
         return None
 
-    def _release(self, name: str, e: Entry | None) -> None:
-        """A node no longer asks for ``e``: its VtepMAC goes to the first node waiting for it."""
-        self._mac_waiting.pop(name, None)
-        if e is None or self._macs.get(e.mac) != name:
-            return
+    def _release(self, e: Entry) -> None:
+        """Its holder no longer asks for ``e``: its VtepMAC goes to the first node waiting for it."""
         del self._macs[e.mac]
         waiter = next((w for w, want in self._mac_waiting.items() if want.mac == e.mac), None)
         if waiter is not None:
