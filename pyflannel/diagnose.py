@@ -29,7 +29,7 @@ from .subnet.annotations import AnnotationKeys, PrefixError, node_public_ips
 from .backend.hostgw import l2_networks, on_link
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
 from .family import IPV4, IPV6, Family
-from .log import printable
+from .log import printable, redact_url
 from .subnet.kube import (NodeInfo, decode_node_list, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr,
                           pod_cidr_field)
 
@@ -397,14 +397,15 @@ def check_flags(ctx: Context) -> Result:
     """The daemon's mode and annotation prefix."""
     problems = []
     if not ctx.opts.kube_subnet_mgr:
+        endpoints = ",".join(redact_url(url) for url in ctx.opts.etcd_endpoints.split(","))
         problems.append(Problem(
             "--kube-subnet-mgr is not set\n"
             "The daemon then keeps its leases in etcd (%s); diagnose checks only Kubernetes clusters."
-            % ctx.opts.etcd_endpoints,
+            % endpoints,
             ["in a Kubernetes cluster, add --kube-subnet-mgr to the daemon's command line (diagnose takes the "
              "daemon's flags; give it the same ones)",
              "in etcd mode, read the leases with: etcdctl --endpoints=%s get --prefix %s"
-             % (ctx.opts.etcd_endpoints, ctx.opts.etcd_prefix)]))
+             % (endpoints, ctx.opts.etcd_prefix)]))
     try:
         prefix = ctx.keys().prefix
     except Unavailable as exc:
