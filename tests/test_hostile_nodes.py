@@ -93,7 +93,7 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
 
-# -- H2: nesting -----------------------------------------------------------------------------------
+# -- nesting ---------------------------------------------------------------------------------------
 
 
 def test_a_node_nested_as_deep_as_the_api_server_allows_decodes(
@@ -141,7 +141,7 @@ def test_nesting_deeper_than_the_api_server_allows_fails_cleanly(
     assert sorted(sm.leases(IPV4)) == ["good"]
 
 
-# -- H3, M4, L4: size ----------------------------------------------------------------------------
+# -- size ------------------------------------------------------------------------------------------
 
 
 def big_status(mb: float) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def test_oversized_flannel_annotations_of_another_node_are_refused_and_this_node
     assert not hasattr(sm._nodes["good"], "annotations")  # another node's: its leases, parsed, and nothing else
 
 
-# -- L2, M1: what a lease may point at -------------------------------------------------------------
+# -- what a lease may point at ---------------------------------------------------------------------
 
 
 def test_unusable_public_ips_are_refused_with_one_warning_each(
@@ -326,7 +326,7 @@ def test_this_nodes_network_is_told_with_the_api_servers_address() -> None:
                                                                  "10.0.0.0/24"
 
 
-# -- L1: log lines ------------------------------------------------------------------------------------
+# -- log lines and output -----------------------------------------------------------------------------
 
 
 def test_a_value_cannot_forge_a_log_line_nor_a_terminal_escape() -> None:
@@ -356,7 +356,7 @@ def test_diagnose_output_escapes_what_nodes_wrote() -> None:
     assert "evil (x\\x1b[2K)" in out.getvalue() and "second\\rline" in out.getvalue()
 
 
-# -- H4, M5: credentials -----------------------------------------------------------------------------
+# -- credentials -----------------------------------------------------------------------------------
 
 
 def test_without_node_name_a_forbidden_pod_read_says_the_permission_and_the_better_way(api: FakeKubeAPI) -> None:
