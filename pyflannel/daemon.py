@@ -274,9 +274,11 @@ class Daemon:
 
     def ready(self) -> bool:
         """subnet.env written, the datapath programmed, every family's device there and up, and the
-        masquerade and forward rules in place. The first time it is, flanneld's ``flannel is ready`` is logged."""
+        masquerade and forward rules in place. The first time it is, flanneld's ``flannel is ready`` is logged;
+        the ``pyflannel_ready`` gauge follows every answer."""
         ready = self.datapath_ready and bool(self.backends) and all(b.device_ok for b in self.backends.values()) \
             and (self.traffic is None or self.traffic.ready)
+        metrics.READY.set(1 if ready else 0)
         if ready and not self._said_ready:
             with self._lock:
                 said, self._said_ready = self._said_ready, True
@@ -284,8 +286,12 @@ class Daemon:
                 log.info("flannel is ready")
         return ready
 
-    def _on_change(self, names: set[str]) -> None:
+    def _on_change(self, names: set[str], changed_at: float | None = None) -> None:
+        """Nodes whose leases changed; ``changed_at`` is the wall-clock time of the change at the API server,
+        when the event carries one. The programming latency counts from it, else from now."""
         now = time.monotonic()
+        if changed_at is not None:
+            now -= max(0.0, time.time() - changed_at)  # a clock ahead of ours counts as no delay at all
         with self._lock:
             for name in names:
                 self._dirty.setdefault(name, now)
@@ -509,7 +515,6 @@ class Daemon:
         self.supervisor.spawn("%s check" % self.traffic.mode, self.traffic.run)
         self._start_prober()
         self.datapath_ready = True
-        metrics.READY.set(1)
         if opts.set_node_network_unavailable:
             sm.complete_lease()
         log.info("Waiting for all goroutines to exit")
@@ -645,8 +650,7 @@ class Daemon:
             self._beat(interval + STEP_BOUND)
             lost = [b for b in backends.values() if not b.device_ok]
             self._wake.wait(max(0.0, min(self._next_full - time.monotonic(), DEVICE_RETRY if lost else interval)))
-            if not self._said_ready:
-                self.ready()  # says "flannel is ready" even if /readyz is not asked
+            self.ready()  # says "flannel is ready" and keeps the gauge true even if /readyz is not asked
             if stop.is_set():
                 break
             dirty, deleted = self._take_dirty()

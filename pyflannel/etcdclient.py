@@ -4,7 +4,7 @@ etcd serves its v3 API as gRPC and, on the same port, as JSON over HTTP (``/v3/k
 ``/v3/kv/txn``, ``/v3/lease/grant``, a streaming ``/v3/watch``; keys and values in base64, 64-bit
 numbers as strings). pyflannel speaks the JSON with the standard library's ``http.client``, which
 the daemon loads anyway: a gRPC client (python-etcd3, or etcd3gw with requests) costs three times
-the CPU and twice the memory to import (see the README's Performance section).
+the CPU and twice the memory to import (see docs/performance.md).
 
 The connections are the Kubernetes client's, with its bounds: CONNECT_TIMEOUT for the TCP connect
 and the TLS handshake, REQUEST_TIMEOUT between two reads of an answer, and TCP keepalive with a

@@ -5,7 +5,7 @@ by line) and only the fields the daemon uses are kept, never typed client object
 without a bound: an answer may hold MAX_BODY bytes and a watch line MAX_LINE, and a document the
 decoder cannot read (too deep, not JSON) is an ApiError, not an exception of the decoder. Importing the
 kubernetes client alone costs more CPU than the whole start-up may use under the manifest's 100m
-limit (see the README's Performance section), so it is loaded only to read a ``--kubeconfig-file``,
+limit (see docs/performance.md), so it is loaded only to read a ``--kubeconfig-file``,
 where its loader brings every kubeconfig auth method. In a pod (the DaemonSet) the in-cluster
 service account is read directly, and its token is re-read whenever the kubelet rotates it.
 """

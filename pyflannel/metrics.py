@@ -26,6 +26,9 @@ class _Noop:
 
 
 _NOOP = _Noop()
+# kube-proxy's buckets for kubeproxy_network_programming_duration_seconds: 0.25 s and 0.5 s, every second
+# to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+PROGRAMMING_BUCKETS = (0.25, 0.5, *range(1, 60), *range(60, 120, 5), *range(120, 301, 30))
 LEASES: Any = _NOOP
 LEASE_EVENTS: Any = _NOOP
 WATCH_RESTARTS: Any = _NOOP
@@ -80,8 +83,8 @@ def enable(version: str) -> Any:
     API_ERRORS = Counter(PREFIX + "_api_errors_total", "Failed Kubernetes API requests.", registry=reg)
     PROGRAMMING_LATENCY = Histogram(
         PREFIX + "_network_programming_duration_seconds",
-        "Time from a node change arriving from the API to the kernel being programmed for it.",
-        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=reg)
+        "Time from a node change (the API server's time of the write, where the watch event carries it) to "
+        "the kernel being programmed for it.", buckets=PROGRAMMING_BUCKETS, registry=reg)
     RECONCILES = Counter(PREFIX + "_datapath_reconciles_total", "Full reconciles of the kernel's routes, "
                          "neighbours and FDB entries against the leases.", registry=reg)
     REPAIRS = Counter(PREFIX + "_datapath_repairs_total", "Kernel entries added, changed or removed by "

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pyflannel import daemon, flags, subnetfile
+from pyflannel import daemon, flags, metrics, subnetfile
 from pyflannel.backend.vxlan import VXLANNetwork
 from pyflannel.config import VXLANConfig
 from pyflannel.family import IPV4, IPV6, Family
@@ -192,17 +192,47 @@ def test_loop_applies_node_changes_and_kernel_deletions(running: Any) -> None:
     assert backend.calls[1:] == [("restore", [("route", 254, "10.244.2.0/24")]), ("sync", {})]
 
 
+def test_programming_latency_counts_from_the_api_server_s_time(running: Any) -> None:
+    """kube-proxy's network programming latency: from the change's time at the API server when the event
+    has one (a clock ahead of ours counts as no delay), else from its arrival."""
+    d, backend, _ = running
+    registry = metrics.enable("test")
+    try:
+        def observed() -> tuple[float, float]:
+            count = registry.get_sample_value("pyflannel_network_programming_duration_seconds_count") or 0.0
+            return count, registry.get_sample_value("pyflannel_network_programming_duration_seconds_sum") or 0.0
+
+        d._on_change({"k8s02"}, time.time() - 20)
+        wait_until(lambda: observed()[0] == 1)
+        assert 20 <= observed()[1] < 40
+        assert registry.get_sample_value("pyflannel_network_programming_duration_seconds_bucket", {"le": "20.0"}) == 0
+        d._on_change({"k8s03"}, time.time() + 3600)
+        d._on_change({"k8s04"})
+        wait_until(lambda: observed()[0] == 3)
+        assert observed()[1] - 20 < 20
+    finally:
+        metrics.disable()
+
+
 def test_readiness_needs_every_family_s_device_and_rules(tmp_path: Path) -> None:
+    """Ready, as /readyz and the pyflannel_ready gauge say, only while every device and the rules are there."""
     b4, b6 = FakeBackend(), FakeBackend()
     d = make_daemon(tmp_path, backends={IPV4: b4, IPV6: b6})
-    assert d.ready()
-    b6.device_ok = False
-    assert not d.ready()
-    b6.device_ok = True
-    d.traffic = SimpleNamespace(ready=False)  # type: ignore[assignment]
-    assert not d.ready()
-    d.traffic.ready = True
-    assert d.ready()
+    registry = metrics.enable("test")
+    try:
+        def gauge() -> float | None:
+            return registry.get_sample_value("pyflannel_ready")
+
+        assert d.ready() and gauge() == 1
+        b6.device_ok = False
+        assert not d.ready() and gauge() == 0
+        b6.device_ok = True
+        d.traffic = SimpleNamespace(ready=False)  # type: ignore[assignment]
+        assert not d.ready() and gauge() == 0
+        d.traffic.ready = True
+        assert d.ready() and gauge() == 1
+    finally:
+        metrics.disable()
 
 
 def running_stack(stacks: tuple[Any, ...]) -> tuple[Any, dict[Family, Any]]:

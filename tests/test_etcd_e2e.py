@@ -75,6 +75,10 @@ def all_ping(cluster: Cluster) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("etcd-cluster"), etcd=True) as c:
+        # The nodes take random subnets below 10.244.64.0, so the leases written by hand above it are free.
+        assert c.etcd is not None
+        c.etcd.etcdctl("put", ETCD_PREFIX + "/config", json.dumps({**json.loads(c.net_conf.read_text()),
+                                                                   "SubnetMax": "10.244.63.0"}))
         c.start_nodes_with_pods("n1", "n2", "n3")
         yield c
 

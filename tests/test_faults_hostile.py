@@ -203,9 +203,9 @@ def test_an_unusable_own_vtep_mac_gives_a_random_one(cluster: Cluster) -> None:
     restarted (a reboot): it starts with a random MAC instead of failing until the annotation is fixed."""
     n1, n2 = nodes(cluster)
     assert cluster.api is not None
+    cluster.stop(n2)  # first: a running k8s02 would put its own MAC back into the annotation
     cluster.api.patch_node("k8s02", {"metadata": {"annotations": {
         PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}'}}})
-    cluster.stop(n2)
     Cluster.ns_run(n2.netns, "ip", "link", "del", "flannel.1")
     cluster.start(n2, RESYNC)
     cluster.wait_ready(n2)

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -33,10 +34,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.names: set[str] = set()
+        self.changed_at: dict[str, float | None] = {}  # the API server's time of each name's last change
         self.event = threading.Event()
 
-    def __call__(self, names: set[str]) -> None:
+    def __call__(self, names: set[str], changed_at: float | None) -> None:
         self.names |= names
+        self.changed_at.update(dict.fromkeys(names, changed_at))
         self.event.set()
 
     def wait_for(self, name: str, timeout: float = 5) -> None:
@@ -103,6 +106,16 @@ def test_node_to_lease_rules() -> None:
         kube.node_to_lease(kube.NodeInfo("a", "", ("fd00::/64",), node.annotations), KEYS)
 
 
+def test_changed_at_is_the_newest_managed_fields_time() -> None:
+    def node(*times: object) -> dict[str, object]:
+        return {"metadata": {"name": "n", "managedFields": [{"manager": "m%d" % i, "time": t} for i, t in enumerate(times)]}}
+
+    assert kube.changed_at(node("2026-12-06T10:00:00Z", "2026-12-06T10:00:05Z", "2026-12-06T09:59:59Z")) == \
+        datetime(2026, 12, 6, 10, 0, 5, tzinfo=timezone.utc).timestamp()
+    for bad in ({"metadata": {"name": "n"}}, node(), node(None, 5), node("yesterday"), {"metadata": []}, []):
+        assert kube.changed_at(bad) is None
+
+
 def test_node_info_keeps_only_flannel_fields() -> None:
     obj = {"metadata": {"name": "n", "annotations": {PREFIX + "public-ip": "1.2.3.4", "other/x": "y"},
                         "labels": {"a": "b"}},
@@ -129,6 +142,9 @@ def test_list_in_pages_and_watch(api: FakeKubeAPI, manager: tuple[kube.KubeSubne
         api.patch_node("k8s03", {"metadata": {"annotations": {PREFIX + "backend-data": '{"VNI":1,"VtepMAC":"0a:00:00:00:00:33"}'}}})
         rec.wait_for("k8s03")
         assert "0a:00:00:00:00:33" in sm.lease_of("k8s03", IPV4).backend_data
+        # The change counts from the API server's time of the write, which the watch event carries.
+        written = api.get_node("k8s03")["metadata"]["managedFields"][0]["time"]
+        assert rec.changed_at["k8s03"] == datetime.fromisoformat(written).timestamp()
         # A change flannel does not look at is not reported.
         rec.names.clear()
         api.patch_node("k8s04", {"metadata": {"labels": {"x": "y"}}})

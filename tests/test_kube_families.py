@@ -57,7 +57,7 @@ def peer(name: str, i: int, *cidrs: str, **extra: str) -> dict[str, Any]:
 
 
 def manager(client: RecordingClient, networks: dict[Family, IPNetwork] = DUAL) -> kube.KubeSubnetManager:
-    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, P, networks, lambda names: None)  # type: ignore[arg-type]
+    sm = kube.KubeSubnetManager(client, "k8s01", KEYS, P, networks, lambda names, changed_at: None)  # type: ignore[arg-type]
     sm._list()
     return sm
 

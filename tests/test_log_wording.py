@@ -79,7 +79,7 @@ def follow_error(readd: bool) -> str:
 
 def sync_timeout(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> str:
     sm = KubeSubnetManager(None, "k8s01", AnnotationKeys.from_prefix(PREFIX), PREFIX,  # type: ignore[arg-type]
-                           {IPV4: ip_network("10.244.0.0/16")}, lambda names: None)
+                           {IPV4: ip_network("10.244.0.0/16")}, lambda names, changed_at: None)
     clock = iter(range(0, 10000, 700))  # each look at the clock is 700 s later
     sm.synced.wait = lambda timeout: False  # type: ignore[method-assign]
     with pytest.MonkeyPatch.context() as mp, pytest.raises(LeaseError) as exc:

@@ -439,7 +439,7 @@ def test_any_node_list_gives_leases_or_skipped_nodes(nodes: list[str], page_size
     padding = ['{"metadata":{"name":"pad"},"status":{"images":[%s]}}' % ",".join(['{"names":["a"]}'] * 5000)]
     nodes = [n for n in nodes if '"anchor"' not in n and '"k8s01"' not in n]
     sm = kube.KubeSubnetManager(PageClient([ANCHOR, *nodes, *(padding if big_page else [])], []),  # type: ignore[arg-type]
-                                "k8s01", KEYS, KEYS.prefix, {IPV4: IPv4Network("10.244.0.0/16")}, lambda names: None)
+                                "k8s01", KEYS, KEYS.prefix, {IPV4: IPv4Network("10.244.0.0/16")}, lambda names, changed_at: None)
     with as_the_daemon_decodes():
         for _ in range(2):  # a relist of the same nodes
             with mock.patch.object(kube, "LIST_PAGE_SIZE", page_size):
@@ -455,7 +455,7 @@ watch_types = st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERRO
 def test_any_watch_event_is_applied_or_ends_the_watch_with_an_api_error(events: list[tuple[Any, str]]) -> None:
     lines = ['{"type":%s,"object":%s}' % (json.dumps(kind), node) for kind, node in events if '"anchor"' not in node]
     sm = kube.KubeSubnetManager(PageClient([ANCHOR], lines), "k8s01", KEYS, KEYS.prefix,  # type: ignore[arg-type]
-                                {IPV4: IPv4Network("10.244.0.0/16")}, lambda names: None)
+                                {IPV4: IPv4Network("10.244.0.0/16")}, lambda names, changed_at: None)
     with as_the_daemon_decodes():
         sm._list()
         try:

@@ -67,6 +67,13 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _managed_fields() -> list[dict[str, Any]]:
+    """A node's managed fields after a write now: one entry, with the write's time (the API server keeps one
+    entry a manager, each with the time of that manager's last write; the tests need only the newest)."""
+    return [{"manager": "kubeapi", "operation": "Update", "apiVersion": "v1", "time": _now(),
+             "fieldsType": "FieldsV1", "fieldsV1": {}}]
+
+
 def _merge(target: Any, patch: Any, strategic: bool, path: tuple[str, ...] = ()) -> Any:
     """JSON merge patch (RFC 7386); with ``strategic``, the lists in _MERGE_KEYS merge by key.
 
@@ -523,6 +530,7 @@ class FakeKubeAPI:
             if name in self._nodes:
                 raise _ApiError(409, 'nodes "%s" already exists' % name, "AlreadyExists")
             meta = {**node["metadata"], "uid": str(uuid.uuid4()), "creationTimestamp": _now()}
+            meta["managedFields"] = _managed_fields()
             return self._commit({**node, "kind": "Node", "apiVersion": "v1", "metadata": meta}, b"ADDED")
 
     def _update(self, name: str, new: dict[str, Any], keep: str | None) -> bytes:
@@ -547,8 +555,10 @@ class FakeKubeAPI:
                 new[keep] = old[keep]
             else:
                 new.pop(keep, None)
+        new["metadata"]["managedFields"] = old["metadata"].get("managedFields", [])
         if new == old:
             return self._node_json[name]
+        new["metadata"]["managedFields"] = _managed_fields()
         return self._commit(new, b"MODIFIED")
 
     def _patch(self, name: str, patch: dict[str, Any], strategic: bool, keep: str | None) -> bytes:

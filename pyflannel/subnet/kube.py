@@ -372,6 +372,22 @@ def _name_of(obj: Any) -> str:
     return name[:253] if isinstance(name, str) else "?"
 
 
+def changed_at(obj: Any) -> float | None:
+    """When the API server wrote a node last, as a UNIX time: the newest ``time`` of its managed fields
+    (whole seconds); None when it has none. (The managed fields of a node too large to read whole are not
+    read: its change counts from its arrival.)"""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    entries = meta.get("managedFields") if isinstance(meta, dict) else None
+    if not isinstance(entries, list):
+        return None
+    # RFC 3339 in UTC, as the API server writes it, sorts as text
+    newest = max((t for e in entries if isinstance(e, dict) and isinstance(t := e.get("time"), str)), default="")
+    try:
+        return datetime.fromisoformat(newest).timestamp() if newest else None
+    except ValueError:
+        return None
+
+
 def node_to_lease(node: NodeInfo, keys: AnnotationKeys, family: Family = IPV4) -> Lease:
     """The lease of ``family`` a node's annotations and pod CIDR describe; raises ValueError with flanneld's text."""
     try:
@@ -745,7 +761,7 @@ class KubeSubnetManager:
     """
 
     def __init__(self, client: KubeClient, node_name: str, keys: AnnotationKeys, prefix: str,
-                 networks: dict[Family, IPNetwork], on_change: Callable[[set[str]], None]) -> None:
+                 networks: dict[Family, IPNetwork], on_change: Callable[[set[str], float | None], None]) -> None:
         self.client = client
         self.node_name = node_name
         self.keys = keys
@@ -803,7 +819,7 @@ class KubeSubnetManager:
                     changed |= fam.set_host(networks[family].with_servers([self.client.host]))
             self._count()
         if changed:
-            self.on_change(changed)
+            self.on_change(changed, None)
 
     def _record(self, fields: _Fields) -> NodeInfo | _Peer:
         """What is kept of a node: this node's flannel annotations whole; another node's leases, parsed."""
@@ -866,7 +882,7 @@ class KubeSubnetManager:
             self._count()
         heap.release(len(nodes))
         if changed:
-            self.on_change(changed)
+            self.on_change(changed, None)
 
     def _watch(self, stop: threading.Event, backoff: _Backoff) -> None:
         """Apply watch events until the stream ends; raises ApiError(410) when the cache must be relisted."""
@@ -900,7 +916,7 @@ class KubeSubnetManager:
                     self._rv = rv
                 self._count()
             if changed:
-                self.on_change(changed)
+                self.on_change(changed, changed_at(obj))
 
     def run(self, stop: threading.Event) -> None:
         """List, then watch, until ``stop`` is set.
