@@ -730,6 +730,16 @@ def idle_row(limits: bool, runs: list[tuple[StartResult, IdleResult | None]]) ->
             goal(mc, 5.0, strict=True), fmt(median([r.mem_end for r in done]), 1), run_outcomes(runs)]
 
 
+def preamble(title: str, module: str) -> list[str]:
+    """A report's first lines: its title, the command that made it, the machine."""
+    return ["# %s\n" % title, "- command: `%s`" % " ".join(["python -m " + module, *map(shlex.quote, sys.argv[1:])]),
+            *machine()]
+
+
+LIMITS = ("- limits: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d, memory.limit_in_bytes=%d MiB (daemon and children)"
+          % (CPU_QUOTA_US, CPU_PERIOD_US, MEMORY_LIMIT // MiB))
+
+
 def machine() -> list[str]:
     """Lines describing the machine, the software and the tree."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -760,6 +770,24 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def run_bench(name: str, body: Callable[[], None]) -> int:
+    """A benchmark's main: as root, with SIGINT and SIGTERM cleaning up what it made; the exit status."""
+    if os.geteuid() != 0:
+        print("%s needs root (network namespaces and cgroups)" % name, file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+    # The image runs bytecode compiled when it is built (deploy/install.sh): without it every start
+    # would compile pyflannel's sources again (PYTHONDONTWRITEBYTECODE), some 0.03 s of CPU.
+    compileall.compile_dir(str(REPO / "pyflannel"), quiet=1)
+    try:
+        body()
+    except KeyboardInterrupt:
+        print("interrupted; everything the bench made was removed", file=sys.stderr)
+        return 130
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -824,13 +852,10 @@ class Bench:
 
     def main(self) -> None:
         args = self.args
-        emit("# pyflannel footprint\n")
-        emit("- command: `%s`" % " ".join(["python -m bench.footprint", *map(shlex.quote, sys.argv[1:])]))
-        for line in machine():
+        for line in preamble("pyflannel footprint", "bench.footprint"):
             emit(line)
         emit("- stack: %s (%s)" % (args.stack, ", ".join(FAMILY[f][0] for f in STACK_FAMILIES[args.stack])))
-        emit("- limits: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d, memory.limit_in_bytes=%d MiB"
-             % (CPU_QUOTA_US, CPU_PERIOD_US, MEMORY_LIMIT // MiB))
+        emit(LIMITS)
         emit("- daemon: the Cluster's command line with %s appended (the defaults, as in the manifest); "
              "the goals are the issue's, under the limits unless stated otherwise" % " ".join(DAEMON_FLAGS))
         emit("\n## Runs\n")
@@ -876,20 +901,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.footprint needs root (network namespaces and cgroups)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    # The image runs bytecode compiled when it is built (deploy/install.sh): without it every start
-    # would compile pyflannel's sources again (PYTHONDONTWRITEBYTECODE), some 0.03 s of CPU.
-    compileall.compile_dir(str(REPO / "pyflannel"), quiet=1)
-    try:
-        Bench(args).main()
-    except KeyboardInterrupt:
-        print("interrupted; everything the bench made was removed", file=sys.stderr)
-        return 130
-    return 0
+    return run_bench("bench.footprint", Bench(args).main)
 
 
 if __name__ == "__main__":

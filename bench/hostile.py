@@ -23,21 +23,15 @@ in the kernel.
 from __future__ import annotations
 
 import argparse
-import compileall
 import dataclasses
 import json
-import os
-import shlex
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.footprint import (MiB, Setup, StartResult, Want, _interrupted, fmt, goal, machine, median,
-                             outcomes, table)
-from tools.netcluster import REPO
+from bench.footprint import MiB, Setup, StartResult, Want, fmt, goal, median, outcomes, preamble, run_bench, table
 
 PREFIX = "flannel.alpha.coreos.com/"
 MEMORY_GOAL = 40.0  # MiB, with hostile nodes
@@ -164,9 +158,7 @@ class Bench:
 
     def main(self) -> None:
         args = self.args
-        self.emit("# pyflannel with hostile and many nodes\n")
-        self.emit("- command: `%s`" % " ".join(["python -m bench.hostile", *map(shlex.quote, sys.argv[1:])]))
-        for line in machine():
+        for line in preamble("pyflannel with hostile and many nodes", "bench.hostile"):
             self.emit(line)
         self.emit("- limits: the manifest's, cpu 100m and memory 50 MiB (bench.footprint's cgroup)")
         self.emit("\n## Runs\n")
@@ -221,18 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.hostile needs root (network namespaces and cgroups)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    compileall.compile_dir(str(REPO / "pyflannel"), quiet=1)
-    try:
-        Bench(args).main()
-    except KeyboardInterrupt:
-        print("interrupted; everything the bench made was removed", file=sys.stderr)
-        return 130
-    return 0
+    return run_bench("bench.hostile", Bench(args).main)
 
 
 if __name__ == "__main__":

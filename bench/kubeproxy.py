@@ -32,35 +32,15 @@ import base64
 import dataclasses
 import hashlib
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from bench.footprint import (
-    CPU_PERIOD_US,
-    CPU_QUOTA_US,
-    DAEMON_FLAGS,
-    MEMORY_LIMIT,
-    OOM,
-    IdleResult,
-    MiB,
-    Setup,
-    StartResult,
-    _interrupted,
-    emit,
-    fmt,
-    goal,
-    idle,
-    machine,
-    median,
-    outcomes,
-    table,
-)
+from bench.footprint import (DAEMON_FLAGS, LIMITS, OOM, IdleResult, Setup, StartResult, emit, fmt, goal, idle, median,
+                             outcomes, preamble, run_bench, table)
 from tools.netcluster import REPO
 
 BASELINE = "0f9d847"
@@ -292,36 +272,45 @@ def row(case: Case, runs: list[RunResult], base_memory: float | None) -> list[st
             str(sum(r.errors for r in runs)), "yes" if all(r.rules_ok for r in runs) else "no", outcome]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.kubeproxy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--services", default="0,10000,20000", help="comma-separated Service counts")
-    p.add_argument("--backends", default="nft,legacy", help="comma-separated: nft, legacy")
+def idle_parser(module: str, doc: str, services: str) -> argparse.ArgumentParser:
+    """The options of an idle benchmark beside kube-proxy's rules (this one's and bench.nftables')."""
+    p = argparse.ArgumentParser(prog="python -m " + module, description=doc.split("\n\n")[0])
+    p.add_argument("--services", default=services, help="comma-separated Service counts")
     p.add_argument("--limits", choices=("both", "on", "off"), default="both")
-    p.add_argument("--designs", default="new,old", help="comma-separated: new (this tree), old (--baseline's check)")
-    p.add_argument("--baseline", default=BASELINE, help="the commit whose pyflannel is the old design")
     p.add_argument("--nodes", type=int, default=100, help="nodes in the cluster (the daemon's and N-1 API-only)")
     p.add_argument("--runs", type=int, default=1, help="runs per figure; tables show medians")
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a daemon may take to be ready")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after ready before idling starts")
+    return p
+
+
+def idle_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``p``'s arguments with the Service counts and limit modes as lists."""
     args = p.parse_args(argv)
     args.service_counts = [int(n) for n in args.services.split(",") if n.strip()]
+    args.modes = {"both": [True, False], "on": [True], "off": [False]}[args.limits]
+    if any(n < 0 for n in args.service_counts) or args.runs < 1 or args.nodes < 1:
+        p.error("counts must not be negative")
+    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = idle_parser("bench.kubeproxy", __doc__, "0,10000,20000")
+    p.add_argument("--backends", default="nft,legacy", help="comma-separated: nft, legacy")
+    p.add_argument("--designs", default="new,old", help="comma-separated: new (this tree), old (--baseline's check)")
+    p.add_argument("--baseline", default=BASELINE, help="the commit whose pyflannel is the old design")
+    args = idle_args(p, argv)
     args.backend_list = [b for b in args.backends.split(",") if b]
     args.design_list = [d for d in args.designs.split(",") if d]
-    args.modes = {"both": [True, False], "on": [True], "off": [False]}[args.limits]
-    if (not set(args.backend_list) <= set(BACKENDS) or not set(args.design_list) <= {"new", "old"}
-            or any(n < 0 for n in args.service_counts) or args.runs < 1 or args.nodes < 1):
-        p.error("backends are nft and legacy, designs new and old; counts must not be negative")
+    if not set(args.backend_list) <= set(BACKENDS) or not set(args.design_list) <= {"new", "old"}:
+        p.error("backends are nft and legacy, designs new and old")
     return args
 
 
 def bench(args: argparse.Namespace) -> None:
-    emit("# pyflannel beside kube-proxy's rules\n")
-    emit("- command: `%s`" % " ".join(["python -m bench.kubeproxy", *map(shlex.quote, sys.argv[1:])]))
-    for line in machine():
+    for line in [*preamble("pyflannel beside kube-proxy's rules", "bench.kubeproxy"), LIMITS]:
         emit(line)
-    emit("- limits: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d, memory.limit_in_bytes=%d MiB (daemon and children)"
-         % (CPU_QUOTA_US, CPU_PERIOD_US, MEMORY_LIMIT // MiB))
     emit("- daemon: kube-flannel's command line with %s, %d nodes; old design: pyflannel of %s"
          % (" ".join(DAEMON_FLAGS), args.nodes, args.baseline))
     emit("- kube-proxy: S ClusterIP Services with one endpoint each, about 5 S + 10 nat rules and 2 S + 4 chains")
@@ -361,17 +350,7 @@ def bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.kubeproxy needs root (network namespaces and cgroups)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        bench(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything the bench made was removed", file=sys.stderr)
-        return 130
-    return 0
+    return run_bench("bench.kubeproxy", lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -31,33 +31,15 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from ipaddress import IPv4Network
 
-from bench.footprint import (
-    CPU_PERIOD_US,
-    CPU_QUOTA_US,
-    DAEMON_FLAGS,
-    MEMORY_LIMIT,
-    OOM,
-    Cgroup,
-    IdleResult,
-    MiB,
-    Setup,
-    StartResult,
-    _interrupted,
-    emit,
-    fmt,
-    goal,
-    idle,
-    machine,
-    median,
-    outcomes,
-    table,
-)
+from bench.footprint import (DAEMON_FLAGS, LIMITS, Cgroup, IdleResult, MiB, Setup, StartResult, emit, fmt, goal, idle,
+                             median, outcomes, preamble, run_bench, table)
+from bench.kubeproxy import idle_args, idle_parser
+
 SERVICE_CIDR = IPv4Network("10.96.0.0/12")
 ERRORS = ("Failed to setup masq rules", "Failed to ensure nftables rules", "no nftables support",
           "nftables: couldn't setup forward rules")
@@ -301,29 +283,12 @@ def _ours() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.nftables", description=__doc__.split("\n\n")[0])
-    p.add_argument("--services", default="0,10000", help="comma-separated Service counts")
-    p.add_argument("--limits", choices=("both", "on", "off"), default="both")
-    p.add_argument("--nodes", type=int, default=100, help="nodes in the cluster (the daemon's and N-1 API-only)")
-    p.add_argument("--runs", type=int, default=1, help="runs per figure; tables show medians")
-    p.add_argument("--idle-seconds", type=float, default=60.0)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a daemon may take to be ready")
-    p.add_argument("--settle", type=float, default=5.0, help="seconds after ready before idling starts")
-    args = p.parse_args(argv)
-    args.service_counts = [int(n) for n in args.services.split(",") if n.strip()]
-    args.modes = {"both": [True, False], "on": [True], "off": [False]}[args.limits]
-    if any(n < 0 for n in args.service_counts) or args.runs < 1 or args.nodes < 1:
-        p.error("counts must not be negative")
-    return args
+    return idle_args(idle_parser("bench.nftables", __doc__, "0,10000"), argv)
 
 
 def bench(args: argparse.Namespace) -> None:
-    emit("# pyflannel in nftables mode beside kube-proxy's nftables rules\n")
-    emit("- command: `%s`" % " ".join(["python -m bench.nftables", *map(shlex.quote, sys.argv[1:])]))
-    for line in machine():
+    for line in [*preamble("pyflannel in nftables mode beside kube-proxy's nftables rules", "bench.nftables"), LIMITS]:
         emit(line)
-    emit("- limits: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d, memory.limit_in_bytes=%d MiB (daemon and children)"
-         % (CPU_QUOTA_US, CPU_PERIOD_US, MEMORY_LIMIT // MiB))
     emit("- daemon: kube-flannel's command line with %s, \"EnableNFTables\": true, %d nodes"
          % (" ".join(DAEMON_FLAGS), args.nodes))
     emit("- kube-proxy: table ip kube-proxy, S ClusterIP Services of one endpoint each: 2 S chains, 4 S rules, "
@@ -360,17 +325,7 @@ def bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.nftables needs root (network namespaces and cgroups)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        bench(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything the bench made was removed", file=sys.stderr)
-        return 130
-    return 0
+    return run_bench("bench.nftables", lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -23,18 +23,16 @@ median of --runs runs; the goal is at most 2 millicores and 1 MiB more with the 
 from __future__ import annotations
 
 import argparse
-import compileall
 import dataclasses
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
 from ipaddress import IPv4Network
 
-from bench.footprint import (DAEMON_FLAGS, PYTHON, Cgroup, MiB, Setup, StartResult, _interrupted, emit, fmt, goal,
-                             machine, median, outcomes, table)
+from bench.footprint import (DAEMON_FLAGS, PYTHON, Cgroup, MiB, Setup, StartResult, emit, fmt, goal, median, outcomes,
+                             preamble, run_bench, table)
 from tools.netcluster import REPO, Node
 
 OFF_FLAGS = ("--datapath-probe-port=0", "--vxlan-checksum-offload=on")
@@ -228,35 +226,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def bench(args: argparse.Namespace) -> None:
+    for line in preamble("pyflannel datapath probes: cost", "bench.probes"):
+        emit(line)
+    emit("- limits: %s; window %g s after %g s of settling; probes every %d s, %d peers a round"
+         % ("cpu 100m and memory 50 MiB per measured daemon" if args.limits == "on" else "none",
+            args.window, args.settle, args.interval, SAMPLE))
+    emit("- daemons: bench.footprint's command line with --datapath-probe-interval=%d; \"off\" adds %s"
+         % (args.interval, " ".join(OFF_FLAGS)))
+    emit("\n## Runs\n")
+    rows = []
+    for n in args.node_counts:
+        rows.append(row(n, [measure(n, args, "run %d/%d" % (i + 1, args.runs)) for i in range(args.runs)]))
+    emit("\n## With and without the probes (median of %d)\n" % args.runs)
+    emit(table(["N", "CPU on", "CPU off", "Δ millicores", "goal", "RSS on MiB", "RSS off MiB", "Δ MiB", "goal",
+                "peak on MiB", "peak off MiB", "Δ peak MiB", "outcome"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.probes needs root (network namespaces and cgroups)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    compileall.compile_dir(str(REPO / "pyflannel"), quiet=1)
-    try:
-        emit("# pyflannel datapath probes: cost\n")
-        emit("- command: `%s`" % " ".join(["python -m bench.probes", *map(shlex.quote, sys.argv[1:])]))
-        for line in machine():
-            emit(line)
-        emit("- limits: %s; window %g s after %g s of settling; probes every %d s, %d peers a round"
-             % ("cpu 100m and memory 50 MiB per measured daemon" if args.limits == "on" else "none",
-                args.window, args.settle, args.interval, SAMPLE))
-        emit("- daemons: bench.footprint's command line with --datapath-probe-interval=%d; \"off\" adds %s"
-             % (args.interval, " ".join(OFF_FLAGS)))
-        emit("\n## Runs\n")
-        rows = []
-        for n in args.node_counts:
-            rows.append(row(n, [measure(n, args, "run %d/%d" % (i + 1, args.runs)) for i in range(args.runs)]))
-        emit("\n## With and without the probes (median of %d)\n" % args.runs)
-        emit(table(["N", "CPU on", "CPU off", "Δ millicores", "goal", "RSS on MiB", "RSS off MiB", "Δ MiB", "goal",
-                    "peak on MiB", "peak off MiB", "Δ peak MiB", "outcome"], rows))
-    except KeyboardInterrupt:
-        print("interrupted; everything the bench made was removed", file=sys.stderr)
-        return 130
-    return 0
+    return run_bench("bench.probes", lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -59,14 +59,6 @@ def deep_json() -> Iterator[None]:
 
 
 @pytest.fixture
-def api() -> Iterator[FakeKubeAPI]:
-    server = FakeKubeAPI()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def manager(api: FakeKubeAPI) -> Iterator[tuple[kube.KubeSubnetManager, Recorder, threading.Event]]:
     rec = Recorder()
     sm = kube.KubeSubnetManager(KubeClient(kube_api_url=api.url), "k8s01", KEYS, PREFIX,

@@ -22,14 +22,6 @@ CoreFactory = Callable[..., client.CoreV1Api]
 
 
 @pytest.fixture
-def api() -> Iterator[FakeKubeAPI]:
-    server = FakeKubeAPI()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def core() -> Iterator[CoreFactory]:
     """Makes a CoreV1Api for a server, with a bearer token if given."""
     clients: list[client.ApiClient] = []

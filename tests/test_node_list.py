@@ -64,14 +64,6 @@ def test_a_large_watch_event_keeps_what_flannel_reads() -> None:
     assert error["object"] == {"code": 410, "message": "too old"}
 
 
-@pytest.fixture()
-def api() -> Any:
-    server = FakeKubeAPI()
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_list_nodes_decodes_with_the_given_decoder(api: FakeKubeAPI) -> None:
     for i in range(8):
         api.add_node("n%d" % i, pod_cidr="10.244.%d.0/24" % i, annotations={PREFIX + "public-ip": "192.168.56.11"},
