@@ -42,6 +42,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5
 LEASE_RETRY = 10.0  # seconds between lease attempts when nothing on the node changes
 DEVICE_RETRY = 5.0  # seconds between looks at a backend whose device or interface is unusable (no news of its return)
+SUBNET_FILE_CHECK = 5.0  # seconds between looks at subnet.env (one stat): a pod created while it is missing fails
 SYNC_TIMEOUT = 600.0  # seconds to wait for the first node list, as flanneld
 BR_NETFILTER_RETRY = 5.0  # seconds between looks for br_netfilter while it is missing
 # The most seconds one step of the start-up, or one turn of the loop, may work: an API request with
@@ -204,6 +205,7 @@ class Daemon:
         self._dirty: dict[str, float] = {}  # node name -> when its change arrived
         self._deleted: list[Deletion] | None = None  # kernel deletions to check, [] = compare all
         self._next_full = 0.0  # time.monotonic() of the next full reconcile
+        self._next_file_check = 0.0  # and of the next look at subnet.env
         self._beat_at = time.monotonic()  # the main thread's heartbeat ...
         self._beat_bound = STEP_BOUND  # ... and the most seconds until its next one
         self._stalled = False  # /healthz says a stall: logged once
@@ -507,6 +509,7 @@ class Daemon:
             finally:
                 gc.enable()
         self._next_full = time.monotonic() + self.opts.datapath_resync
+        self._next_file_check = time.monotonic() + SUBNET_FILE_CHECK
         gc.freeze()  # the node cache and kernel entries live on: later collections need not scan them
         # Listening only now spares parsing the notifications of the first programming (15,000 at
         # 5,000 nodes); a deletion in between is found by the next full reconcile.
@@ -641,15 +644,16 @@ class Daemon:
             log.warning("Wrote subnet file to %s again: %s", self.subnet_file.path, why)
 
     def loop(self, stop: threading.Event) -> None:
-        """Apply node changes as they arrive, and every --datapath-resync seconds reconcile the whole
-        datapath and check subnet.env."""
+        """Apply node changes as they arrive, every --datapath-resync seconds reconcile the whole
+        datapath, and every SUBNET_FILE_CHECK seconds check subnet.env."""
         sm, backends = self.sm, self.backends
         assert sm is not None and backends
         interval = float(self.opts.datapath_resync)
         while not stop.is_set():
             self._beat(interval + STEP_BOUND)
             lost = [b for b in backends.values() if not b.device_ok]
-            self._wake.wait(max(0.0, min(self._next_full - time.monotonic(), DEVICE_RETRY if lost else interval)))
+            wait = min(self._next_full, self._next_file_check) - time.monotonic()
+            self._wake.wait(max(0.0, min(wait, DEVICE_RETRY if lost else interval)))
             self.ready()  # says "flannel is ready" and keeps the gauge true even if /readyz is not asked
             if stop.is_set():
                 break
@@ -671,8 +675,10 @@ class Daemon:
                 if time.monotonic() >= self._next_full:
                     if sm.synced.is_set():  # before the first list it would remove every other node's entries
                         self._reconcile_all(sm)
-                    self._keep_subnet_file()
                     self._next_full = time.monotonic() + interval
+                if time.monotonic() >= self._next_file_check:
+                    self._keep_subnet_file()
+                    self._next_file_check = time.monotonic() + SUBNET_FILE_CHECK
             except BaseException:
                 self._next_full = 0.0  # this turn's changes are lost: compare everything when the loop runs again
                 raise

@@ -163,6 +163,7 @@ def make_daemon(tmp_path: Path, resync: int = 3600, backends: dict[Family, Any] 
     d.ext = SimpleNamespace(addrs=addrs)  # type: ignore[assignment]
     d.subnet_file.write()
     d._next_full = time.monotonic() + resync
+    d._next_file_check = time.monotonic() + daemon.SUBNET_FILE_CHECK
     d.datapath_ready = True  # as after start()
     return d
 
@@ -355,14 +356,15 @@ def test_no_lost_wake_up_when_a_change_arrives_during_the_swap(tmp_path: Path) -
 
 
 def test_the_loop_writes_subnet_env_again(tmp_path: Path, klog: io.StringIO) -> None:
-    d = make_daemon(tmp_path, resync=1)
+    """Within SUBNET_FILE_CHECK seconds, however long --datapath-resync is."""
+    d = make_daemon(tmp_path, resync=3600)
     path = tmp_path / "subnet.env"
     thread = threading.Thread(target=d.loop, args=(d.stop,))
     thread.start()
     try:
         path.unlink()
         started = time.monotonic()
-        wait_until(path.exists, 5)
+        wait_until(path.exists, daemon.SUBNET_FILE_CHECK + 2)
         print("subnet.env back after %.2fs" % (time.monotonic() - started))
         assert path.read_text() == ENV.render()
         assert "Wrote subnet file to %s again: it was missing" % path in klog.getvalue()
