@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tools.kubelet import podman
+from tools.kubelet import PODMAN_ULIMITS, podman
 
 MB = 1_000_000
 GOAL_COMPRESSED_MB = 60
@@ -86,8 +85,8 @@ def main() -> int:
 
     name = "pyflannel-bench-image"
     podman("rm", "-f", "-t", "0", name, check=False)
-    podman("run", "-d", "--name", name, "--network", "none", "--ulimit", "nofile=4096:4096", "--ulimit",
-           "nproc=4096:4096", "--entrypoint", '["sleep","3600"]', args.image)
+    podman("run", "-d", "--name", name, "--network", "none", *PODMAN_ULIMITS, "--entrypoint", '["sleep","3600"]',
+           args.image)
     try:
         du = podman("exec", name, "du", "-sx", "--block-size=1", "/usr/lib/python3.11", "/opt/pyflannel",
                     "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/share", "/usr/bin", "/usr/sbin",

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from . import diagnose, flags
 from .diagnose import Problem
-from .probe import NO_RESPONDER, OK, TCP, UNREACHABLE, checksum_fix, problem_text
+from .probe import NO_RESPONDER, OFFLOAD_OFF_FIX, OK, TCP, UNREACHABLE, checksum_fix, offload_off, problem_text
 
 TIMEOUT = 5.0  # seconds for the daemon's answer
 
@@ -112,8 +112,7 @@ def show(report: dict[str, Any], out: TextIO) -> int:
                                                                                             offload["mode"]))
     if offload["bug"]:
         first = next(iter(devices), "flannel.1")
-        fix = checksum_fix(first) if any(devices.values()) or False not in devices.values() else \
-            "turn the offload off on every node (--vxlan-checksum-offload=off), and check the network between them"
+        fix = OFFLOAD_OFF_FIX if offload_off(devices.values()) else checksum_fix(first)
         problems += diagnose.write(out, [Problem(offload["bug"], [fix])])
     return problems
 
@@ -177,8 +176,4 @@ def main(argv: list[str], environ: Mapping[str, str], proc: str = "/proc", out: 
                                               "arguments: kubectl -n kube-flannel exec <pod> -c kube-flannel -- "
                                               "/opt/bin/flanneld check <its args>"])])
     print("Node checks (pyflannel diagnose):", file=out)
-    ctx = diagnose.Context(opts, environ, proc)
-    try:
-        return 1 if diagnose.run(ctx, out, found) else 0
-    finally:
-        ctx.close()
+    return diagnose.run_checks(opts, environ, proc, out, found)

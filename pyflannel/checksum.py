@@ -17,7 +17,6 @@ import os
 import socket
 import struct
 
-MODES = ("auto", "on", "off")
 SIOCETHTOOL = 0x8946
 ETHTOOL_GTXCSUM = 0x16  # struct ethtool_value: get (data 1 if any tx checksum feature is on) ...
 ETHTOOL_STXCSUM = 0x17  # ... and set every tx checksum feature, as `ethtool -K <dev> tx on|off`
@@ -96,8 +95,7 @@ class ErrorWatch:
     seen once the counter rose in CONFIRM intervals in a row, each while the devices carried traffic
     (a stray bad datagram, or errors while the overlay is idle, say nothing)."""
 
-    def __init__(self, confirm: int = CONFIRM) -> None:
-        self.confirm = confirm
+    def __init__(self) -> None:
         self._last: tuple[int, int] | None = None
         self.rising = 0  # intervals in a row in which the errors rose with traffic
         self.new_errors = 0  # errors counted in those intervals
@@ -111,9 +109,8 @@ class ErrorWatch:
             self.rising += 1
             self.new_errors += errors - last[0]
         else:
-            self.rising = 0
-            self.new_errors = 0
-        return self.rising >= self.confirm
+            self.reset()
+        return self.rising >= CONFIRM
 
     def reset(self) -> None:
         """Start over (after the offload was turned off): the bug must be seen anew."""

@@ -29,7 +29,7 @@ from .subnet.annotations import AnnotationKeys, PrefixError, node_public_ips
 from .backend.hostgw import l2_networks, on_link
 from .backend.vxlan import DEFAULT_PORT, VXLANLink, device_name, read_link
 from .family import IPV4, IPV6, Family
-from .log import printable, redact_url
+from .log import printable, redact_urls
 from .subnet.kube import (NodeInfo, decode_node_list, ipv4_pod_cidr, list_nodes, node_info, node_to_lease, pod_cidr,
                           pod_cidr_field)
 
@@ -397,7 +397,7 @@ def check_flags(ctx: Context) -> Result:
     """The daemon's mode and annotation prefix."""
     problems = []
     if not ctx.opts.kube_subnet_mgr:
-        endpoints = ",".join(redact_url(url) for url in ctx.opts.etcd_endpoints.split(","))
+        endpoints = redact_urls(ctx.opts.etcd_endpoints)
         problems.append(Problem(
             "--kube-subnet-mgr is not set\n"
             "The daemon then keeps its leases in etcd (%s); diagnose checks only Kubernetes clusters."
@@ -1097,8 +1097,14 @@ def main(argv: list[str], environ: Mapping[str, str], proc: str = "/proc", out: 
                                     "Checks this node and the cluster with the daemon's flags; changes nothing.")
     if isinstance(opts, int):
         return opts
+    return run_checks(opts, environ, proc, out or sys.stdout)
+
+
+def run_checks(opts: flags.Options, environ: Mapping[str, str], proc: str, out: TextIO, found: int = 0) -> int:
+    """Run every check of this node with the daemon's flags; 1 if any problem was found (``found``: the
+    problems the caller found before), else 0."""
     ctx = Context(opts, environ, proc)
     try:
-        return 1 if run(ctx, out or sys.stdout) else 0
+        return 1 if run(ctx, out, found) else 0
     finally:
         ctx.close()

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from .log import loopback_host, redact_url
 
-from .kubeclient import CONNECT_TIMEOUT, REQUEST_TIMEOUT, WATCH_READ_TIMEOUT, TooLarge, read_body, read_line
+from .kubeclient import CONNECT_TIMEOUT, REQUEST_TIMEOUT, WATCH_READ_TIMEOUT, LineReader, TooLarge, read_body
 from .kubeclient import _HTTPConnection as HTTPConnection
 from .kubeclient import _HTTPSConnection as HTTPSConnection
 
@@ -327,22 +327,24 @@ class EtcdClient:
             return conn, resp
 
         conn, resp = self._with_auth(open_watch)
+        lines = LineReader(resp)
         try:
             while True:
                 try:
-                    line = read_line(resp)
+                    line = lines.next()
                 except TimeoutError as exc:
                     if exc.errno is None:  # the read timeout of an idle watch, not a dead connection
                         return
                     raise EtcdError(0, "watch of %s: %s" % (prefix, exc)) from exc
                 except (OSError, http.client.HTTPException, TooLarge) as exc:
                     raise EtcdError(0, "watch of %s: %s" % (prefix, exc)) from exc
-                if not line:
+                if line is None:
                     return
-                if not line.strip():
+                raw = bytes(line)
+                if not raw.strip():
                     continue
                 try:
-                    doc = _loads(line)
+                    doc = _loads(raw)
                 except ValueError as exc:
                     raise EtcdError(0, "invalid watch message: %s" % exc) from exc
                 if not isinstance(doc, dict):

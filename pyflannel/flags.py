@@ -482,7 +482,7 @@ def describe(opts: Options) -> str:
         if field == "etcd_password" and value:
             value = "********"
         elif field in ("etcd_endpoints", "kube_api_url"):
-            value = ",".join(log.redact_url(url) for url in value.split(","))
+            value = log.redact_urls(value)
         parts.append("%s:%s" % (go_name, _go_format(value)))
     return "{" + " ".join(parts) + "}"
 

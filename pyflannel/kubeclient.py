@@ -144,16 +144,6 @@ class LineReader:
         return self._line
 
 
-def read_line(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes:
-    """The next line of a streamed answer (b'' at its end); TooLarge for a line of more than ``limit`` bytes
-    (MAX_LINE by default)."""
-    limit = MAX_LINE if limit is None else limit
-    line = resp.readline(limit + 1)
-    if len(line) > limit:
-        raise TooLarge(0, "a line of more than %d bytes" % limit)
-    return line
-
-
 def loads(raw: bytes | memoryview) -> Any:
     """``json.loads`` of bytes or of a line a LineReader gave."""
     return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)

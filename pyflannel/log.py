@@ -18,7 +18,7 @@ import time
 from urllib.parse import urlsplit
 
 __all__ = ["JsonFormatter", "KlogFormatter", "V", "loopback_host", "parse_vmodule", "printable", "redact_url",
-           "setup"]
+           "redact_urls", "setup"]
 
 MAX_MESSAGE = 16 << 10  # characters of one log message; the rest is cut (values from the API are far shorter)
 
@@ -70,6 +70,11 @@ def redact_url(url: str) -> str:
         return url
     user = userinfo.partition(":")[0]
     return "%s://%s:********@%s%s%s" % (scheme, user, host, slash, path)
+
+
+def redact_urls(text: str) -> str:
+    """A comma-separated list of URLs (``--etcd-endpoints``) fit for a log line."""
+    return ",".join(redact_url(url) for url in text.split(","))
 
 
 def loopback_host(url: str) -> bool:

@@ -214,6 +214,17 @@ class DumpInterrupted(NetlinkError):
         super().__init__(errno.EINTR)
 
 
+def read_dump(read: Callable[[], T]) -> T:
+    """``read()``, one reading of a dump, again while it raises DumpInterrupted: up to DUMP_ATTEMPTS
+    times in all, the last one's DumpInterrupted raised."""
+    for _ in range(DUMP_ATTEMPTS - 1):
+        try:
+            return read()
+        except DumpInterrupted:
+            continue
+    return read()
+
+
 def request(cls: type, msg_type: int, flags: int = 0, fields: dict[str, Any] | None = None,
             attrs: list[tuple[str, Any]] | None = None) -> Request:
     """Describe one request for :meth:`Netlink.batch` or :meth:`Netlink.call`."""
@@ -296,15 +307,7 @@ class Netlink:
     def _dump(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
         """A dump request; ``parse(buffer, offset, length)`` of each message of the answer, those
         that are not None. A dump that changes disturbed is read again, not trusted."""
-        for _ in range(DUMP_ATTEMPTS - 1):
-            try:
-                return self._parse_dump(req, parse)
-            except DumpInterrupted:
-                continue
-        return self._parse_dump(req, parse)
-
-    def _parse_dump(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> list[T]:
-        return list(self._each(req, parse))
+        return read_dump(lambda: list(self._each(req, parse)))
 
     def _each(self, req: Request | Packed, parse: Callable[[bytes, int, int], T | None]) -> Iterator[T]:
         """One reading of a dump, each message parsed as it arrives; DumpInterrupted at its end if a
@@ -380,11 +383,7 @@ class Netlink:
         """The routes of a family in a table (of one RTN_* type when ``rtype`` is given). Read with
         :func:`parse_route`, not decoded whole: a node's table holds a route for every other node, and
         this runs on every reconcile. A socket with :meth:`strict_dumps` has the kernel filter them."""
-        def parse(buf: bytes, off: int, length: int) -> Route | None:
-            r = parse_route(buf, off + _HEADER.size, off + length)
-            return r if r.table == table and (not rtype or r.type == rtype) else None
-        fields = {"family": family, "table": table, "type": rtype} if rtype else {"family": family}
-        return self._dump(request(rtmsg, RTM_GETROUTE, fields=fields), parse)
+        return read_dump(lambda: list(self.iter_routes(table, family, rtype)))
 
     def strict_dumps(self) -> bool:
         """Ask the kernel (4.20+) to filter dumps by the request's fields (NETLINK_GET_STRICT_CHK); whether it will.
@@ -395,13 +394,14 @@ class Netlink:
             return False
         return True
 
-    def iter_routes(self, table: int = 254, family: int = socket.AF_INET) -> Iterator[Route]:
+    def iter_routes(self, table: int = 254, family: int = socket.AF_INET, rtype: int = 0) -> Iterator[Route]:
         """:meth:`routes`, read as they arrive, never all held: one reading, which raises DumpInterrupted at
         its end if a change disturbed it (the caller reads it again)."""
         def parse(buf: bytes, off: int, length: int) -> Route | None:
             r = parse_route(buf, off + _HEADER.size, off + length)
-            return r if r.table == table else None
-        return self._each(request(rtmsg, RTM_GETROUTE, fields={"family": family}), parse)
+            return r if r.table == table and (not rtype or r.type == rtype) else None
+        fields = {"family": family, "table": table, "type": rtype} if rtype else {"family": family}
+        return self._each(request(rtmsg, RTM_GETROUTE, fields=fields), parse)
 
     def iter_neighbours(self, family: int, index: int) -> Iterator[Neighbour]:
         """:meth:`neighbours`, read as they arrive, as :meth:`iter_routes` are."""
@@ -418,10 +418,7 @@ class Netlink:
 
     def neighbours(self, family: int, index: int) -> list[Neighbour]:
         """Neighbour (AF_INET, AF_INET6) or FDB (AF_BRIDGE) entries of one link, read as :meth:`routes` are."""
-        def parse(buf: bytes, off: int, length: int) -> Neighbour | None:
-            n = parse_neighbour(buf, off + _HEADER.size, off + length)
-            return n if n.ifindex == index else None
-        return self._dump(request(ndmsg, RTM_GETNEIGH, fields={"family": family}), parse)
+        return read_dump(lambda: list(self.iter_neighbours(family, index)))
 
 
 def deletions(buf: bytes, families: frozenset[int] = frozenset((socket.AF_INET,))) -> list[Deletion]:

@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import ip_address
@@ -76,8 +76,8 @@ HEADERS = {4: 28, 6: 48}  # IP and UDP header bytes per IP version
 LO = "lo"
 
 OK, NO_RESPONDER, UNREACHABLE, TCP, FULL_SIZE, UDP = "ok", "no responder", "unreachable", "tcp", "full-size", "udp"
-PARTIAL = (TCP, FULL_SIZE, UDP)  # problems said once per family for all the peers that show them
-METRIC_PROBLEM = {TCP: "tcp", FULL_SIZE: "full_size", UDP: "udp"}
+# Problems said once per family for all the peers that show them: their metric label, their name in the log.
+PARTIAL = {TCP: ("tcp", "TCP"), FULL_SIZE: ("full_size", "full-size"), UDP: ("udp", "UDP")}
 
 
 class Peers(Protocol):
@@ -87,7 +87,7 @@ class Peers(Protocol):
 
     @property
     def applied(self) -> Mapping[str, Any]:
-        """Node name -> the entry programmed for it (with ``dst``, its pod subnet)."""
+        """Node name -> the entry programmed for it (with ``dst``, its pod subnet, and ``public_ip``)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Result:
     tcp: str = "timeout"  # "ok", "refused" (reset: no responder), or why it failed
     rtt: float | None = None  # seconds of the TCP handshake (or of the reset)
     udp: bool = False
-    full_size: bool | None = False  # None when it could not be sent
+    full_size: bool | None = False  # None when none was sent (no MTU known, or the send failed)
     size: int = 0  # the full-size datagram's IP packet size
     detail: str = ""
 
@@ -208,6 +208,16 @@ def checksum_fix(device: str) -> str:
     """How to turn the checksum offload of ``device`` off."""
     return ("ethtool -K %s tx-checksum-ip-generic off on every node, or --vxlan-checksum-offload=auto (turns it "
             "off when this is seen) or off" % device)
+
+
+# The fix when the checksum errors are seen with the offload off here: the bug may be another node's.
+OFFLOAD_OFF_FIX = "turn the offload off on every node (--vxlan-checksum-offload=off), and check the network between them"
+
+
+def offload_off(tx: Iterable[bool | None]) -> bool:
+    """Whether the VXLAN devices' tx checksum offload (None: unknown) is known to be off: off on some, on on none."""
+    states = list(tx)
+    return False in states and not any(states)
 
 
 # -- the responder ------------------------------------------------------------------------------------
@@ -398,7 +408,8 @@ class Round:
         self.sel = sel
         self.port = port
         self.deadline = time.monotonic() + timeout
-        self.results = [Result(name, address, via, time.time(), size=mtu) for name, address, via in targets]
+        self.results = [Result(name, address, via, time.time(), full_size=False if mtu else None, size=mtu)
+                        for name, address, via in targets]
         self._tokens: dict[bytes, tuple[Result, bool, int]] = {}  # token -> its result, full size?, length
         self._tcp: dict[socket.socket, tuple[Result, float, bytes, bytearray]] = {}  # started, sent, echoed
         self._udp = _bound(path.family.af, socket.SOCK_DGRAM, path.address, 0)
@@ -726,13 +737,7 @@ class Prober:
             name = state.queue.pop()
             if name in applied and name not in names:
                 names.append(name)
-        targets = []
-        for name in names:
-            entry = applied.get(name)
-            if entry is not None:
-                via = getattr(entry, "public_ip", None) or entry.gw  # vxlan's public IP, host-gw's gateway
-                targets.append((name, probe_address(p.family.network(entry.dst)), via))
-        return targets
+        return [(name, _address(p, name), applied[name].public_ip) for name in names]
 
     # -- after a round -------------------------------------------------------------------------------------
 
@@ -750,7 +755,7 @@ class Prober:
                 self._announce(p, state)
                 confirmed = [x.kind for x in state.problems.values() if x.confirmed]
                 metrics.PROBE_PEERS_UNREACHABLE.labels(p.family.name).set(confirmed.count(UNREACHABLE))
-                for kind, label in METRIC_PROBLEM.items():
+                for kind, (label, _) in PARTIAL.items():
                     metrics.PROBE_PEERS_DEGRADED.labels(p.family.name, label).set(confirmed.count(kind))
             self._judge_checksum()
             self._keep_offload()
@@ -763,12 +768,13 @@ class Prober:
             metrics.PROBE_RTT.labels(family).observe(r.rtt)
         metrics.PROBES.labels(family, "tcp").inc()
         if kind != NO_RESPONDER:  # a peer without a responder answers no datagram: that is no failure
-            for protocol, ok, sent in (("tcp", r.tcp == "ok", True), ("udp", r.udp, True),
-                                       ("udp_full_size", r.full_size, r.full_size is not None and r.size > 0)):
-                if protocol != "tcp" and sent:
+            if r.tcp != "ok":
+                metrics.PROBE_FAILURES.labels(family, "tcp").inc()
+            for protocol, ok in (("udp", r.udp), ("udp_full_size", r.full_size)):
+                if ok is not None:  # sent
                     metrics.PROBES.labels(family, protocol).inc()
-                if sent and not ok:
-                    metrics.PROBE_FAILURES.labels(family, protocol).inc()
+                    if not ok:
+                        metrics.PROBE_FAILURES.labels(family, protocol).inc()
         old = state.problems.get(r.name)
         if old is not None and old.confirmed and old.kind == UNREACHABLE and kind != UNREACHABLE:
             log.info("%s peer %s (%s) is reachable again through %s (round trip %s)", family, r.name, r.address,
@@ -791,7 +797,7 @@ class Prober:
     def _announce(self, p: Path, state: _FamilyState) -> None:
         """One line when some peers start to show a PARTIAL problem, one when none does any more.
         (TCP through a VXLAN device is the checksum-offload bug's: :meth:`_judge_checksum` says it.)"""
-        for kind in PARTIAL:
+        for kind, (_, said) in PARTIAL.items():
             if kind == TCP and p.vxlan:
                 continue
             found = {n: x for n, x in state.problems.items() if x.kind == kind and x.confirmed}
@@ -802,8 +808,7 @@ class Prober:
                 log.warning("%s; fix: %s", head, fix)
                 state.announced.add(kind)
             elif not found and kind in state.announced:
-                log.info("%s %s probes through %s pass again", p.family.name,
-                         {TCP: "TCP", FULL_SIZE: "full-size", UDP: "UDP"}[kind], p.device)
+                log.info("%s %s probes through %s pass again", p.family.name, said, p.device)
                 state.announced.discard(kind)
 
     def _judge_checksum(self) -> None:
@@ -842,13 +847,12 @@ class Prober:
                             x.count = 0  # to be confirmed again with the offload off
                 metrics.CHECKSUM_BUG.set(0)
                 return
-            if offloading or False not in self._tx.values():
+            if offload_off(self._tx.values()):
+                log.warning("%s, with tx checksum offload off on %s: if every node has it off, something between "
+                            "the nodes drops or corrupts VXLAN packets; fix: %s", found, devices, OFFLOAD_OFF_FIX)
+            else:
                 log.warning("%s: the VXLAN checksum-offload bug (pings work, TCP stalls); fix: %s", found,
                             checksum_fix(self._devices[0]))
-            else:
-                log.warning("%s, with tx checksum offload off on %s: if every node has it off, something between "
-                            "the nodes drops or corrupts VXLAN packets; fix: turn the offload off on the other nodes "
-                            "too (--vxlan-checksum-offload=off), and check the network between them", found, devices)
         elif not found and self._bug:
             log.info("The VXLAN checksum errors are no longer seen")
         self._bug = found

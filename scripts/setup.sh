@@ -8,7 +8,7 @@ packages=(iproute2 iptables nftables iputils-ping containernetworking-plugins pr
 # with an HTTPS API server: openssl makes its certificates) and bench/image.py (skopeo).
 packages+=(openssl podman buildah mmdebstrap runc skopeo)
 # The datapath probes' tests (ethtool, and nft in the namespace cluster) and the alerting rules' (promtool).
-packages+=(ethtool nftables prometheus)
+packages+=(ethtool prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do

@@ -4,7 +4,10 @@ a missing nft, and the clean-up that iptables mode runs."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -13,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pyflannel.netlink import NLMSG_ERROR, NetlinkError
 from pyflannel.trafficmngr import PodNetwork
-from pyflannel.trafficmngr.nfnetlink import NfTables
+from pyflannel.trafficmngr.nfnetlink import NfTables, delete_table
 from pyflannel.trafficmngr.nftables import (
     FULLY_RANDOM_PROBE,
     TABLES,
@@ -107,6 +111,25 @@ def test_chain_commands_write_each_chain_with_its_rules() -> None:
         "ip daddr 10.244.0.0/16 return ; ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random ; "
         "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random ; }")
     assert FULLY_RANDOM_PROBE.splitlines()[1].endswith("ip saddr != 127.0.0.1 masquerade fully-random ; }")
+
+
+def _error(seq: int, code: int) -> bytes:
+    """A netlink error message (an acknowledgement when ``code`` is 0) answering sequence ``seq``."""
+    return struct.pack("=IHHIIi", 20, NLMSG_ERROR, 0, seq, 0, -code)
+
+
+@pytest.mark.parametrize("acks", [False, True], ids=["alone", "then-acks"])
+def test_a_batch_refused_as_a_whole_fails_at_once(acks: bool) -> None:
+    """The kernel answers the batch-begin message (sequence 1) when it refuses the batch as a whole: alone when
+    nf_tables is missing, followed by each request's acknowledgement when the commit itself failed."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, kernel:
+        kernel.send(_error(1, errno.EOPNOTSUPP) + (_error(2, 0) + _error(3, 0) if acks else b""))
+        with pytest.raises(NetlinkError) as raised:
+            NfTables(ours).commit([delete_table(socket.AF_INET, "flannel-ipv4"),
+                                   delete_table(socket.AF_INET6, "flannel-ipv6")])
+        assert raised.value.errno == errno.EOPNOTSUPP
+        assert struct.unpack_from("=I", kernel.recv(1 << 16), 8) == (1,)  # the batch-begin message came first
 
 
 # -- real nftables in a network namespace ------------------------------------------------------------------

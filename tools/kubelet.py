@@ -37,6 +37,8 @@ from typing import Any
 from tools.netcluster import API_PORT, HUB_IP, TOKEN, Cluster, Node
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# This machine's hard limits; podman's defaults are higher than root may set here.
+PODMAN_ULIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 # containerd's default capabilities for a container that is not privileged.
 DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP",
                 "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE")
@@ -147,8 +149,7 @@ class DaemonSetPod:
     def run_args(self, container: dict[str, Any]) -> list[str]:
         """podman run's options, image and arguments for one container of the pod spec."""
         args = ["--pull=never", "--network", "ns:/run/netns/" + self.node.netns, "--log-driver", "k8s-file",
-                # This machine's hard limits; podman's defaults are higher than root may set here.
-                "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+                *PODMAN_ULIMITS]
         if "command" in container:
             args += ["--entrypoint", json.dumps(container["command"])]
         for key, value in self._env(container).items():
@@ -224,9 +225,7 @@ class DaemonSetPod:
         if isinstance(port, str):
             (port,) = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
         url = "http://%s:%d%s" % (get.get("host", self.node.ip), port, urllib.parse.quote(get.get("path", "/")))
-        code = ("import urllib.request,urllib.error,sys\ntry:\n print(urllib.request.urlopen(%r, timeout=2).status)\n"
-                "except urllib.error.HTTPError as e:\n print(e.code)\nexcept Exception:\n print(0)" % url)
-        return int(Cluster.ns_run(self.node.netns, "python3", "-c", code).stdout.strip() or 0)
+        return self.cluster.http_get(self.node.netns, url, timeout=2)[0]
 
     def wait_ready(self, name: str, timeout: float = 90) -> None:
         """Wait until the container's readiness probe answers 200 (RuntimeError if the container exits)."""

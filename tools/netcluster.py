@@ -15,6 +15,7 @@ The underlay keeps IPv4 in every stack: the API server listens there.
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import secrets
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -230,6 +233,21 @@ class Cluster:
         """Run a command inside a namespace."""
         return run("ip", "netns", "exec", netns, *cmd, check=check, input=input, env=env, timeout=timeout)
 
+    @staticmethod
+    def http_get(netns: str, url: str, timeout: float = 5) -> tuple[int, str]:
+        """GET ``url`` from inside a namespace: the HTTP status (0 if no answer came) and the body ('' with an
+        error status)."""
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as res:
+                    return res.status, res.read().decode(errors="replace")
+            except urllib.error.HTTPError as exc:
+                return exc.code, ""
+            except (OSError, http.client.HTTPException):
+                return 0, ""
+
+        return in_netns(netns, get)
+
     def pod_cidrs(self, i: int) -> list[str]:
         """The pod CIDRs the controller-manager gives the i-th node: 10.244.<i>.0/24 and/or the i-th /64."""
         cidrs = [str(IPv4Network((int(self.network.network_address) + (i << 8), 24)))] if self.ipv4 else []
@@ -280,22 +298,29 @@ class Cluster:
     def start(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> None:
         """Start pyflannel on a node with the kube-flannel command line."""
         args = [self.python, "-m", "pyflannel", *self.flags(node), *extra]
-        penv = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
+        penv = self._env(node)
         penv.update(env or {})
         with open(node.log_file, "ab") as out:
             node.proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=out,
                                          stderr=subprocess.STDOUT, env=penv, cwd=str(REPO))
 
+    @staticmethod
+    def _env(node: Node) -> dict[str, str]:
+        """The environment of a pyflannel process on a node: this one's, with NODE_NAME and this repository."""
+        return dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
+
     def probes(self, node: Node) -> dict:
         """The datapath probes' results of the node's daemon (its /probes, as JSON)."""
-        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8471/probes',timeout=5).read().decode())"
-        return json.loads(self.ns_run(node.netns, "python3", "-c", code).stdout)  # type: ignore[no-any-return]
+        url = "http://127.0.0.1:8471/probes"
+        status, body = self.http_get(node.netns, url)
+        if status != 200:
+            raise RuntimeError("GET %s on %s: %s" % (url, node.name, status or "no answer"))
+        return json.loads(body)  # type: ignore[no-any-return]
 
     def command(self, node: Node, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
         """Run ``pyflannel <name>`` (diagnose, check) on a node with its daemon's flags."""
-        env = dict(os.environ, NODE_NAME=node.name, PYTHONPATH=str(REPO))
         return self.ns_run(node.netns, self.python, "-m", "pyflannel", name, *self.flags(node), *extra, check=False,
-                           env=env, timeout=60)
+                           env=self._env(node), timeout=60)
 
     def stop(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Signal the daemon and wait for it; its exit code (None if it had to be killed)."""
@@ -328,11 +353,7 @@ class Cluster:
         def ready() -> bool:
             if node.proc is not None and node.proc.poll() is not None:
                 raise RuntimeError("pyflannel on %s exited %s:\n%s" % (node.name, node.proc.returncode, node.log()))
-            res = self.ns_run(node.netns, "python3", "-c",
-                              "import urllib.request,sys\n"
-                              "try:\n urllib.request.urlopen('http://127.0.0.1:8471/readyz', timeout=2)\n"
-                              "except Exception: sys.exit(1)", check=False)
-            return res.returncode == 0
+            return self.http_get(node.netns, "http://127.0.0.1:8471/readyz", timeout=2)[0] == 200
         self.wait_for("%s to be ready" % node.name, ready, timeout, 0.3)
 
     # -- pods ---------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class Entry:
     dst: str  # "10.244.1.0/24", "fd00:10:244:1::/64"
     gw: str  # "192.168.56.12", "fd56::12"
 
+    @property
+    def public_ip(self) -> str:
+        """The node's public IP: the route's gateway."""
+        return self.gw
+
 
 def route_text(dst: str, gw: str | None, oif: int, table: int = 0) -> str:
     """A route as flanneld's log lines print it (Go netlink's ``Route.String``); Table 0 for a route

@@ -29,9 +29,9 @@ from ..family import IPV4, Family, IPAddress, IPNetwork, family_of
 from ..ip import ExternalInterface
 from ..lease import Lease
 from ..log import V
-from ..netlink import (CREATE, DUMP_ATTEMPTS, IFF_UP, NLM_F_EXCL, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH,
-                       RTM_DELROUTE, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion,
-                       DumpInterrupted, Netlink, Packed, neighbour_request, request, route_request)
+from ..netlink import (CREATE, IFF_UP, NLM_F_EXCL, REPLACE, RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE,
+                       RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, AF_BRIDGE, Deletion, Netlink, Packed,
+                       neighbour_request, read_dump, request, route_request)
 from .._pyroute2 import ifaddrmsg, ifinfmsg
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,21 @@ class Entry:
         return socket.inet_ntop(socket.AF_INET if self.remote.version == 4 else socket.AF_INET6, self.remote.packed)
 
 
-def mac_problem(mac: str) -> str:
-    """Why a text is not a usable VtepMAC ('' when it is): six bytes written as the kernel writes them
-    (``0a:58:0a:f4:01:01``), unicast, and not all zeros."""
+def parse_mac(value: object) -> bytes:
+    """The six bytes of a MAC written as the kernel writes them (``0a:58:0a:f4:01:01``), in either case;
+    ValueError for any other value (a VtepMAC's JSON may hold anything)."""
+    text = str(value).lower()
     try:
-        raw = bytes.fromhex(mac.replace(":", ""))
+        raw = bytes.fromhex(text.replace(":", ""))
     except ValueError:
         raw = b""
-    if len(raw) != 6 or raw.hex(":") != mac:
-        return "is not a MAC address"
+    if len(raw) != 6 or raw.hex(":") != text:
+        raise ValueError("invalid MAC address %.60r" % value)
+    return raw
+
+
+def mac_problem(raw: bytes) -> str:
+    """Why a MAC's bytes are not a usable VtepMAC ('' when they are): it must be unicast, and not all zeros."""
     if raw[0] & 1:
         return "is a multicast address"
     if not any(raw):
@@ -262,10 +268,16 @@ class VXLANNetwork:
         reboot comes back with the MAC the other nodes already know; a hint that is not a usable MAC is
         ignored with a warning, for a random one.
         """
-        if mac_hint and mac_problem(mac_hint.lower()):
-            log.warning("Ignoring the VtepMAC %.40r this node advertised: it %s; a new %s gets a random MAC", mac_hint,
-                        mac_problem(mac_hint.lower()), self.name)
-            mac_hint = ""
+        hint = mac_hint.lower()
+        if hint:
+            try:
+                problem = mac_problem(parse_mac(hint))
+            except ValueError:
+                problem = "is not a MAC address"
+            if problem:
+                log.warning("Ignoring the VtepMAC %.40r this node advertised: it %s; a new %s gets a random MAC",
+                            mac_hint, problem, self.name)
+                hint = ""
         try:
             link = self.nl.link(name=self.name)
             if link is not None:
@@ -278,7 +290,7 @@ class VXLANNetwork:
                 log.warning('"%s" already exists with incompatible configuration: %s; recreating device',
                             self.name, reason)
                 self.nl.call(request(ifinfmsg, RTM_DELLINK, fields={"index": found.index}))
-            self.device = self._create(mac_hint.lower() or random_mac())
+            self.device = self._create(hint or random_mac())
             log.info("Interface %s mac address set to: %s", self.name, self.device.mac)
         except OSError as exc:
             raise DeviceError(_errstr(exc)) from exc
@@ -487,14 +499,12 @@ class VXLANNetwork:
                         lease.backend_type)
             return None
         try:
-            data = json.loads(lease.backend_data)
-            mac = str(data["VtepMAC"]).lower()
-            problem = mac_problem(mac)
-            if problem == "is not a MAC address":
-                raise ValueError("invalid MAC address %.60r" % data["VtepMAC"])
+            raw = parse_mac(json.loads(lease.backend_data)["VtepMAC"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             log.error("error decoding %ssubnet lease JSON: %.200s (node %s)", self._v6_, exc, name)
             return None
+        mac = raw.hex(":")
+        problem = mac_problem(raw)
         if problem:
             log.warning('Ignoring node "%s": its %sVtepMAC %s %s', name, self._v6_, mac, problem)
             return None
@@ -726,12 +736,7 @@ class VXLANNetwork:
         """Dump the device's entries; delete those no lease asks for. Returns how many were deleted, and
         the entries missing or different, by node name. A dump disturbed by a change is read again, as
         Netlink's are."""
-        for _ in range(DUMP_ATTEMPTS - 1):
-            try:
-                return self._compare_once()
-            except DumpInterrupted:
-                continue
-        return self._compare_once()
+        return read_dump(self._compare_once)
 
     def _compare_once(self) -> tuple[int, dict[str, Entry]]:
         # The dumps are read as they arrive, and what is found marked in one dict of small ints by node

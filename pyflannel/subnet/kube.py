@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
 import random
 import re
@@ -37,11 +36,12 @@ from typing import Any, NamedTuple, TypedDict, TypeVar
 
 from .. import heap, metrics
 from ..family import FAMILIES, IPV4, IPV6, Family, IPAddress, IPNetwork
-from ..kubeclient import CONNECT_TIMEOUT, MAX_BODY, WATCH_READ_TIMEOUT, ApiError, KubeClient, TooLarge, Undecodable
+from ..kubeclient import (CONNECT_TIMEOUT, MAX_BODY, WATCH_READ_TIMEOUT, ApiError, KubeClient, TooLarge, Undecodable,
+                          loads)
 from ..lease import Lease, LeaseError
 from ..log import V
 from .annotations import AnnotationKeys
-from .nodenet import NodeNetwork, public_ip_problem
+from .nodenet import NodeNetwork, last_address, public_ip_problem
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _decode(raw: bytes | memoryview, kind: type) -> Any:
     flannel reads: the rest (status, labels, managed fields: nine tenths of a kubelet's node) is skipped,
     never built. Raises ValueError or RecursionError for what it cannot read."""
     if len(raw) <= SMALL_JSON:
-        return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
+        return loads(raw)
     return _decoder(kind).decode(raw)
 
 
@@ -417,12 +417,6 @@ def _inside(subnet: IPNetwork, network: IPNetwork) -> bool:
             and int(subnet.network_address) >> shift == int(network.network_address) >> shift)
 
 
-def _last(subnet: IPNetwork) -> int:
-    """The subnet's last address as an integer, without ``broadcast_address``, which keeps two more
-    objects on every lease's network."""
-    return int(subnet.network_address) | ((1 << (subnet.max_prefixlen - subnet.prefixlen)) - 1)
-
-
 def subnet_problem(subnet: IPNetwork, network: IPNetwork) -> str:
     """Why a node's pod CIDR cannot be a lease in ``network`` ("" when it can)."""
     if not _inside(subnet, network):
@@ -449,7 +443,7 @@ class _Claims:
 
     def holder(self, subnet: IPNetwork) -> str | None:
         """The node holding a subnet that overlaps ``subnet``, if any."""
-        return self._holder(int(subnet.network_address), _last(subnet))
+        return self._holder(int(subnet.network_address), last_address(subnet))
 
     def holder_of(self, address: IPAddress) -> str | None:
         """The node holding a subnet that contains ``address``, if any."""
@@ -478,7 +472,7 @@ class _Addresses:
     def inside(self, subnet: IPNetwork) -> str | None:
         """A node whose public IP lies in ``subnet``, if any."""
         i = bisect_left(self._values, int(subnet.network_address))
-        return self._names[i] if i < len(self._values) and self._values[i] <= _last(subnet) else None
+        return self._names[i] if i < len(self._values) and self._values[i] <= last_address(subnet) else None
 
     def add(self, address: IPAddress, name: str) -> None:
         i = bisect_right(self._values, int(address))
@@ -672,12 +666,11 @@ class _FamilyLeases:
             changed |= self._retry_waiting()
         return changed
 
-    def _evict(self, name: str, reason: str, wait: bool) -> None:
-        """Take a node's lease away for something this node holds: it waits for it if ``wait``."""
+    def _evict(self, name: str, reason: str) -> None:
+        """Take a node's lease away for something this node holds; it waits until that is free."""
         log.warning('Ignoring node "%s": %s%s', name, reason, self._only)
         self._revoke(name)
-        if wait:
-            self.waiting[name] = None
+        self.waiting[name] = None
 
     def update_own(self, node: NodeInfo) -> set[str]:
         """Reserve this node's subnet; a node holding part of it, or advertising a public IP in it, loses its lease."""
@@ -696,11 +689,11 @@ class _FamilyLeases:
         if subnet is not None:
             while (holder := self.claims.holder(subnet)) is not None:
                 self._evict(holder, "its pod CIDR %s overlaps the pod CIDR of this node"
-                            % self.nodes[holder].pod_cidr(self.leases[holder]), wait=True)
+                            % self.nodes[holder].pod_cidr(self.leases[holder]))
                 changed.add(holder)
             while (holder := self.addresses.inside(subnet)) is not None:
                 self._evict(holder, "its public IP %s lies in the pod CIDR of this node"
-                            % self.leases[holder].public_ip, wait=True)
+                            % self.leases[holder].public_ip)
                 changed.add(holder)
             self.claims.add(subnet, self.node_name)
         return changed | self._retry_waiting()
@@ -708,17 +701,9 @@ class _FamilyLeases:
     def set_host(self, host: NodeNetwork) -> set[str]:
         """Refuse from now on what would point into this node's network; the leases that already do go."""
         self.host = host
-        changed = set()
-        for name in list(self.leases):
-            node = self.nodes[name]
-            lease = self.leases[name]
-            problem = host.subnet_problem(lease.subnet)
-            if problem:
-                self._evict(name, "its pod CIDR %s %s" % (node.pod_cidr(lease), problem), wait=False)
-                changed.add(name)
-            elif problem := host.address_problem(lease.public_ip):
-                self._evict(name, "its public IP %s %s" % (lease.public_ip, problem), wait=False)
-                changed.add(name)
+        changed = {name for name in self.leases if self.candidate(self.nodes[name], quiet=False) is None}
+        for name in changed:
+            self._revoke(name)
         return changed | (self._retry_waiting() if changed else set())
 
     def delete(self, name: str) -> set[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import ip_address, ip_interface, ip_network
+from ipaddress import ip_address, ip_interface
 from urllib.parse import urlsplit
 
 from ..family import Family, IPAddress, IPNetwork
@@ -21,11 +21,11 @@ from ..netlink import Netlink
 
 log = logging.getLogger(__name__)
 
-def _span(net: IPNetwork) -> tuple[int, int]:
-    """A network's first and last addresses as integers. (``overlaps`` and ``in`` would cache its broadcast
-    address and host mask on every lease's network: three objects more a node, thousands of nodes.)"""
-    first = int(net.network_address)
-    return first, first | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
+
+def last_address(net: IPNetwork) -> int:
+    """A network's last address as an integer, without ``broadcast_address`` (which ``overlaps`` and ``in``
+    use too): it would cache more objects on every lease's network, for thousands of nodes."""
+    return int(net.network_address) | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 def public_ip_problem(ip: IPAddress) -> str:
@@ -61,10 +61,9 @@ class NodeNetwork:
         """Why another node's pod CIDR ``subnet`` would take this node's own traffic ('' when it would not)."""
         if not (self.subnets or self.addresses or self.gateways or self.servers):
             return ""
-        first, last = _span(subnet)
+        first, last = int(subnet.network_address), last_address(subnet)
         for net in self.subnets:
-            net_first, net_last = _span(net)
-            if net.version == subnet.version and net_first <= last and first <= net_last:
+            if net.version == subnet.version and int(net.network_address) <= last and first <= last_address(net):
                 return "overlaps this node's network %s" % net
         for what, addresses in (("address", self.addresses), ("gateway", self.gateways),
                                 ("API server or etcd endpoint", self.servers)):
@@ -114,7 +113,7 @@ def node_network(nl: Netlink, ext: ExternalInterface, family: Family) -> NodeNet
         if own not in addresses:
             addresses.append(own)
     gateways = [ip_address(r.gateway) for r in nl.routes(family=family.af)
-                if r.oif == ext.index and r.gateway is not None and ip_network(r.dst).prefixlen == 0]
+                if r.oif == ext.index and r.gateway is not None and r.dst == family.any_network]
     return NodeNetwork(tuple(addresses), tuple(subnets), tuple(gateways))
 
 

@@ -103,17 +103,30 @@ class TrafficManager(ABC):
 
     mode: ClassVar[str]  # "iptables" or "nftables", as flannel's "Starting flannel in %s mode..."
 
-    def __init__(self, resync_seconds: float, on_repair: Callable[[], None] | None, command: Command,
-                 netlink: Callable[[], NfTables]) -> None:
+    def __init__(self, networks: Sequence[PodNetwork], ip_masq: bool, forward_rules: bool,
+                 random_fully_disabled: bool, resync_seconds: float, on_repair: Callable[[], None] | None = None,
+                 command: Command = local, netlink: Callable[[], NfTables] = netfilter) -> None:
+        """``networks`` holds one PodNetwork per family of the pod network. ``command`` gives the argument-list
+        prefix of a binary by name, to run it elsewhere (e.g. ``ip netns exec ns1 iptables-legacy``), and
+        ``netlink`` opens the netfilter netlink socket, both in the node's network namespace."""
+        self.networks = networks
+        self.ip_masq = ip_masq
+        self.forward_rules = forward_rules
+        self.random_fully_disabled = random_fully_disabled
         self.resync_seconds = resync_seconds
-        self.command = command  # the argument-list prefix of a binary by name (``nft``, ``iptables``, ...)
-        self.netlink = netlink  # opens a netfilter netlink socket; both in the node's network namespace
+        self.command = command
+        self.netlink = netlink
         self.on_repair = on_repair
         self.ready = False
         self.resyncs = 0
         self.repairs = 0
         self.gave_up = False  # a binary is missing: the checks stop
         self._cleaned = False
+        self._set_up()
+
+    @abstractmethod
+    def _set_up(self) -> None:
+        """Build this mode's state from the fields above and log flannel's set-up lines (from __init__)."""
 
     @abstractmethod
     def ensure(self) -> bool:

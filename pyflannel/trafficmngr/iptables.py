@@ -6,7 +6,7 @@ appended to POSTROUTING (with ``--ip-masq``), and the chain FLANNEL-FWD in filte
 appended to FORWARD (with ``--iptables-forward-rules``): appended, so that they come after kube-proxy's
 jumps. Every rule carries the comment ``flanneld masq`` or ``flanneld forward``; the IPv6 rules are the
 same with ip6tables and ``ff00::/8``. pyflannel installs the same rules. It checks a table by listing
-only the chains it writes to (see ``IPTablesManager._check``), and repairs a table in one
+only the chains it writes to (see ``_FamilyRules.check``), and repairs a table in one
 ``iptables-restore --noflush`` transaction. That transaction also turns older layouts into v0.28.9's:
 v0.20.2's (a five-rule FLANNEL-POSTRTG, jumps inserted first, before kube-proxy's) and the rules that
 flanneld v0.15 to v0.19 left directly in POSTROUTING and FORWARD.
@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_network
-from typing import TYPE_CHECKING
 
-from ..family import IPNetwork, family_of
+from ..family import FAMILIES, Family, IPNetwork, family_of
 from ..log import V
-from . import Command, CommandError, PodNetwork, SetupError, TrafficManager, local, netfilter, run
-
-if TYPE_CHECKING:
-    from .nfnetlink import NfTables
+from . import Command, CommandError, PodNetwork, SetupError, TrafficManager, run
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +210,9 @@ class _Table:
 class _Binaries:
     """One family's iptables and iptables-restore, and the flags their version allows."""
 
-    def __init__(self, version: int, command: Command) -> None:
-        name = "iptables" if version == 4 else "ip6tables"
-        self.iptables = tuple(command(name))
-        self.restore = tuple(command(name + "-restore"))
+    def __init__(self, family: Family, command: Command) -> None:
+        self.iptables = tuple(command(family.iptables))
+        self.restore = tuple(command(family.iptables + "-restore"))
         self.modern = False  # >= 1.6.2: --random-fully, iptables-restore --wait
         self.wait: tuple[str, ...] = ()  # --wait from 1.4.20 on
         self.known = False
@@ -267,9 +261,9 @@ class _FamilyRules:
         self.ip_masq = ip_masq
         self.forward = forward
         self.random_fully_disabled = random_fully_disabled
-        self.version = pod.network.version
-        self.wording = WORDING[self.version]
-        self.binaries = _Binaries(self.version, command)
+        family = family_of(pod.network)
+        self.wording = WORDING[family.version]
+        self.binaries = _Binaries(family, command)
         self.tables: list[_Table] | None = None  # set once `iptables --version` has run
         self.ready = False
         self.gave_up = False
@@ -316,31 +310,28 @@ class _FamilyRules:
 class IPTablesManager(TrafficManager):
     """Keeps flannel v0.28.9's masquerade and/or forward rules in place, for every family of the pod network.
 
-    ``command`` gives the argument-list prefix of each binary by name, to run it elsewhere, e.g.
-    ``ip netns exec ns1 iptables-legacy``; ``netlink`` opens the netfilter netlink socket (for the
-    clean-up of nftables mode's tables). Only the place of a jump relative to kube-proxy's is checked,
-    so other agents that insert rules at the top of POSTROUTING or FORWARD do not make the rules flap.
+    ``netlink`` serves the clean-up of nftables mode's tables. Only the place of a jump relative to
+    kube-proxy's is checked, so other agents that insert rules at the top of POSTROUTING or FORWARD do
+    not make the rules flap.
     """
 
     mode = "iptables"
 
-    def __init__(self, networks: Sequence[PodNetwork], ip_masq: bool, forward_rules: bool,
-                 random_fully_disabled: bool, resync_seconds: float, on_repair: Callable[[], None] | None = None,
-                 command: Command = local, netlink: Callable[[], NfTables] = netfilter) -> None:
-        super().__init__(resync_seconds, on_repair, command, netlink)
-        self._families = [_FamilyRules(pod, ip_masq, forward_rules, random_fully_disabled, command)
-                          for pod in networks] if ip_masq or forward_rules else []
+    def _set_up(self) -> None:
+        """Each family's rules, and flannel's set-up lines."""
+        self._families = [_FamilyRules(pod, self.ip_masq, self.forward_rules, self.random_fully_disabled, self.command)
+                          for pod in self.networks] if self.ip_masq or self.forward_rules else []
         # flannel v0.28.9's order: each family's masquerade set-up, then each family's forward set-up.
-        if ip_masq:
-            for pod in networks:
+        if self.ip_masq:
+            for pod in self.networks:
                 prev_n = pod.prev_network or ip_network(family_of(pod.network).any_network)
                 prev_s = pod.prev_subnet or ip_network(family_of(pod.network).any_network)
                 if prev_n != pod.network or prev_s != pod.subnet:
                     # Our chain is rewritten whole, so the old rule set inside it goes away by itself.
                     log.info(RECYCLING, pod.network, pod.subnet, prev_n, prev_s)
                 log.info(WORDING[pod.network.version].masking)
-        if forward_rules:
-            for pod in networks:
+        if self.forward_rules:
+            for pod in self.networks:
                 # flannel's wording; like flannel, pyflannel adds ACCEPT rules and leaves the policy alone.
                 log.info(WORDING[pod.network.version].forwarding)
 
@@ -387,23 +378,23 @@ class IPTablesManager(TrafficManager):
         return remove_tables(self.netlink)
 
 
-def remove_chains(command: Command = local) -> bool:
+def remove_chains(command: Command) -> bool:
     """Remove flannel's iptables rules of both families (left by iptables mode): the jumps to FLANNEL-POSTRTG
-    and FLANNEL-FWD first, then the chains. True when none is left; errors are logged."""
+    and FLANNEL-FWD first, then the chains. True when none is left; errors are logged.
+
+    The parent chain is listed only when our chain exists: no rule can jump to a chain that does not."""
     done = True
-    for version in (4, 6):
-        binaries = _Binaries(version, command)
+    for family in FAMILIES:
+        binaries = _Binaries(family, command)
         try:
             binaries.learn_version()
             for table, parent, chain in (("nat", "POSTROUTING", MASQ_CHAIN), ("filter", "FORWARD", FORWARD_CHAIN)):
+                if not binaries.list(table, "-S", chain):
+                    continue
                 jumps = [line for line in binaries.list(table, "-S", parent).splitlines()
                          if line.startswith("-A %s " % parent) and _target(line) == chain]
-                exists = bool(binaries.list(table, "-S", chain))
-                if not jumps and not exists:
-                    continue
-                lines = ["*" + table, *("-D" + line[2:] for line in jumps)]
-                lines += ["-F " + chain, "-X " + chain] if exists else []
-                binaries.apply("\n".join([*lines, "COMMIT"]) + "\n")
+                lines = ["*" + table, *("-D" + line[2:] for line in jumps), "-F " + chain, "-X " + chain, "COMMIT"]
+                binaries.apply("\n".join(lines) + "\n")
                 log.info("Deleted %s's chain %s and %d rule(s) jumping to it from %s",
                          binaries.iptables[-1], chain, len(jumps), parent)
         except SetupError as exc:

@@ -23,7 +23,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_DELTABLE = 0, 1, 2
-NFT_MSG_GETCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_GETRULE = 4, 5, 7
+NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 4, 7
 NFTA_TABLE_NAME, NFTA_TABLE_FLAGS, NFTA_TABLE_USE, NFTA_TABLE_USERDATA = 1, 2, 3, 6
 NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY = 1, 2, 3, 4, 5
 NFTA_CHAIN_TYPE, NFTA_CHAIN_USERDATA = 7, 12
@@ -109,7 +109,8 @@ class NfTables(Netlink):
     def commit(self, requests: list[Packed]) -> None:
         """Send the requests as one transaction: all of them take effect, or none; raises NetlinkError."""
         batch = _NFGENMSG.pack(socket.AF_UNSPEC, 0, NFNL_SUBSYS_NFTABLES)
-        data = bytearray(self._encode(Packed(NFNL_MSG_BATCH_BEGIN, 0, batch), 0)[1])
+        begin, encoded = self._encode(Packed(NFNL_MSG_BATCH_BEGIN, 0, batch), 0)
+        data = bytearray(encoded)
         seqs = []
         for req in requests:
             seq, encoded = self._encode(req, NLM_F_ACK)
@@ -118,8 +119,12 @@ class NfTables(Netlink):
         data += self._encode(Packed(NFNL_MSG_BATCH_END, 0, batch), 0)[1]
         self.sock.send(bytes(data))
         # The kernel handles the batch while sending; each request's acknowledgement (or error) follows.
+        # An error answers the batch-begin message when the batch fails as a whole (no nf_tables, the
+        # commit itself failed, no memory for the answers): the requests' answers may then never come.
         failed = 0
         for seq, code, _, _, _, _ in self._replies(seqs[-1]):
+            if seq == begin and code:
+                raise NetlinkError(code)
             if seq in seqs and code and not failed:
                 failed = code
         if failed:

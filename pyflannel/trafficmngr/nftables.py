@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..family import IPV4, IPV6, Family, IPNetwork
 from ..log import V
 from ..netlink import NetlinkError, Packed, parse_attrs
-from . import Command, CommandError, PodNetwork, SetupError, TrafficManager, local, netfilter, run
+from . import CommandError, PodNetwork, SetupError, TrafficManager, run
 from .nfnetlink import (
     NFTA_CHAIN_HANDLE,
     NFTA_CHAIN_HOOK,
@@ -138,29 +138,21 @@ _State = tuple[bytes | None, tuple[bytes | None, ...], tuple[bytes, ...]]  # tab
 
 
 class NFTablesManager(TrafficManager):
-    """Keeps flannel v0.28.9's nftables tables in place, for every family of the pod network.
-
-    ``command`` gives the argument-list prefix of a binary by name (``nft``, ``iptables``, ...), and
-    ``netlink`` opens the netfilter netlink socket, both in the node's network namespace.
-    """
+    """Keeps flannel v0.28.9's nftables tables in place, for every family of the pod network."""
 
     mode = "nftables"
 
-    def __init__(self, networks: Sequence[PodNetwork], ip_masq: bool, forward_rules: bool,
-                 random_fully_disabled: bool, resync_seconds: float, on_repair: Callable[[], None] | None = None,
-                 command: Command = local, netlink: Callable[[], NfTables] = netfilter) -> None:
-        super().__init__(resync_seconds, on_repair, command, netlink)
-        self.ip_masq = ip_masq
-        self.forward_rules = forward_rules
-        self.fully_random: bool | None = False if random_fully_disabled else None  # None: not probed yet
-        self._pods: dict[int, PodNetwork] = {pod.network.version: pod for pod in networks}
+    def _set_up(self) -> None:
+        """The pod network by family, and flannel's set-up lines; the tables are planned at the first check."""
+        self.fully_random: bool | None = False if self.random_fully_disabled else None  # None: not probed yet
+        self._pods: dict[int, PodNetwork] = {pod.network.version: pod for pod in self.networks}
         self._tables: list[_Table] | None = None
         self._nf: NfTables | None = None
         for spec in TABLES:
-            if ip_masq and spec.ip.version in self._pods:
+            if self.ip_masq and spec.ip.version in self._pods:
                 log.info("nftables: setting up masking rules (ipv%d)", spec.ip.version)
         for spec in TABLES:
-            if forward_rules and spec.ip.version in self._pods:
+            if self.forward_rules and spec.ip.version in self._pods:
                 log.info("Changing default FORWARD chain policy to ACCEPT%s", " (ipv6)" if spec.ip.version == 6 else "")
 
     def _plan(self) -> list[_Table]:
@@ -295,7 +287,7 @@ def _verify(table: _Table, state: _State) -> None:
                            % (table.spec.family, table.spec.name))
 
 
-def remove_tables(netlink: Callable[[], NfTables] = netfilter) -> bool:
+def remove_tables(netlink: Callable[[], NfTables]) -> bool:
     """Remove flannel's nftables tables (left by nftables mode). True when none is left, or when nftables
     cannot be read at all; write errors are logged and the clean-up is tried again."""
     try:
