@@ -141,6 +141,15 @@ def test_a_probe_of_a_responder_gets_every_answer(responder: tuple[selectors.Bas
     assert result.rtt is not None and 0 < result.rtt < 3
 
 
+def test_without_the_device_s_mtu_no_full_size_probe_is_sent_nor_judged(
+        responder: tuple[selectors.BaseSelector, Responder]) -> None:
+    """The MTU could not be read (the device being re-created): the peer is not taken for one that loses
+    full-size packets."""
+    sel, r = responder
+    result = probe_once(sel, r, r.port, mtu=0)
+    assert (result.tcp, result.udp, result.full_size, result.outcome) == ("ok", True, None, OK)
+
+
 def test_a_peer_without_a_responder_resets_the_probe() -> None:
     sel = selectors.DefaultSelector()
     result = probe_once(sel, None, free_port(), timeout=1.0)
